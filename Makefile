@@ -1,0 +1,36 @@
+# The two set-up commands of the README: `make run` and `make test`. Both create .venv and install
+# everything on a fresh machine. torch is installed first from requirements.txt's pin, so pip takes the
+# CPU wheel where one is on disk and never resolves a CUDA build on a CPU box.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+CONFIG  ?= configs/ml100k-tiny.yaml
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export RAY_TRAIN_HEALTH_CHECK_INTERVAL_S := 0.1
+export DS_ACCELERATOR := cpu
+export PYTHONUNBUFFERED := 1
+
+.PHONY: install run test test-fast bench clean
+
+$(STAMP): requirements.txt requirements-test.txt pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check "$$(grep -E '^torch==' requirements.txt)"
+	$(BIN)/pip install -q --disable-pip-version-check -r requirements.txt -r requirements-test.txt
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps -e .
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/python jobs/train.py --config $(CONFIG)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -ra --durations=15 tests
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow" tests
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,79 @@
+"""The ``rosepo`` command line. Parses, builds configs and calls the package; no logic of its own.
+
+Every rosepo error ends as one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from rosepo.errors import RosepoError
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML config (default: the built-in defaults)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. align.beta=0.2")
+
+
+def _load(args):
+    from rosepo.config import load_config
+
+    return load_config(args.config, args.overrides)
+
+
+def _print(obj) -> None:
+    print(json.dumps(obj, indent=2, sort_keys=True, default=str))
+
+
+def cmd_data_fetch(args) -> None:
+    from rosepo.data.fetch import fetch
+
+    print(fetch(args.name, args.data_dir))
+
+
+def cmd_data_build(args) -> None:
+    from rosepo.pipeline import run_stage
+    from rosepo.storage import read_manifest
+    from rosepo.train.raysetup import init_ray
+
+    cfg = _load(args)
+    init_ray(cfg.ray_address)
+    out = run_stage(cfg, "samples", force=args.force)
+    m = read_manifest(out)
+    _print({k: m.get(k) for k in ("users", "items", "interactions", "samples", "policies", "content_hash")})
+    print(out)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``rosepo``."""
+    parser = argparse.ArgumentParser(prog="rosepo", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="fetch data sets and build samples").add_subparsers(dest="data_cmd",
+                                                                                          required=True)
+    p = data.add_parser("fetch", help="download a data set (movielens-100k)")
+    p.add_argument("name")
+    p.add_argument("--data-dir", default="data")
+    p.set_defaults(func=cmd_data_fetch)
+    p = data.add_parser("build", help="build recommendation samples on Ray Data")
+    _config_args(p)
+    p.add_argument("--force", action="store_true", help="rebuild even if finished")
+    p.set_defaults(func=cmd_data_build)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``rosepo`` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except RosepoError as e:
+        print(f"rosepo: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,360 @@
+"""Typed, documented configuration: one dataclass per stage, one `RunConfig` holding them.
+
+Loaded from YAML (``yaml.safe_load``) and then ``key=value`` overrides with dotted keys
+(``align.beta=0.2``). Unknown keys, wrong types and out-of-range values raise `ConfigError`
+with the key and the remedy, at load time, before any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rosepo.errors import ConfigError
+
+
+@dataclass
+class DataConfig:
+    """Where interactions come from and how samples are cut from them."""
+
+    #: ``movielens-100k`` (fetched), ``ml100k-raw`` (u.data/u.item), ``recbole`` (.inter/.item),
+    #: ``parquet``, ``csv`` or ``llara-json`` (prepared samples).
+    format: str = "movielens-100k"
+    #: Folder for fetched data sets and the default input location.
+    data_dir: str = "data"
+    #: Input paths: interactions file and catalog file (ignored for ``movielens-100k``).
+    interactions: str = ""
+    catalog: str = ""
+    #: Column mapping for csv/parquet input: canonical name -> name in the file.
+    columns: dict = field(default_factory=dict)
+    #: Field delimiter for ``csv`` (``"\t"`` for TSV).
+    delimiter: str = ","
+    #: Longest history kept (oldest dropped first).
+    max_history: int = 10
+    #: Windows with fewer history items are dropped.
+    min_history: int = 3
+    #: Candidates per sample, the target included.
+    num_candidates: int = 20
+    #: Fractions of users in train/valid/test.
+    split: tuple = (0.8, 0.1, 0.1)
+    seed: int = 0
+    #: Keep only the last N windows per user in train (0 = all); valid/test keep their last window.
+    max_train_windows_per_user: int = 0
+    #: Windows kept per valid/test user (the last ones).
+    eval_windows_per_user: int = 5
+    #: ``llara-json`` input: split name -> JSON file of prepared samples.
+    llara: dict = field(default_factory=dict)
+    #: Policies that are choices, off by default, counted in the manifest when used.
+    drop_duplicates: bool = False
+    drop_unknown_items: bool = False
+    #: Ray Data parallelism of the grouping step (None lets Ray choose). Does not change output.
+    num_partitions: int = 4
+
+
+@dataclass
+class ModelConfig:
+    """The policy LLM: a local HF folder / hub name, or the built-in tiny Llama."""
+
+    #: ``tiny`` builds a small Llama from config with a tokenizer trained on the data's text.
+    name_or_path: str = "tiny"
+    hidden_size: int = 128
+    intermediate_size: int = 256
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    vocab_size: int = 4096
+    max_position_embeddings: int = 1024
+    #: ``lora`` or ``full``.
+    finetune: str = "lora"
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+    lora_target_modules: tuple = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    #: Train the embeddings and LM head too when the base model is built from scratch.
+    modules_to_save: tuple = ()
+    #: ``float32``, ``bfloat16`` (GPU) or ``auto`` (bf16 on GPU, fp32 on CPU).
+    dtype: str = "auto"
+    gradient_checkpointing: bool = False
+    #: Longest prompt in tokens; longer prompts are refused at tokenisation.
+    max_prompt_tokens: int = 512
+    max_answer_tokens: int = 48
+
+
+@dataclass
+class TrainConfig:
+    """What SFT and alignment share: the distributed loop, optimiser and checkpoints."""
+
+    num_workers: int = 2
+    use_gpu: bool = False
+    #: CPUs per Ray Train worker.
+    cpus_per_worker: float = 1.0
+    #: Path of a DeepSpeed JSON under configs/deepspeed, or "" for the built-in one.
+    deepspeed_config: str = ""
+    zero_stage: int = 2
+    offload: bool = False
+    micro_batch_size: int = 8
+    grad_accum: int = 1
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.05
+    max_grad_norm: float = 1.0
+    epochs: float = 1.0
+    #: Stop after this many optimiser steps (0 = epochs decide).
+    max_steps: int = 0
+    #: Checkpoint every N optimiser steps (0 = only at the end).
+    checkpoint_every: int = 0
+    max_failures: int = 0
+    #: Slice of train samples used (0 = all).
+    max_samples: int = 0
+    seed: int = 0
+    #: Log to TensorBoard under the run's storage path.
+    tensorboard: bool = True
+
+
+@dataclass
+class SFTConfig(TrainConfig):
+    """Supervised fine-tuning on the true next item."""
+
+
+@dataclass
+class OracleConfig:
+    """The SASRec preference oracle (and conventional baseline)."""
+
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 2
+    dropout: float = 0.2
+    max_len: int = 10
+    epochs: int = 30
+    batch_size: int = 256
+    learning_rate: float = 1e-3
+    num_workers: int = 1
+    seed: int = 0
+
+
+@dataclass
+class PairsConfig:
+    """Preference pairs: rejected sampling and personalised smoothing."""
+
+    #: Mix of rejected-sampling strategies by ratio (per-sample assignment).
+    strategies: dict = field(default_factory=lambda: {"self_hard": 1.0, "semantic": 1.0, "popularity": 1.0})
+    #: ``assign``: one strategy per sample by ratio; ``all``: one pair per strategy per sample.
+    mix: str = "assign"
+    #: Rejected items per pair (K > 1 for multi-negative losses).
+    num_negatives: int = 1
+    #: Popularity sampling exponent; 0 picks the most popular non-target candidate.
+    popularity_alpha: float = 0.0
+    #: Use the SFT model's greedy answer for self_hard when it is a valid wrong title.
+    self_hard_greedy: bool = False
+    #: ``minilm`` (needs the embed extra) or ``tfidf``.
+    embedder: str = "minilm"
+    #: ``personalized``, ``constant`` or ``none``.
+    smoothing: str = "personalized"
+    smoothing_lambda: float = 1.0
+    smoothing_tau: float = 1.0
+    eps_max: float = 0.3
+    eps_constant: float = 0.1
+    #: Ray Data actors scoring with the SFT model.
+    num_actors: int = 2
+    batch_size: int = 32
+    max_samples: int = 0
+    seed: int = 0
+
+
+@dataclass
+class AlignConfig(TrainConfig):
+    """Smoothed preference optimisation on the pairs."""
+
+    #: ``rosepo``, ``dpo``, ``cdpo``, ``sdpo``, ``sdpo_smoothed`` or ``ipo``.
+    loss: str = "rosepo"
+    beta: float = 0.1
+    #: Constant ε for cdpo.
+    eps: float = 0.1
+    #: Weight of the NLL-on-chosen regulariser.
+    sft_weight: float = 0.0
+    #: ``precomputed`` (from pair rows) or ``online`` (adapter disabled).
+    reference: str = "precomputed"
+    prefix_sharing: bool = True
+    learning_rate: float = 5e-4
+    #: Held-out pairs used for eval metrics during training.
+    eval_pairs: int = 64
+    eval_every: int = 0
+
+
+@dataclass
+class EvalConfig:
+    """Generation and ranking evaluation."""
+
+    split: str = "valid"
+    max_samples: int = 0
+    max_new_tokens: int = 32
+    batch_size: int = 32
+    num_actors: int = 2
+    constrained: bool = False
+
+
+@dataclass
+class RunConfig:
+    """A whole rosepo run: every stage's config, and where outputs go."""
+
+    name: str = "ml100k-tiny"
+    #: Root of all stage outputs of this run.
+    storage: str = "runs"
+    #: Ray address: "" starts or joins a local Ray, "auto" joins a running cluster.
+    ray_address: str = ""
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    oracle: OracleConfig = field(default_factory=OracleConfig)
+    pairs: PairsConfig = field(default_factory=PairsConfig)
+    align: AlignConfig = field(default_factory=AlignConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def validate(self) -> "RunConfig":
+        """Check cross-field constraints; return self. Raises `ConfigError` with the remedy."""
+        _check(self.data.min_history >= 1, "data.min_history", "must be >= 1")
+        _check(self.data.max_history >= self.data.min_history, "data.max_history",
+               "must be >= data.min_history")
+        _check(self.data.num_candidates >= 2, "data.num_candidates", "must be >= 2")
+        _check(len(self.data.split) == 3 and abs(sum(self.data.split) - 1) < 1e-6
+               and all(x >= 0 for x in self.data.split), "data.split",
+               "must be three non-negative fractions summing to 1, e.g. [0.8, 0.1, 0.1]")
+        _check(self.model.finetune in ("lora", "full"), "model.finetune", "must be 'lora' or 'full'")
+        for name in ("sft", "align"):
+            t = getattr(self, name)
+            _check(t.zero_stage in (0, 1, 2, 3), f"{name}.zero_stage", "must be 0, 1, 2 or 3")
+            _check(t.num_workers >= 1, f"{name}.num_workers", "must be >= 1")
+            _check(t.micro_batch_size >= 1 and t.grad_accum >= 1, f"{name}.micro_batch_size",
+                   "micro_batch_size and grad_accum must be >= 1")
+            _check(t.learning_rate > 0, f"{name}.learning_rate", "must be > 0")
+        _check(0 <= self.pairs.eps_max < 0.5, "pairs.eps_max",
+               "must be in [0, 0.5): at 0.5 the smoothed loss has zero gradient")
+        _check(0 <= self.pairs.eps_constant < 0.5, "pairs.eps_constant", "must be in [0, 0.5)")
+        _check(0 <= self.align.eps < 0.5, "align.eps", "must be in [0, 0.5)")
+        _check(self.pairs.smoothing in ("personalized", "constant", "none"), "pairs.smoothing",
+               "must be 'personalized', 'constant' or 'none'")
+        _check(self.pairs.smoothing_tau > 0, "pairs.smoothing_tau", "must be > 0")
+        _check(self.pairs.mix in ("assign", "all"), "pairs.mix", "must be 'assign' or 'all'")
+        _check(1 <= self.pairs.num_negatives < self.data.num_candidates, "pairs.num_negatives",
+               "must be >= 1 and below data.num_candidates")
+        _check(self.align.loss in ("rosepo", "dpo", "cdpo", "sdpo", "sdpo_smoothed", "ipo"),
+               "align.loss", "must be one of rosepo, dpo, cdpo, sdpo, sdpo_smoothed, ipo")
+        _check(self.align.beta > 0, "align.beta", "must be > 0")
+        _check(self.align.reference in ("precomputed", "online"), "align.reference",
+               "must be 'precomputed' or 'online'")
+        return self
+
+    def to_dict(self) -> dict:
+        """Plain-data form (tuples as lists), for YAML/JSON and hashing."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"config key {key!r} {message}")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; convert list->tuple and int->float."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError:
+                pass
+        raise ConfigError(f"config key {key!r}: expected {tp}, got {value!r}")
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is tuple:
+        if isinstance(value, (list, tuple)):
+            return tuple(value)
+        raise ConfigError(f"config key {key!r}: expected a list, got {value!r}")
+    if tp is dict:
+        if isinstance(value, dict):
+            return dict(value)
+        raise ConfigError(f"config key {key!r}: expected a mapping, got {value!r}")
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key {key!r}: expected a mapping of {tp.__name__} fields")
+        return _build(tp, value, key + ".")
+    if tp is bool and not isinstance(value, bool):
+        raise ConfigError(f"config key {key!r}: expected true/false, got {value!r}")
+    if isinstance(tp, type) and not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        raise ConfigError(f"config key {key!r}: expected {tp.__name__}, got {value!r}")
+    return value
+
+
+def _build(cls: type, data: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"unknown config key(s) {', '.join(prefix + k for k in unknown)}; "
+                          f"known keys in {prefix or 'the top level'}: {', '.join(sorted(known))}")
+    kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def _parse_scalar(text: str) -> Any:
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply ``a.b=value`` strings to a nested dict (values parsed as YAML scalars)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        key, text = item.split("=", 1)
+        node = data
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part!r} is not a section")
+        node[parts[-1]] = _parse_scalar(text)
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Load a `RunConfig` from YAML (or the defaults) plus ``key=value`` overrides, validated."""
+    import yaml
+
+    data: dict = {}
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist")
+        try:
+            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {p}: expected a mapping at the top level")
+    apply_overrides(data, list(overrides or []))
+    return _build(RunConfig, data).validate()
+
+
+def config_hash(*parts: Any) -> str:
+    """Short stable hash of config sections (dataclasses or plain data), for stage addressing."""
+    norm = [dataclasses.asdict(p) if dataclasses.is_dataclass(p) else p for p in parts]
+    blob = json.dumps(norm, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:12]

@@ -1,0 +1,307 @@
+"""Readers of interaction logs and catalogs into the canonical Arrow schema (`rosepo.schema`).
+
+Formats: Parquet; CSV/TSV with a column mapping; RecBole atomic files (``.inter``/``.item``);
+GroupLens ML-100K raw files (``u.data``/``u.item``, latin-1); and the prepared LLaRA / S-DPO
+JSON (samples, see `read_llara_json`). Every malformed input raises `DataError` naming the
+file, the 1-based data row and the column. Arrow compute does the checks on the fast path;
+only on failure do we walk the column in Python to find the first bad row.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Callable
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from rosepo.data.titles import normalize_title
+from rosepo.errors import DataError
+from rosepo.schema import CATALOG, HISTORY_SEP, INTERACTIONS
+
+INTERACTION_COLUMNS = ("user_id", "item_id", "timestamp")
+CATALOG_COLUMNS = ("item_id", "title")
+
+
+def _read_bytes(path: str | Path) -> bytes:
+    p = Path(path)
+    if not p.is_file():
+        raise DataError("file does not exist", file=str(p))
+    data = p.read_bytes()
+    if not data.strip():
+        raise DataError("file is empty", file=str(p))
+    return data
+
+
+def _decode(data: bytes, path: str | Path, encoding: str, header_lines: int) -> str:
+    try:
+        return data.decode(encoding)
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise DataError(f"bytes are not valid {encoding} (byte 0x{data[e.start]:02x}); re-encode the "
+                        f"file as {encoding}", file=str(path), row=line - header_lines) from None
+
+
+def _read_delimited(path: str | Path, delimiter: str, *, header: bool, names: list[str] | None = None,
+                    encoding: str = "utf-8") -> pa.Table:
+    """Read a delimited text file as a table of string columns, refusing ragged rows."""
+    import pyarrow.csv as pacsv
+
+    text = _decode(_read_bytes(path), path, encoding, 1 if header else 0)
+    bad: list = []
+
+    def on_invalid(row):  # pyarrow gives the first ragged row; we stop at it
+        bad.append(row)
+        return "skip"
+
+    first_line = text.split("\n", 1)[0].rstrip("\r")
+    col_names = names or [c.strip() for c in first_line.split(delimiter)]
+    read = pacsv.ReadOptions(column_names=col_names, skip_rows=1 if header else 0, encoding="utf-8")
+    parse = pacsv.ParseOptions(delimiter=delimiter, quote_char=False if delimiter == "\t" else '"',
+                               invalid_row_handler=on_invalid)
+    convert = pacsv.ConvertOptions(column_types={c: pa.string() for c in col_names},
+                                   strings_can_be_null=False, quoted_strings_can_be_null=False)
+    try:
+        table = pacsv.read_csv(pa.py_buffer(text.encode("utf-8")), read, parse, convert)
+    except pa.ArrowInvalid as e:
+        raise DataError(f"cannot parse as {delimiter!r}-delimited text: {e}", file=str(path)) from None
+    if bad:
+        row = bad[0]
+        number = row.number
+        if number is None:  # pyarrow knows it only when reading single-threaded: find the line
+            lines = [ln.rstrip("\r") for ln in text.split("\n")]
+            number = lines.index(row.text) + 1 if row.text in lines else None
+        if number is not None and header:
+            number -= 1
+        raise DataError(f"expected {row.expected_columns} fields, found {row.actual_columns}: "
+                        f"{row.text[:120]!r}", file=str(path), row=number)
+    return table
+
+
+def _first_bad(values: list, ok: Callable[[object], bool]) -> int:
+    for i, v in enumerate(values):
+        if not ok(v):
+            return i
+    return -1
+
+
+def _id_column(table: pa.Table, name: str, file: str) -> pa.Array:
+    """An id column as non-empty strings (ints are accepted and rendered)."""
+    col = table.column(name)
+    if pa.types.is_floating(col.type):
+        vals = col.to_pylist()
+        i = _first_bad(vals, lambda v: v is not None and not math.isnan(v) and float(v).is_integer())
+        if i >= 0:
+            raise DataError(f"expected an integer or string id, found {vals[i]!r}", file=file, row=i + 1,
+                            column=name)
+        col = pc.cast(col, pa.int64())
+    if not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)):
+        if not pa.types.is_integer(col.type):
+            raise DataError(f"expected string or integer ids, found type {col.type}", file=file, column=name)
+        col = pc.cast(col, pa.string())
+    col = pc.utf8_trim_whitespace(pc.cast(col, pa.string()))
+    empty = pc.or_(pc.is_null(col), pc.equal(pc.utf8_length(col), 0))
+    if pc.any(empty).as_py():
+        i = pc.index(empty, True).as_py()
+        raise DataError("expected a non-empty id, found an empty or missing value", file=file, row=i + 1,
+                        column=name)
+    return col.combine_chunks()
+
+
+def _timestamp_column(table: pa.Table, name: str, file: str) -> pa.Array:
+    col = table.column(name)
+    if pa.types.is_timestamp(col.type):
+        col = pc.cast(pc.cast(col, pa.timestamp("s")), pa.int64())
+    if pa.types.is_integer(col.type) and col.null_count == 0:
+        return pc.cast(col, pa.int64()).combine_chunks()
+    vals = col.to_pylist()
+
+    def parse(v):
+        try:
+            f = float(v)
+        except (TypeError, ValueError):
+            return None
+        return int(f) if math.isfinite(f) and f.is_integer() else None
+
+    out = [parse(v) for v in vals]
+    i = _first_bad(out, lambda v: v is not None)
+    if i >= 0:
+        raise DataError(f"expected an integer timestamp (seconds), found {vals[i]!r}", file=file, row=i + 1,
+                        column=name)
+    return pa.array(out, pa.int64())
+
+
+def _mapped(table: pa.Table, mapping: dict, canonical: tuple, file: str) -> pa.Table:
+    """Rename the file's columns to canonical names; refuse missing ones."""
+    rename = {mapping.get(c, c): c for c in canonical}
+    missing = [src for src, dst in rename.items() if src not in table.column_names]
+    if missing:
+        raise DataError(f"missing column(s) {', '.join(repr(m) for m in missing)}; the file has "
+                        f"{', '.join(repr(c) for c in table.column_names)}; map them with data.columns "
+                        f"(canonical name -> file column)", file=file)
+    return pa.table({dst: table.column(src) for src, dst in rename.items()})
+
+
+def canonical_interactions(table: pa.Table, file: str, mapping: dict | None = None) -> pa.Table:
+    """Map, type-check and convert a raw table to `INTERACTIONS`."""
+    t = _mapped(table, mapping or {}, INTERACTION_COLUMNS, file)
+    return pa.Table.from_arrays([_id_column(t, "user_id", file), _id_column(t, "item_id", file),
+                                 _timestamp_column(t, "timestamp", file)], schema=INTERACTIONS)
+
+
+def canonical_catalog(table: pa.Table, file: str, mapping: dict | None = None,
+                      normalize: bool = True) -> pa.Table:
+    """Map, type-check and convert a raw table to `CATALOG`; titles normalised, unique ids."""
+    t = _mapped(table, mapping or {}, CATALOG_COLUMNS, file)
+    ids = _id_column(t, "item_id", file)
+    titles = t.column("title").to_pylist()
+    out = []
+    for i, title in enumerate(titles):
+        if not isinstance(title, str) or not title.strip():
+            raise DataError("expected a non-empty title", file=file, row=i + 1, column="title")
+        title = normalize_title(title) if normalize else " ".join(title.split())
+        if HISTORY_SEP in title:
+            raise DataError(f"title {title!r} contains the history separator {HISTORY_SEP!r}", file=file,
+                            row=i + 1, column="title")
+        out.append(title)
+    counts = pc.value_counts(ids)
+    dup = pc.filter(counts, pc.greater(counts.field("counts"), 1))
+    if len(dup):
+        item = dup[0]["values"].as_py()
+        row = ids.to_pylist().index(item)
+        dup_row = ids.to_pylist().index(item, row + 1)
+        raise DataError(f"item id {item!r} appears twice (first at row {row + 1})", file=file,
+                        row=dup_row + 1, column="item_id")
+    return pa.Table.from_arrays([ids, pa.array(out, pa.string())], schema=CATALOG)
+
+
+def read_recbole(inter_path: str | Path, item_path: str | Path) -> tuple[pa.Table, pa.Table]:
+    """RecBole atomic files: TSV with ``name:type`` headers (``user_id:token`` ...)."""
+    raw = _read_delimited(inter_path, "\t", header=True)
+    raw = raw.rename_columns([c.split(":")[0] for c in raw.column_names])
+    inter = canonical_interactions(raw, str(inter_path))
+    items = _read_delimited(item_path, "\t", header=True)
+    items = items.rename_columns([c.split(":")[0] for c in items.column_names])
+    title_col = "movie_title" if "movie_title" in items.column_names else "title"
+    catalog = canonical_catalog(items, str(item_path), {"title": title_col})
+    return inter, catalog
+
+
+def read_ml100k_raw(data_path: str | Path, item_path: str | Path) -> tuple[pa.Table, pa.Table]:
+    """GroupLens ML-100K raw files: ``u.data`` (tab, no header) and ``u.item`` (pipe, latin-1)."""
+    raw = _read_delimited(data_path, "\t", header=False, names=["user_id", "item_id", "rating", "timestamp"])
+    inter = canonical_interactions(raw, str(data_path))
+    names = ["item_id", "title", "release", "video_release", "url"] + [f"g{i}" for i in range(19)]
+    items = _read_delimited(item_path, "|", header=False, names=names, encoding="latin-1")
+    return inter, canonical_catalog(items, str(item_path))
+
+
+def read_csv_files(inter_path: str | Path, item_path: str | Path, *, delimiter: str = ",",
+                   columns: dict | None = None) -> tuple[pa.Table, pa.Table]:
+    """CSV/TSV with a header; ``columns`` maps canonical names to the files' column names."""
+    inter = canonical_interactions(_read_delimited(inter_path, delimiter, header=True), str(inter_path), columns)
+    items = _read_delimited(item_path, delimiter, header=True)
+    return inter, canonical_catalog(items, str(item_path), columns, normalize=False)
+
+
+def read_parquet_files(inter_path: str | Path, item_path: str | Path, *,
+                       columns: dict | None = None) -> tuple[pa.Table, pa.Table]:
+    """Parquet files; ``columns`` maps canonical names to the files' column names."""
+    import pyarrow.parquet as pq
+
+    def read(p):
+        _read_bytes(p)
+        try:
+            return pq.read_table(p)
+        except (pa.ArrowInvalid, OSError) as e:
+            raise DataError(f"not a readable Parquet file: {e}", file=str(p)) from None
+
+    inter = canonical_interactions(read(inter_path), str(inter_path), columns)
+    return inter, canonical_catalog(read(item_path), str(item_path), columns, normalize=False)
+
+
+def check_consistency(inter: pa.Table, catalog: pa.Table, file: str, *, drop_duplicates: bool,
+                      drop_unknown_items: bool) -> tuple[pa.Table, dict]:
+    """Refuse (or, when the policy flag is on, drop and count) duplicate events and unknown items."""
+    stats = {"duplicates_dropped": 0, "unknown_items_dropped": 0}
+    known = pc.is_in(inter.column("item_id"), value_set=catalog.column("item_id"))
+    if not pc.all(known).as_py():
+        if not drop_unknown_items:
+            i = pc.index(known, False).as_py()
+            raise DataError(f"item {inter.column('item_id')[i].as_py()!r} is not in the catalog; fix the "
+                            "data or set data.drop_unknown_items=true", file=file, row=i + 1, column="item_id")
+        stats["unknown_items_dropped"] = int(len(inter) - pc.sum(known).as_py())
+        inter = inter.filter(known)
+    # duplicate = same user, item and timestamp
+    indexed = inter.append_column("_row", pa.array(range(len(inter)), pa.int64()))
+    firsts = indexed.group_by(["user_id", "item_id", "timestamp"], use_threads=False).aggregate(
+        [("_row", "min"), ("_row", "count")])
+    if len(firsts) < len(inter):
+        if not drop_duplicates:
+            keep = pc.is_in(indexed.column("_row"), value_set=firsts.column("_row_min"))
+            i = pc.index(keep, False).as_py()
+            r = inter.slice(i, 1).to_pylist()[0]
+            raise DataError(f"duplicate event user {r['user_id']!r} item {r['item_id']!r} at {r['timestamp']}; "
+                            "fix the data or set data.drop_duplicates=true", file=file, row=i + 1)
+        stats["duplicates_dropped"] = len(inter) - len(firsts)
+        keep = pc.is_in(indexed.column("_row"), value_set=firsts.column("_row_min"))
+        inter = inter.filter(keep)
+    return inter, stats
+
+
+def read_llara_json(path: str | Path, split: str = "train") -> list[dict]:
+    """The prepared LLaRA / S-DPO JSON: ``[{historyList, itemList, trueSelection}, ...]``.
+
+    These are samples already; item ids are the titles themselves (the format has no ids).
+    Returns rows with the `rosepo.schema.SAMPLES` fields except ``prompt``/``template_id``.
+    """
+    text = _decode(_read_bytes(path), path, "utf-8", 0)
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"not valid JSON: {e.msg}", file=str(path), row=e.lineno) from None
+    if not isinstance(data, list):
+        raise DataError("expected a JSON list of samples", file=str(path))
+    rows = []
+    for i, rec in enumerate(data):
+        where = {"file": str(path), "row": i + 1}
+        if not isinstance(rec, dict):
+            raise DataError("expected an object with historyList, itemList, trueSelection", **where)
+        for key, typ in (("historyList", str), ("itemList", list), ("trueSelection", str)):
+            if not isinstance(rec.get(key), typ):
+                raise DataError(f"expected {typ.__name__}, found {type(rec.get(key)).__name__}", column=key,
+                                **where)
+        history = [h.strip() for h in rec["historyList"].split(HISTORY_SEP)]
+        candidates = rec["itemList"]
+        target = rec["trueSelection"]
+        if any(not h for h in history):
+            raise DataError("empty title in historyList", column="historyList", **where)
+        if not all(isinstance(c, str) and c.strip() for c in candidates):
+            raise DataError("itemList must hold non-empty title strings", column="itemList", **where)
+        if any(HISTORY_SEP in c for c in candidates):
+            raise DataError(f"a candidate title contains the history separator {HISTORY_SEP!r}",
+                            column="itemList", **where)
+        if len(set(candidates)) != len(candidates):
+            raise DataError("itemList has repeated titles", column="itemList", **where)
+        if target not in candidates:
+            raise DataError(f"trueSelection {target!r} is not in itemList", column="trueSelection", **where)
+        rows.append({
+            "sample_id": f"{split}:{i:07d}", "user_id": f"{split}:{i:07d}", "split": split,
+            "history_item_ids": history, "history_titles": history,
+            "target_item_id": target, "target_title": target,
+            "candidate_item_ids": list(candidates), "candidate_titles": list(candidates),
+        })
+    if not rows:
+        raise DataError("no samples in file", file=str(path))
+    return rows
+
+
+def write_llara_json(rows: list[dict], path: str | Path) -> None:
+    """Write samples in the LLaRA / S-DPO JSON format (the inverse of `read_llara_json`)."""
+    from rosepo.storage import atomic_write_text
+
+    data = [{"historyList": HISTORY_SEP.join(r["history_titles"]), "itemList": list(r["candidate_titles"]),
+             "trueSelection": r["target_title"]} for r in rows]
+    atomic_write_text(path, json.dumps(data, ensure_ascii=False, indent=1))

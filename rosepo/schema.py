@@ -1,0 +1,40 @@
+"""The canonical Arrow schemas every stage reads and writes.
+
+Ids are strings everywhere (whatever the source used), timestamps int64 seconds.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+#: One user-item event.
+INTERACTIONS = pa.schema([
+    ("user_id", pa.string()),
+    ("item_id", pa.string()),
+    ("timestamp", pa.int64()),
+])
+
+#: One item of the catalog, its title already normalised.
+CATALOG = pa.schema([
+    ("item_id", pa.string()),
+    ("title", pa.string()),
+])
+
+#: One recommendation sample: a history window, 20 candidates, the true next item.
+SAMPLES = pa.schema([
+    ("sample_id", pa.string()),            # f"{user_id}:{position of the target in the user's sequence}"
+    ("user_id", pa.string()),
+    ("split", pa.string()),                # train / valid / test (user-level)
+    ("history_item_ids", pa.list_(pa.string())),   # oldest first, at most max_history
+    ("history_titles", pa.list_(pa.string())),
+    ("target_item_id", pa.string()),
+    ("target_title", pa.string()),
+    ("candidate_item_ids", pa.list_(pa.string())),  # shuffled, the target among them
+    ("candidate_titles", pa.list_(pa.string())),
+    ("template_id", pa.int32()),
+    ("prompt", pa.string()),
+    ("answer", pa.string()),               # == target_title
+])
+
+#: Separator of history titles in the LLaRA / S-DPO JSON format; titles may not contain it.
+HISTORY_SEP = "::"

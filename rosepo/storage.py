@@ -1,0 +1,87 @@
+"""Atomic outputs, manifests and content hashes.
+
+Every stage writes into a hidden temporary sibling of its output folder and renames it into
+place at the end, so a reader sees either the whole output or nothing. A killed writer leaves
+only a ``.tmp-*`` folder, which the next run of the stage removes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Iterator
+
+MANIFEST = "manifest.json"
+
+
+@contextlib.contextmanager
+def atomic_dir(final: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder that becomes ``final`` when the block exits without error.
+
+    On error the temporary folder is removed and ``final`` is untouched. Stale temporaries of
+    earlier killed writers of the same ``final`` are removed first.
+    """
+    final = Path(final).resolve()
+    final.parent.mkdir(parents=True, exist_ok=True)
+    for stale in final.parent.glob(f".tmp-{final.name}-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = final.parent / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        if final.exists():
+            if not overwrite:
+                raise FileExistsError(f"{final} appeared while it was being written")
+            old = final.parent / f".tmp-{final.name}-old-{uuid.uuid4().hex[:8]}"
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write a text file atomically (temporary file + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{path.name}-{uuid.uuid4().hex[:8]}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_manifest(folder: str | Path, manifest: dict) -> None:
+    """Write ``manifest.json`` (sorted keys, indented) into ``folder``."""
+    atomic_write_text(Path(folder) / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True, default=str))
+
+
+def read_manifest(folder: str | Path) -> dict:
+    """Read a stage folder's ``manifest.json``."""
+    return json.loads((Path(folder) / MANIFEST).read_text(encoding="utf-8"))
+
+
+def is_complete(folder: str | Path) -> bool:
+    """A stage output is complete when its folder holds a manifest (written last, atomically)."""
+    return (Path(folder) / MANIFEST).is_file()
+
+
+def rows_hash(rows: list[dict], key: str) -> str:
+    """Order-independent content hash of rows: sha256 over the JSON of rows sorted by ``key``."""
+    h = hashlib.sha256()
+    for row in sorted(rows, key=lambda r: r[key]):
+        h.update(json.dumps(row, sort_keys=True, default=_jsonable).encode())
+        h.update(b"\n")
+    return h.hexdigest()
+
+
+def _jsonable(x):
+    if hasattr(x, "tolist"):
+        return x.tolist()
+    raise TypeError(f"not JSON-serialisable: {type(x)}")
