@@ -234,7 +234,7 @@ class RunConfig:
                    "micro_batch_size and grad_accum must be >= 1")
             _check(t.learning_rate > 0, f"{name}.learning_rate", "must be > 0")
         _check(0 <= self.pairs.eps_max < 0.5, "pairs.eps_max",
-               "must be in [0, 0.5): at 0.5 the smoothed loss has zero gradient")
+               "must be in [0, 0.5): at 0.5 the loss ignores which item was chosen")
         _check(0 <= self.pairs.eps_constant < 0.5, "pairs.eps_constant", "must be in [0, 0.5)")
         _check(0 <= self.align.eps < 0.5, "align.eps", "must be in [0, 0.5)")
         _check(self.pairs.smoothing in ("personalized", "constant", "none"), "pairs.smoothing",
