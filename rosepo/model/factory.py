@@ -1,0 +1,167 @@
+"""The policy LLM: the built-in tiny Llama, loading, LoRA wrapping and export.
+
+Every output folder is an ordinary Hugging Face folder (``from_pretrained`` loads it), written
+atomically. Heavy imports (torch, transformers, peft, tokenizers) stay inside the functions.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterable
+
+from rosepo.config import ModelConfig
+from rosepo.errors import ConfigError
+from rosepo.storage import atomic_dir
+
+BOS, EOS, PAD, UNK = "<s>", "</s>", "<pad>", "<unk>"
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int):
+    """Train a byte-level BPE tokenizer on ``texts``; returns a `PreTrainedTokenizerFast`.
+
+    Special tokens ``<unk>`` ``<s>`` ``</s>`` ``<pad>`` take ids 0-3. Calling the tokenizer adds
+    no BOS/EOS: `rosepo.model.tokenize` appends EOS to answers itself. No prefix space is added,
+    so " Toy Story" and "Toy Story" tokenise differently, as in GPT-2. The result is a function
+    of the texts and ``vocab_size`` only (the BPE trainer breaks ties by token ids).
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=UNK))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[UNK, BOS, EOS, PAD],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD,
+                                   unk_token=UNK, padding_side="right")
+
+
+def build_tiny_model(cfg: ModelConfig, texts: Iterable[str], out_dir: str | Path) -> Path:
+    """Build the tiny Llama of ``cfg`` with a tokenizer trained on ``texts``; save it to ``out_dir``.
+
+    The vocabulary is the tokenizer's actual size (at most ``cfg.vocab_size``: small corpora
+    run out of merges). Weights are initialised under ``torch.manual_seed(0)``, embeddings tied,
+    saved as safetensors in float32. An existing ``out_dir`` is replaced atomically.
+    """
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = train_tokenizer(texts, cfg.vocab_size)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_hidden_layers,
+        num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_key_value_heads,
+        max_position_embeddings=cfg.max_position_embeddings,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    out_dir = Path(out_dir)
+    with atomic_dir(out_dir, overwrite=True) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return out_dir
+
+
+def resolve_dtype(name: str, use_gpu: bool):
+    """``model.dtype`` as a torch dtype: ``auto`` is bfloat16 on GPU and float32 on CPU."""
+    import torch
+
+    table = {"float32": torch.float32, "bfloat16": torch.bfloat16,
+             "auto": torch.bfloat16 if use_gpu else torch.float32}
+    if name not in table:
+        raise ConfigError(f"config key 'model.dtype' must be 'auto', 'float32' or 'bfloat16', got {name!r}")
+    return table[name]
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False")
+
+
+def load_tokenizer(path: str | Path):
+    """Load a tokenizer; pad with EOS when it has no pad token; pad on the right."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=_offline())
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def load_model(path: str, *, dtype, adapter: str | None = None, trainable_adapter: bool = True,
+               gradient_checkpointing: bool = False):
+    """Load a causal LM from a local folder or hub name, optionally with a saved LoRA adapter.
+
+    ``adapter`` is a folder written by `export_model` (it holds ``adapter_config.json``); its
+    weights are trainable when ``trainable_adapter``. Gradient checkpointing is non-reentrant,
+    so a frozen base under LoRA needs no input-grad hook.
+    """
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, local_files_only=_offline())
+    model.config.use_cache = False
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if adapter is not None:
+        from peft import PeftModel
+
+        if not (Path(adapter) / "adapter_config.json").is_file():
+            raise ConfigError(f"adapter folder {adapter} holds no adapter_config.json; "
+                              "pass the folder written by the SFT or alignment stage")
+        model = PeftModel.from_pretrained(model, str(adapter), is_trainable=trainable_adapter)
+    return model
+
+
+def apply_lora(model, cfg: ModelConfig):
+    """Wrap ``model`` in LoRA adapters per ``cfg`` (only adapters and ``modules_to_save`` train).
+
+    With ``cfg.finetune == "full"`` the model is returned unchanged.
+    """
+    if cfg.finetune == "full":
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=list(cfg.lora_target_modules),
+        modules_to_save=list(cfg.modules_to_save) or None,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, lora)
+
+
+def export_model(model, tokenizer, out_dir: str | Path, *, merged: bool = False) -> Path:
+    """Save ``model`` (the adapter alone when it is a peft model) and ``tokenizer`` to ``out_dir``.
+
+    With ``merged`` a peft model's adapter is also merged into a copy of the base model, saved
+    with the tokenizer under ``out_dir/merged`` (a plain HF model folder). Under ZeRO-3 the
+    caller gathers the parameters first: partitioned tensors save empty.
+    """
+    import copy
+
+    from peft import PeftModel
+
+    out_dir = Path(out_dir)
+    with atomic_dir(out_dir, overwrite=True) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if merged and isinstance(model, PeftModel):
+            full = copy.deepcopy(model).merge_and_unload()
+            full.save_pretrained(tmp / "merged")
+            tokenizer.save_pretrained(tmp / "merged")
+    return out_dir

@@ -1,0 +1,116 @@
+"""Summed log-probabilities of several answers per prompt, in one forward pass.
+
+Two layouts compute the same numbers:
+
+* plain: one row per (prompt, answer), ``prompt + answer`` right-padded;
+* prefix sharing: one row per prompt, ``prompt + answer_1 + ... + answer_A``, with a 4D mask in
+  which each answer token sees the prompt and the earlier tokens of its own answer only, and
+  position ids that restart after the prompt for every answer. The prompt, usually ~30 times
+  longer than an answer, is encoded once instead of A times.
+
+In both, the first answer token is predicted from the logit of the last prompt token (shared by
+all answers of a prompt), and token i > 0 from the logit of answer token i - 1.
+"""
+
+from __future__ import annotations
+
+
+def sequence_token_count(answer_ids: list[list[list[int]]]):
+    """Token counts (EOS included) of each answer, a long tensor (B, A)."""
+    import torch
+
+    return torch.tensor([[len(a) for a in answers] for answers in answer_ids], dtype=torch.long)
+
+
+def answer_logps(model, prompt_ids: list[list[int]], answer_ids: list[list[list[int]]], *,
+                 prefix_sharing: bool, pad_id: int):
+    """Summed log-probs (B, A), float32, of each answer's tokens (EOS included) given its prompt.
+
+    ``answer_ids[b]`` holds the A answers of prompt b (A equal for all b). Returns the sums and
+    `sequence_token_count`. One batched forward; gradients flow to the model's parameters.
+    ``model`` is a causal LM (plain, peft-wrapped or a DeepSpeed engine) taking ``position_ids``,
+    a 4D additive ``attention_mask`` and ``logits_to_keep``, as transformers' Llama, Qwen2 and
+    Mistral do with sdpa or eager attention.
+    """
+    import torch
+
+    num_answers = _check_shapes(prompt_ids, answer_ids)
+    build = _shared_rows if prefix_sharing else _plain_rows
+    seqs, positions, segments, targets = build(prompt_ids, answer_ids, num_answers)
+
+    emb = model.get_input_embeddings().weight
+    device, dtype = emb.device, emb.dtype
+    width = max(map(len, seqs))
+    input_ids = _pad(seqs, width, pad_id).to(device)
+    rows, logit_pos, target, owner = torch.tensor(targets, dtype=torch.long, device=device).unbind(1)
+    # Logits of prompt tokens but the last are never read: let the LM head skip them.
+    first = int(logit_pos.min())
+    kwargs = {"use_cache": False, "logits_to_keep": width - first}
+    if prefix_sharing:
+        seg = _pad(segments, width, -1).to(device)
+        causal = torch.ones(width, width, dtype=torch.bool, device=device).tril()
+        # Pads (segment -1) see only earlier pads and the prompt, so no row of the mask is empty.
+        allowed = causal & ((seg[:, :, None] == seg[:, None, :]) | (seg[:, None, :] == 0))
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
+        mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+        kwargs.update(attention_mask=mask[:, None], position_ids=_pad(positions, width, 0).to(device))
+    else:
+        kwargs.update(attention_mask=(_pad(segments, width, -1) >= 0).long().to(device))
+    logits = model(input_ids=input_ids, **kwargs).logits
+    picked = logits[rows, logit_pos - first].float().log_softmax(-1)
+    token_logps = picked.gather(1, target[:, None]).squeeze(1)
+    sums = torch.zeros(len(prompt_ids) * num_answers, dtype=torch.float32, device=device)
+    sums = sums.index_add(0, owner, token_logps)
+    return sums.view(len(prompt_ids), num_answers), sequence_token_count(answer_ids).to(device)
+
+
+def _check_shapes(prompt_ids, answer_ids) -> int:
+    if not prompt_ids or len(prompt_ids) != len(answer_ids):
+        raise ValueError(f"need one answer list per prompt: {len(prompt_ids)} prompts, "
+                         f"{len(answer_ids)} answer lists")
+    num_answers = len(answer_ids[0])
+    if num_answers == 0 or any(len(a) != num_answers for a in answer_ids):
+        raise ValueError("every prompt needs the same, non-zero number of answers")
+    if any(not p for p in prompt_ids) or any(not a for answers in answer_ids for a in answers):
+        raise ValueError("prompts and answers must be non-empty")
+    return num_answers
+
+
+def _plain_rows(prompt_ids, answer_ids, num_answers):
+    """Row b*A + a is prompt b + answer a; segment 0 = prompt, 1 = answer."""
+    seqs, segments, targets = [], [], []
+    for b, (prompt, answers) in enumerate(zip(prompt_ids, answer_ids)):
+        for a, answer in enumerate(answers):
+            row = b * num_answers + a
+            seqs.append(list(prompt) + list(answer))
+            segments.append([0] * len(prompt) + [1] * len(answer))
+            targets += [(row, len(prompt) - 1 + i, t, row) for i, t in enumerate(answer)]
+    return seqs, None, segments, targets
+
+
+def _shared_rows(prompt_ids, answer_ids, num_answers):
+    """Row b is prompt b + all its answers; segment 0 = prompt, a + 1 = answer a."""
+    seqs, positions, segments, targets = [], [], [], []
+    for b, (prompt, answers) in enumerate(zip(prompt_ids, answer_ids)):
+        n = len(prompt)
+        seq, pos, seg = list(prompt), list(range(n)), [0] * n
+        for a, answer in enumerate(answers):
+            start = len(seq)
+            targets += [(b, n - 1 if i == 0 else start + i - 1, t, b * num_answers + a)
+                        for i, t in enumerate(answer)]
+            seq += answer
+            pos += range(n, n + len(answer))
+            seg += [a + 1] * len(answer)
+        seqs.append(seq)
+        positions.append(pos)
+        segments.append(seg)
+    return seqs, positions, segments, targets
+
+
+def _pad(rows, width: int, value: int):
+    import torch
+
+    out = torch.full((len(rows), width), value, dtype=torch.long)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+    return out

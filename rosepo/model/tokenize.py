@@ -1,0 +1,62 @@
+"""Token ids of prompts and answers, and SFT rows.
+
+A prompt and its answer are tokenised separately and concatenated, so an answer's ids never
+depend on the prompt before it: log-probs with a shared prompt prefix rely on this. Prompts end
+with "Answer:" and answers start with a space (" Toy Story"); answers end with EOS.
+"""
+
+from __future__ import annotations
+
+from rosepo.errors import ConfigError, DataError
+
+IGNORE = -100
+
+
+def _ids(tokenizer, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def encode_prompt(tokenizer, prompt: str, max_tokens: int) -> list[int]:
+    """Token ids of a prompt, no special tokens. Raises `DataError` past ``max_tokens``."""
+    ids = _ids(tokenizer, prompt)
+    if not ids:
+        raise DataError("prompt is empty")
+    if len(ids) > max_tokens:
+        raise DataError(f"prompt has {len(ids)} tokens, more than the limit of {max_tokens}; "
+                        "raise model.max_prompt_tokens or lower data.max_history")
+    return ids
+
+
+def encode_answer(tokenizer, answer: str, max_tokens: int) -> list[int]:
+    """Token ids of an answer followed by EOS. Raises `DataError` past ``max_tokens`` (EOS counted)."""
+    if tokenizer.eos_token_id is None:
+        raise ConfigError("the tokenizer has no EOS token; answers need one to end")
+    ids = _ids(tokenizer, answer) + [tokenizer.eos_token_id]
+    if len(ids) > max_tokens:
+        raise DataError(f"answer {answer!r} has {len(ids)} tokens with EOS, more than the limit of "
+                        f"{max_tokens}; raise model.max_answer_tokens")
+    return ids
+
+
+def encode_sft(tokenizer, prompt: str, answer: str, max_prompt_tokens: int,
+               max_answer_tokens: int) -> dict:
+    """One SFT row: ``input_ids`` = prompt + answer + EOS; ``labels`` -100 on the prompt."""
+    p = encode_prompt(tokenizer, prompt, max_prompt_tokens)
+    a = encode_answer(tokenizer, answer, max_answer_tokens)
+    return {"input_ids": p + a, "labels": [IGNORE] * len(p) + a}
+
+
+def pad_sft_batch(rows: list[dict], pad_id: int) -> dict:
+    """Right-pad SFT rows into long tensors ``input_ids``, ``labels`` (-100 on pads), ``attention_mask``."""
+    import torch
+
+    width = max(len(r["input_ids"]) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        n = len(r["input_ids"])
+        input_ids[i, :n] = torch.tensor(r["input_ids"], dtype=torch.long)
+        labels[i, :n] = torch.tensor(r["labels"], dtype=torch.long)
+        attention_mask[i, :n] = 1
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}

@@ -1,0 +1,193 @@
+"""The tiny model factory, tokenisation of prompts/answers, LoRA wrapping and export."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+torch = pytest.importorskip("torch")
+
+from rosepo.config import ModelConfig  # noqa: E402
+from rosepo.errors import ConfigError, DataError  # noqa: E402
+from rosepo.model import factory  # noqa: E402
+from rosepo.model.tokenize import encode_answer, encode_prompt, encode_sft, pad_sft_batch  # noqa: E402
+
+FIXTURE = Path(__file__).parent / "fixtures" / "ml100k_titles.txt"
+TITLES = [t for t in FIXTURE.read_text(encoding="utf-8").splitlines() if not t.startswith("#")]
+SMALL = ModelConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, vocab_size=1024, max_position_embeddings=256, lora_r=4,
+                    lora_alpha=8, lora_target_modules=("q_proj", "v_proj"))
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return factory.train_tokenizer(TITLES, 1024)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return factory.build_tiny_model(SMALL, TITLES, tmp_path_factory.mktemp("tiny") / "model")
+
+
+def _word_tokenizer():
+    """A word-level tokenizer with a known vocabulary, for hand-checked ids."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "<pad>": 3, "Answer": 4, ":": 5, "Toy": 6, "Story": 7}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>", unk_token="<unk>")
+
+
+def test_tokenizer_special_tokens_no_auto_bos_eos_and_exact_round_trip(tokenizer):
+    assert [tokenizer.convert_tokens_to_ids(t) for t in ("<unk>", "<s>", "</s>", "<pad>")] == [0, 1, 2, 3]
+    assert (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id) == (1, 2, 3)
+    # 256 byte symbols + 4 specials, plus merges learned from the titles, within the limit.
+    assert 260 < len(tokenizer) <= 1024
+    for title in TITLES:
+        ids = tokenizer(" " + title)["input_ids"]
+        assert not {1, 2, 3} & set(ids)
+        assert tokenizer.decode(ids) == " " + title
+    # Byte-level BPE: the leading space of an answer is part of its first token.
+    assert tokenizer.convert_ids_to_tokens(tokenizer(" Toy Story")["input_ids"])[0].startswith("Ġ")
+
+
+def test_tokenizer_training_is_deterministic(tokenizer):
+    again = factory.train_tokenizer(list(TITLES), 1024)
+    assert again.backend_tokenizer.to_str() == tokenizer.backend_tokenizer.to_str()
+
+
+def test_build_tiny_model_round_trip(tiny_dir, tokenizer):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    assert (tiny_dir / "model.safetensors").is_file()
+    assert not list(tiny_dir.parent.glob(".tmp-*"))
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    c = model.config
+    assert (c.model_type, c.hidden_size, c.intermediate_size, c.num_hidden_layers,
+            c.num_attention_heads, c.num_key_value_heads) == ("llama", 32, 64, 2, 4, 2)
+    assert c.vocab_size == len(tok) == len(tokenizer)
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    assert tok("Answer: Toy Story")["input_ids"] == tokenizer("Answer: Toy Story")["input_ids"]
+    # Seeded init: rebuilding gives the same weights.
+    rebuilt = AutoModelForCausalLM.from_pretrained(
+        factory.build_tiny_model(SMALL, TITLES, tiny_dir.parent / "again"))
+    for (name, a), (_, b) in zip(model.state_dict().items(), rebuilt.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_resolve_dtype():
+    assert factory.resolve_dtype("auto", use_gpu=True) == torch.bfloat16
+    assert factory.resolve_dtype("auto", use_gpu=False) == torch.float32
+    assert factory.resolve_dtype("float32", use_gpu=True) == torch.float32
+    assert factory.resolve_dtype("bfloat16", use_gpu=False) == torch.bfloat16
+    with pytest.raises(ConfigError, match="model.dtype"):
+        factory.resolve_dtype("fp8", use_gpu=True)
+
+
+def test_load_tokenizer_pads_with_eos_on_the_right(tmp_path):
+    tok = _word_tokenizer()
+    tok.pad_token = None
+    tok.padding_side = "left"
+    tok.save_pretrained(tmp_path)
+    loaded = factory.load_tokenizer(tmp_path)
+    assert loaded.pad_token_id == loaded.eos_token_id == 2
+    assert loaded.padding_side == "right"
+
+
+def test_encode_sft_labels_only_the_answer_and_eos():
+    tok = _word_tokenizer()
+    # "Answer" "Toy" "Story" -> 4 6 7, ":" -> 5, EOS -> 2; labels -100 under the two prompt tokens.
+    row = encode_sft(tok, "Answer:", " Toy Story", 8, 4)
+    assert row == {"input_ids": [4, 5, 6, 7, 2], "labels": [-100, -100, 6, 7, 2]}
+    assert encode_prompt(tok, "Answer:", 2) == [4, 5]
+    assert encode_answer(tok, " Toy Story", 3) == [6, 7, 2]
+
+
+def test_encode_sft_with_bpe_splits_at_the_prompt_answer_boundary(tokenizer):
+    prompt, answer = 'History: "Heat", "Fargo". Answer:', " Toy Story"
+    row = encode_sft(tokenizer, prompt, answer, 64, 16)
+    n = row["labels"].count(-100)
+    assert row["labels"][:n] == [-100] * n and -100 not in row["labels"][n:]
+    assert tokenizer.decode(row["input_ids"][:n]) == prompt
+    assert row["labels"][n:] == row["input_ids"][n:]
+    assert row["input_ids"][-1] == tokenizer.eos_token_id
+    assert tokenizer.decode(row["input_ids"][n:-1]) == answer
+
+
+def test_too_long_prompt_or_answer_is_refused_with_the_remedy():
+    tok = _word_tokenizer()
+    with pytest.raises(DataError, match=r"2 tokens, more than the limit of 1.*model\.max_prompt_tokens"):
+        encode_prompt(tok, "Answer:", 1)
+    with pytest.raises(DataError, match=r"3 tokens with EOS.*limit of 2.*model\.max_answer_tokens"):
+        encode_sft(tok, "Answer:", " Toy Story", 8, 2)
+
+
+def test_pad_sft_batch_right_pads():
+    rows = [{"input_ids": [4, 5, 6, 2], "labels": [-100, -100, 6, 2]},
+            {"input_ids": [4, 7, 2], "labels": [-100, 7, 2]}]
+    batch = pad_sft_batch(rows, pad_id=3)
+    assert batch["input_ids"].tolist() == [[4, 5, 6, 2], [4, 7, 2, 3]]
+    assert batch["labels"].tolist() == [[-100, -100, 6, 2], [-100, 7, 2, -100]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 1, 0]]
+    assert batch["input_ids"].dtype == torch.long
+
+
+def _lora_model(tiny_dir):
+    model = factory.apply_lora(factory.load_model(str(tiny_dir), dtype=torch.float32), SMALL)
+    # LoRA B starts at zero (a no-op adapter); make it matter so the round trips test something.
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    return model.eval()
+
+
+def test_apply_lora_trains_only_the_adapters(tiny_dir):
+    model = _lora_model(tiny_dir)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    # Two layers x (q_proj, v_proj) x (A, B).
+    assert len(trainable) == 8 and all("lora_" in n for n in trainable)
+    full = factory.load_model(str(tiny_dir), dtype=torch.float32)
+    assert factory.apply_lora(full, ModelConfig(finetune="full")) is full
+
+
+def test_export_and_reload_give_identical_logits(tiny_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = _lora_model(tiny_dir)
+    tok = factory.load_tokenizer(tiny_dir)
+    ids = torch.tensor([tok("Answer: Toy Story")["input_ids"]])
+    with torch.no_grad():
+        want = model(ids).logits
+        base = factory.load_model(str(tiny_dir), dtype=torch.float32)(ids).logits
+    assert not torch.allclose(want, base, atol=1e-3)
+
+    out = factory.export_model(model, tok, tmp_path / "sft", merged=True)
+    assert (out / "adapter_model.safetensors").is_file() and (out / "tokenizer.json").is_file()
+    assert (out / "merged" / "model.safetensors").is_file()
+
+    reloaded = factory.load_model(str(tiny_dir), dtype=torch.float32, adapter=str(out),
+                                  trainable_adapter=False).eval()
+    assert not any(p.requires_grad for p in reloaded.parameters())
+    trainable = factory.load_model(str(tiny_dir), dtype=torch.float32, adapter=str(out))
+    assert sum(p.requires_grad for p in trainable.parameters()) == 8
+    merged = AutoModelForCausalLM.from_pretrained(out / "merged").eval()
+    with torch.no_grad():
+        assert torch.allclose(reloaded(ids).logits, want, atol=1e-6)
+        assert torch.allclose(merged(ids).logits, want, atol=1e-5)
+    assert factory.load_tokenizer(out / "merged")("Toy")["input_ids"] == tok("Toy")["input_ids"]
+
+
+def test_load_model_refuses_a_folder_without_adapter(tiny_dir):
+    with pytest.raises(ConfigError, match="adapter_config.json"):
+        factory.load_model(str(tiny_dir), dtype=torch.float32, adapter=str(tiny_dir))
