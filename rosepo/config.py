@@ -90,6 +90,8 @@ class ModelConfig:
 class TrainConfig:
     """What SFT and alignment share: the distributed loop, optimiser and checkpoints."""
 
+    #: ``lora`` or ``full``; "" inherits ``model.finetune``.
+    finetune: str = ""
     num_workers: int = 2
     use_gpu: bool = False
     #: CPUs per Ray Train worker.
@@ -124,18 +126,27 @@ class SFTConfig(TrainConfig):
 
 @dataclass
 class OracleConfig:
-    """The SASRec preference oracle (and conventional baseline)."""
+    """The SASRec preference oracle (and conventional baseline).
 
-    hidden_size: int = 64
+    Defaults tuned on MovieLens-100K (75k train samples): 4 epochs on one worker take about
+    35 s of CPU and give HR@1 ~0.43 on the 20-candidate valid/test sets (random: 0.05).
+    Dropout 0: at 4 epochs nothing overfits, and dropout costs 30% of the step time on CPU.
+    """
+
+    hidden_size: int = 32
     num_layers: int = 2
     num_heads: int = 2
-    dropout: float = 0.2
+    dropout: float = 0.0
     max_len: int = 10
-    epochs: int = 30
-    batch_size: int = 256
-    learning_rate: float = 1e-3
+    epochs: int = 4
+    batch_size: int = 512
+    learning_rate: float = 3e-3
     num_workers: int = 1
     seed: int = 0
+    #: AdamW weight decay.
+    weight_decay: float = 0.0
+    #: Slice of train samples used, a seeded random subset (0 = all).
+    max_samples: int = 0
 
 
 @dataclass
@@ -154,12 +165,8 @@ class PairsConfig:
     self_hard_greedy: bool = False
     #: ``minilm`` (needs the embed extra) or ``tfidf``.
     embedder: str = "minilm"
-    #: ``personalized``, ``constant`` or ``none``.
-    smoothing: str = "personalized"
-    smoothing_lambda: float = 1.0
-    smoothing_tau: float = 1.0
-    eps_max: float = 0.3
-    eps_constant: float = 0.1
+    #: Valid samples turned into held-out pairs (eval metrics during alignment and Tune).
+    eval_samples: int = 64
     #: Ray Data actors scoring with the SFT model.
     num_actors: int = 2
     batch_size: int = 32
@@ -174,16 +181,22 @@ class AlignConfig(TrainConfig):
     #: ``rosepo``, ``dpo``, ``cdpo``, ``sdpo``, ``sdpo_smoothed`` or ``ipo``.
     loss: str = "rosepo"
     beta: float = 0.1
-    #: Constant ε for cdpo.
-    eps: float = 0.1
+    #: How ε per pair is made for rosepo / sdpo_smoothed: ``personalized`` (from the oracle's scores,
+    #: see rosepo.pairs.smoothing), ``constant`` (eps_constant) or ``none``. cdpo always uses
+    #: eps_constant, dpo/sdpo/ipo ε = 0. Lives here, not in pairs, so that Tune can search it
+    #: without rebuilding pairs.
+    smoothing: str = "personalized"
+    smoothing_lambda: float = 1.0
+    smoothing_tau: float = 1.0
+    eps_max: float = 0.3
+    eps_constant: float = 0.1
     #: Weight of the NLL-on-chosen regulariser.
     sft_weight: float = 0.0
     #: ``precomputed`` (from pair rows) or ``online`` (adapter disabled).
     reference: str = "precomputed"
     prefix_sharing: bool = True
     learning_rate: float = 5e-4
-    #: Held-out pairs used for eval metrics during training.
-    eval_pairs: int = 64
+    #: Evaluate on the held-out pairs every N steps (0 = only before and after training).
     eval_every: int = 0
 
 
@@ -233,13 +246,13 @@ class RunConfig:
             _check(t.micro_batch_size >= 1 and t.grad_accum >= 1, f"{name}.micro_batch_size",
                    "micro_batch_size and grad_accum must be >= 1")
             _check(t.learning_rate > 0, f"{name}.learning_rate", "must be > 0")
-        _check(0 <= self.pairs.eps_max < 0.5, "pairs.eps_max",
+            _check(t.finetune in ("", "lora", "full"), f"{name}.finetune", "must be '', 'lora' or 'full'")
+        _check(0 <= self.align.eps_max < 0.5, "align.eps_max",
                "must be in [0, 0.5): at 0.5 the loss ignores which item was chosen")
-        _check(0 <= self.pairs.eps_constant < 0.5, "pairs.eps_constant", "must be in [0, 0.5)")
-        _check(0 <= self.align.eps < 0.5, "align.eps", "must be in [0, 0.5)")
-        _check(self.pairs.smoothing in ("personalized", "constant", "none"), "pairs.smoothing",
+        _check(0 <= self.align.eps_constant < 0.5, "align.eps_constant", "must be in [0, 0.5)")
+        _check(self.align.smoothing in ("personalized", "constant", "none"), "align.smoothing",
                "must be 'personalized', 'constant' or 'none'")
-        _check(self.pairs.smoothing_tau > 0, "pairs.smoothing_tau", "must be > 0")
+        _check(self.align.smoothing_tau > 0, "align.smoothing_tau", "must be > 0")
         _check(self.pairs.mix in ("assign", "all"), "pairs.mix", "must be 'assign' or 'all'")
         _check(1 <= self.pairs.num_negatives < self.data.num_candidates, "pairs.num_negatives",
                "must be >= 1 and below data.num_candidates")
