@@ -46,6 +46,29 @@ def cmd_data_build(args) -> None:
     print(out)
 
 
+def cmd_stage(args) -> None:
+    """Run one pipeline stage (and any unfinished stage before it); print its manifest summary."""
+    from rosepo.pipeline import run_stage
+    from rosepo.storage import read_manifest
+    from rosepo.train.raysetup import init_ray
+
+    cfg = _load(args)
+    init_ray(cfg.ray_address)
+    out = run_stage(cfg, args.stage, force=args.force)
+    m = read_manifest(out)
+    _print({k: v for k, v in m.items() if k not in ("history", "config", "eval_history")})
+    print(out)
+
+
+STAGE_HELP = {
+    "sft": "supervised fine-tuning on Ray Train + DeepSpeed",
+    "oracle": "train the SASRec preference oracle",
+    "pairs": "build preference pairs on Ray Data",
+    "align": "RosePO / DPO / cDPO / S-DPO alignment on Ray Train + DeepSpeed (align.loss=...)",
+    "eval": "evaluate the aligned model (and baselines) on the eval split",
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``rosepo``."""
     parser = argparse.ArgumentParser(prog="rosepo", description=__doc__.splitlines()[0])
@@ -61,6 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(p)
     p.add_argument("--force", action="store_true", help="rebuild even if finished")
     p.set_defaults(func=cmd_data_build)
+    for stage, text in STAGE_HELP.items():
+        p = sub.add_parser(stage, help=text)
+        _config_args(p)
+        p.add_argument("--force", action="store_true", help="redo the stage even if finished")
+        p.set_defaults(func=cmd_stage, stage=stage)
     return parser
 
 

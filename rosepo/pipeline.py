@@ -17,9 +17,15 @@ from typing import Callable
 from rosepo.config import RunConfig, config_hash
 from rosepo.storage import is_complete, read_manifest
 
-#: name -> (config sections it depends on, upstream stages)
+#: name -> (config sections it depends on, upstream stages). Order = execution order.
 GRAPH: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "samples": (("data",), ()),
+    "model": (("model",), ("samples",)),
+    "sft": (("sft", "model"), ("samples", "model")),
+    "oracle": (("oracle",), ("samples",)),
+    "pairs": (("pairs", "model"), ("samples", "model", "sft", "oracle")),
+    "align": (("align", "model"), ("pairs", "model", "sft")),
+    "eval": (("eval", "model"), ("samples", "model", "sft", "oracle", "align")),
 }
 
 
@@ -40,14 +46,103 @@ def stage_dir(cfg: RunConfig, stage: str) -> Path:
     return run_dir(cfg) / stage_key(cfg, stage)
 
 
+def work_dir(cfg: RunConfig, stage: str) -> Path:
+    """Where a training stage keeps its Ray run (checkpoints) until it finishes; kept for resume."""
+    return run_dir(cfg) / ".work" / stage_key(cfg, stage)
+
+
+def base_model_path(model_stage_dir: Path) -> str:
+    """The base model a ``model`` stage stands for: the built tiny model, or the configured path."""
+    return read_manifest(model_stage_dir)["model_path"]
+
+
+def sft_model(sft_stage_dir: Path, base: str) -> tuple[str, str | None]:
+    """(base model, adapter) that the SFT stage produced: its LoRA adapter on ``base``, or, after
+    full fine-tuning, the SFT model itself with no adapter."""
+    model = sft_stage_dir / "model"
+    if (model / "adapter_config.json").is_file():
+        return base, str(model)
+    return str(model), None
+
+
 def _samples(cfg: RunConfig, out: Path, inputs: dict[str, Path]) -> dict:
     from rosepo.data.samples import build_samples
 
     return build_samples(cfg.data, out)
 
 
+def _model(cfg: RunConfig, out: Path, inputs: dict[str, Path]) -> dict:
+    from rosepo.data.samples import read_split
+    from rosepo.model.factory import build_tiny_model
+    from rosepo.storage import atomic_dir, write_manifest
+
+    with atomic_dir(out, overwrite=True) as tmp:
+        if cfg.model.name_or_path == "tiny":
+            # The tokenizer learns from the text it will see: prompts (templates + titles) and titles.
+            train = read_split(inputs["samples"], "train")
+            texts = train.column("prompt").to_pylist()[:: max(1, len(train) // 4000)]
+            texts += sorted({t for ts in train.column("candidate_titles").to_pylist() for t in ts})
+            build_tiny_model(cfg.model, texts, tmp / "hf")
+            path = str(out / "hf")
+        else:
+            path = cfg.model.name_or_path
+        manifest = {"stage": "model", "model_path": path, "config": cfg.to_dict()["model"]}
+        write_manifest(tmp, manifest)
+    return manifest
+
+
+def _sft(cfg: RunConfig, out: Path, inputs: dict[str, Path]) -> dict:
+    import ray
+
+    from rosepo.storage import atomic_dir, write_manifest
+    from rosepo.train.sft import run_sft
+
+    samples = ray.data.read_parquet(str(inputs["samples"] / "train"))
+    result = run_sft(cfg, samples, base_model_path(inputs["model"]), str(work_dir(cfg, "sft")), "sft")
+    with atomic_dir(out, overwrite=True) as tmp:
+        import shutil
+
+        shutil.copytree(result["model_path"], tmp / "model")
+        manifest = {"stage": "sft", "metrics": result["metrics"], "history": result["history"],
+                    "resumed_from_step": result["resumed_from_step"]}
+        write_manifest(tmp, manifest)
+    return manifest
+
+
+def _oracle(cfg: RunConfig, out: Path, inputs: dict[str, Path]) -> dict:
+    from rosepo.pairs.oracle import train_oracle
+
+    return train_oracle(inputs["samples"], cfg.oracle, out)
+
+
+def _pairs(cfg: RunConfig, out: Path, inputs: dict[str, Path]) -> dict:
+    from rosepo.pairs.build import build_pairs
+
+    base, adapter = sft_model(inputs["sft"], base_model_path(inputs["model"]))
+    return build_pairs(cfg, inputs["samples"], base, adapter, inputs["oracle"], out)
+
+
+def _align(cfg: RunConfig, out: Path, inputs: dict[str, Path]) -> dict:
+    from rosepo.train.align import run_align
+
+    base, adapter = sft_model(inputs["sft"], base_model_path(inputs["model"]))
+    return run_align(cfg, inputs["pairs"], base, adapter, str(work_dir(cfg, "align")), out)
+
+
+def _eval(cfg: RunConfig, out: Path, inputs: dict[str, Path]) -> dict:
+    from rosepo.eval.evaluate import evaluate_run
+
+    return evaluate_run(cfg, inputs, out)
+
+
 RUNNERS: dict[str, Callable[[RunConfig, Path, dict[str, Path]], dict]] = {
     "samples": _samples,
+    "model": _model,
+    "sft": _sft,
+    "oracle": _oracle,
+    "pairs": _pairs,
+    "align": _align,
+    "eval": _eval,
 }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 import subprocess
 import sys
 
@@ -47,7 +48,7 @@ def test_sample_invariants(ml100k_samples):
 def test_same_hash_across_runs_and_parallelism(ml100k_samples, tmp_path, ray_session):
     """A second build with other Ray Data parallelism gives the same content hash."""
     m1 = read_manifest(ml100k_samples)
-    cfg = dataclasses.replace(DataConfig(), data_dir=str(ml100k_samples.parent / "data"), num_partitions=1)
+    cfg = dataclasses.replace(DataConfig(), data_dir=str(Path(__file__).resolve().parents[2] / "data"), num_partitions=1)
     m2 = build_samples(cfg, tmp_path / "again")
     assert m2["content_hash"] == m1["content_hash"]
 

@@ -1,0 +1,211 @@
+"""Build RosePO preference pairs from samples, in one Ray Data pass over an actor pool.
+
+Each actor holds the reference (SFT) model, the oracle and the title embeddings. Per batch of
+samples it scores all candidates with the SFT model (summed answer log-likelihood, prefix
+shared), with the oracle and by similarity to the history; picks the rejected candidates with the
+sample's strategy; keeps the oracle's scores of chosen and rejected (ε is made from them at
+training time, see `rosepo.train.align`); and keeps the SFT scores of chosen and rejected as
+the reference log-probs. Those are exactly what the alignment trainer needs, so it runs no
+reference model, and all Tune trials share them (they depend on neither β nor ε).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from rosepo.config import RunConfig
+from rosepo.data.prompts import stable_int
+from rosepo.storage import atomic_dir, rows_hash, write_manifest
+
+PAIRS = pa.schema([
+    ("pair_id", pa.string()),
+    ("sample_id", pa.string()),
+    ("user_id", pa.string()),
+    ("split", pa.string()),
+    ("strategy", pa.string()),
+    ("prompt", pa.string()),
+    ("chosen", pa.string()),
+    ("rejected", pa.list_(pa.string())),
+    ("chosen_index", pa.int32()),
+    ("rejected_index", pa.list_(pa.int32())),
+    ("candidate_titles", pa.list_(pa.string())),
+    ("oracle_chosen", pa.float64()),
+    ("oracle_rejected", pa.list_(pa.float64())),
+    ("ref_chosen_logp", pa.float64()),
+    ("ref_rejected_logp", pa.list_(pa.float64())),
+    ("prompt_ids", pa.list_(pa.int32())),
+    ("chosen_ids", pa.list_(pa.int32())),
+    ("rejected_ids", pa.list_(pa.list_(pa.int32()))),
+])
+
+
+def select_samples(table: pa.Table, n: int, seed: int) -> pa.Table:
+    """A deterministic subset of ``n`` samples (0 = all): order by a seeded hash of the sample id."""
+    if not n or n >= len(table):
+        return table
+    ids = table.column("sample_id").to_pylist()
+    order = sorted(range(len(ids)), key=lambda i: (stable_int("subset", seed, ids[i]), ids[i]))
+    return table.take(sorted(order[:n]))
+
+
+class PairScorer:
+    """Ray Data actor: SFT model + oracle + embeddings → pair rows for a batch of samples."""
+
+    def __init__(self, run_cfg: RunConfig, base_model: str, adapter: str | None, oracle_dir: str,
+                 item_vectors: dict, popularity: dict):
+        import torch
+
+        from rosepo.model.factory import load_model, load_tokenizer
+        from rosepo.pairs.oracle import load_oracle
+
+        torch.set_num_threads(1)
+        self.cfg = run_cfg
+        self.tok = load_tokenizer(base_model)
+        model = load_model(base_model, dtype=torch.float32, adapter=adapter, trainable_adapter=False)
+        self.model = (model.merge_and_unload() if adapter else model).eval()
+        self.oracle = load_oracle(oracle_dir)
+        self.vectors = item_vectors
+        self.popularity = popularity
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        import torch
+
+        from rosepo.model.logprobs import answer_logps
+        from rosepo.model.tokenize import encode_answer, encode_prompt
+        from rosepo.pairs.embed import history_similarity
+        from rosepo.pairs.strategies import STRATEGIES, SampleContext, assign_strategy
+
+        pc, mc = self.cfg.pairs, self.cfg.model
+        rows = batch.to_pylist()
+        prompt_ids = [encode_prompt(self.tok, r["prompt"], mc.max_prompt_tokens) for r in rows]
+        cand_ids = [[encode_answer(self.tok, t, mc.max_answer_tokens) for t in r["candidate_titles"]] for r in rows]
+        with torch.no_grad():
+            logps, _ = answer_logps(self.model, prompt_ids, cand_ids, prefix_sharing=True,
+                                    pad_id=self.tok.pad_token_id)
+        logps = logps.double().numpy()
+        oracle = self.oracle.score([r["history_item_ids"] for r in rows], [r["candidate_item_ids"] for r in rows])
+        greedy = self._greedy(rows, prompt_ids) if pc.self_hard_greedy else [-1] * len(rows)
+        names = sorted(pc.strategies) if pc.mix == "all" else None
+        out = []
+        for b, r in enumerate(rows):
+            target = r["candidate_item_ids"].index(r["target_item_id"])
+            hist = np.stack([self.vectors[i] for i in r["history_item_ids"]])
+            cands = np.stack([self.vectors[i] for i in r["candidate_item_ids"]])
+            ctx = SampleContext(target=target, model_scores=logps[b], similarity=history_similarity(hist, cands),
+                                popularity=np.array([self.popularity.get(i, 0) for i in r["candidate_item_ids"]]),
+                                greedy=greedy[b], popularity_alpha=pc.popularity_alpha)
+            chosen_names = names or [assign_strategy(pc.strategies, stable_int("strategy", pc.seed, r["sample_id"]) / 2**64)]
+            for name in chosen_names:
+                rng = np.random.default_rng(stable_int("rejected", pc.seed, name, r["sample_id"]))
+                rej = STRATEGIES[name](ctx, pc.num_negatives, rng)
+                out.append({
+                    "pair_id": f"{r['sample_id']}:{name}", "sample_id": r["sample_id"], "user_id": r["user_id"],
+                    "split": r["split"], "strategy": name, "prompt": r["prompt"], "chosen": r["target_title"],
+                    "rejected": [r["candidate_titles"][i] for i in rej], "chosen_index": target,
+                    "rejected_index": rej, "candidate_titles": r["candidate_titles"],
+                    "oracle_chosen": float(oracle[b, target]),
+                    "oracle_rejected": [float(oracle[b, i]) for i in rej],
+                    "ref_chosen_logp": float(logps[b, target]), "ref_rejected_logp": [float(logps[b, i]) for i in rej],
+                    "prompt_ids": prompt_ids[b], "chosen_ids": cand_ids[b][target],
+                    "rejected_ids": [cand_ids[b][i] for i in rej],
+                })
+        return pa.Table.from_pylist(out, schema=PAIRS)
+
+    def _greedy(self, rows: list[dict], prompt_ids: list[list[int]]) -> list[int]:
+        """Index of the candidate the model's greedy answer names when exactly one is named, else -1."""
+        from rosepo.eval.generate import greedy_answers
+        from rosepo.eval.metrics import parse_answer
+
+        answers = greedy_answers(self.model, self.tok, prompt_ids, self.cfg.model.max_answer_tokens)
+        return [parse_answer(a, r["candidate_titles"], 0)["named_index"] for a, r in zip(answers, rows)]
+
+
+def train_popularity(samples_dir: str | Path) -> dict[str, int]:
+    """Interaction count of each item in the train split (each train user's full sequence once).
+
+    Counted from train samples: the items of the longest window per user plus its target are
+    not the full sequence, so we count each (user, item) seen as history or target once.
+    """
+    from rosepo.data.samples import read_split
+
+    t = read_split(samples_dir, "train")
+    seen: set[tuple[str, str]] = set()
+    for u, hist, tgt in zip(t.column("user_id").to_pylist(), t.column("history_item_ids").to_pylist(),
+                            t.column("target_item_id").to_pylist()):
+        seen.update((u, i) for i in hist)
+        seen.add((u, tgt))
+    counts: dict[str, int] = {}
+    for _, i in seen:
+        counts[i] = counts.get(i, 0) + 1
+    return counts
+
+
+def build_pairs(run_cfg: RunConfig, samples_dir: str | Path, base_model: str, adapter: str | None,
+                oracle_dir: str | Path, out_dir: str | Path, *, splits: dict[str, int] | None = None) -> dict:
+    """Build pairs for ``splits`` (split -> max samples, 0 = all) into ``out_dir`` atomically.
+
+    Default: ``train`` limited by ``pairs.max_samples`` and ``valid`` by ``pairs.eval_samples``.
+    Pairs hold the oracle's scores, not ε: ε is computed from them at training time with the
+    ``align`` smoothing settings, so Tune can search those without rebuilding pairs.
+    """
+    import ray
+
+    from rosepo.data.samples import read_split
+    from rosepo.pairs.embed import embed_titles
+
+    t0 = time.perf_counter()
+    pc = run_cfg.pairs
+    splits = splits or {"train": pc.max_samples, "valid": pc.eval_samples}
+    tables = {s: select_samples(read_split(samples_dir, s), n, pc.seed) for s, n in splits.items()}
+    titles: dict[str, str] = {}
+    for t in tables.values():
+        for ids, names in zip(t.column("candidate_item_ids").to_pylist() + t.column("history_item_ids").to_pylist(),
+                              t.column("candidate_titles").to_pylist() + t.column("history_titles").to_pylist()):
+            titles.update(zip(ids, names))
+    item_ids = sorted(titles)
+    vecs = embed_titles(pc.embedder, [titles[i] for i in item_ids])
+    item_vectors = dict(zip(item_ids, vecs))
+    popularity = train_popularity(samples_dir)
+    manifest = {"stage": "pairs", "config": run_cfg.to_dict()["pairs"], "splits": {}}
+    with atomic_dir(Path(out_dir), overwrite=True) as tmp:
+        for split, table in tables.items():
+            ds = ray.data.from_arrow(table).repartition(max(1, pc.num_actors * 2)).map_batches(
+                PairScorer, batch_format="pyarrow", batch_size=pc.batch_size,
+                compute=ray.data.ActorPoolStrategy(size=pc.num_actors),
+                fn_constructor_kwargs={"run_cfg": run_cfg, "base_model": str(base_model),
+                                       "adapter": str(adapter) if adapter else None, "oracle_dir": str(oracle_dir),
+                                       "item_vectors": item_vectors, "popularity": popularity})
+            rows = ds.take_all()
+            rows.sort(key=lambda r: r["pair_id"])
+            import pyarrow.parquet as pq
+
+            (tmp / split).mkdir()
+            pq.write_table(pa.Table.from_pylist(rows, schema=PAIRS), tmp / split / "pairs.parquet")
+            margin = np.array([r["oracle_chosen"] - np.mean(r["oracle_rejected"]) for r in rows])
+            strategies: dict[str, int] = {}
+            for r in rows:
+                strategies[r["strategy"]] = strategies.get(r["strategy"], 0) + 1
+            manifest["splits"][split] = {"pairs": len(rows), "samples": len(table), "strategies": strategies,
+                                         "oracle_margin": _summary(margin),
+                                         "content_hash": rows_hash(rows, "pair_id")}
+        manifest["seconds"] = round(time.perf_counter() - t0, 2)
+        write_manifest(tmp, manifest)
+    return manifest
+
+
+def _summary(x: np.ndarray) -> dict:
+    if not x.size:
+        return {}
+    p10, p50, p90 = np.percentile(x, [10, 50, 90])
+    return {"mean": float(x.mean()), "p10": float(p10), "p50": float(p50), "p90": float(p90)}
+
+
+def read_pairs(pairs_dir: str | Path, split: str) -> pa.Table:
+    """Read one split of a pairs folder (sorted by ``pair_id``)."""
+    import pyarrow.parquet as pq
+
+    return pq.read_table(Path(pairs_dir) / split / "pairs.parquet", schema=PAIRS)

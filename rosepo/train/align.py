@@ -1,0 +1,187 @@
+"""RosePO alignment: the ``align`` task of `rosepo.train.loop`.
+
+Policy = the SFT model with its LoRA adapter trainable. Each micro-batch holds pairs (prompt,
+chosen, K rejected, ε, reference log-probs). Chosen and rejected answers of a prompt are scored
+in one batched forward with the prompt shared (`rosepo.model.logprobs.answer_logps`), and the
+loss is one of `rosepo.losses` (``align.loss``).
+
+Reference log-probs: ``precomputed`` reads them from the pair rows (computed by the SFT model
+when the pairs were built, so no reference model runs here); ``online`` computes them with the
+same model: the SFT adapter is loaded a second time, frozen, as adapter ``reference``, and the
+reference pass switches to it (TRL's ``ref_adapter_name`` approach; disabling the adapter would
+give the base model, not the SFT model the pairs were scored with). Both give the same
+first-step loss (tested).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+#: Column that orders the training rows (see the data order in `rosepo.train.loop`).
+KEY = "pair_id"
+#: Name of the frozen copy of the SFT adapter used by ``reference=online``.
+REFERENCE_ADAPTER = "reference"
+
+
+def _pad2(seqs: list[list[int]], pad_id: int):
+    import torch
+
+    width = max(len(s) for s in seqs)
+    out = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        out[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+    return out, torch.tensor([len(s) for s in seqs], dtype=torch.long)
+
+
+def collate(rows: list[dict], pad_id: int) -> dict:
+    """Pairs → tensors: prompts (B, P) + lengths, answers (B·(1+K), L) + lengths, ref and oracle (B, 1+K)."""
+    import torch
+
+    prompts, prompt_len = _pad2([r["prompt_ids"] for r in rows], pad_id)
+    answers = [a for r in rows for a in [r["chosen_ids"], *r["rejected_ids"]]]
+    answer_ids, answer_len = _pad2(answers, pad_id)
+    ref = torch.tensor([[r["ref_chosen_logp"], *r["ref_rejected_logp"]] for r in rows], dtype=torch.float32)
+    oracle = torch.tensor([[r["oracle_chosen"], *r["oracle_rejected"]] for r in rows], dtype=torch.float64)
+    return {"prompt_ids": prompts, "prompt_len": prompt_len, "answer_ids": answer_ids, "answer_len": answer_len,
+            "ref": ref, "oracle": oracle}
+
+
+def unpack(batch: dict) -> tuple[list[list[int]], list[list[list[int]]]]:
+    """The ragged prompt and answer id lists of a collated batch."""
+    prompts = [p[:n].tolist() for p, n in zip(batch["prompt_ids"], batch["prompt_len"])]
+    flat = [a[:n].tolist() for a, n in zip(batch["answer_ids"], batch["answer_len"])]
+    per = len(flat) // len(prompts)
+    return prompts, [flat[i * per:(i + 1) * per] for i in range(len(prompts))]
+
+
+def pair_logps(model, batch: dict, cfg: dict, pad_id: int):
+    """Policy log-probs (B, 1+K) and token counts of chosen + rejected answers."""
+    from rosepo.model.logprobs import answer_logps
+
+    prompts, answers = unpack(batch)
+    return answer_logps(model, prompts, answers, prefix_sharing=cfg.get("prefix_sharing", True), pad_id=pad_id)
+
+
+def reference_logps(model, batch: dict, cfg: dict, pad_id: int):
+    """Reference log-probs (B, 1+K): from the pair rows, or online with the adapter disabled."""
+    import torch
+
+    if cfg.get("reference", "precomputed") == "precomputed":
+        return batch["ref"]
+    module = getattr(model, "module", model)
+    if REFERENCE_ADAPTER not in module.peft_config:  # new LoRA on a full SFT model: base = SFT
+        with torch.no_grad(), module.disable_adapter():
+            logps, _ = pair_logps(model, batch, cfg, pad_id)
+        return logps
+    with torch.no_grad():
+        module.set_adapter(REFERENCE_ADAPTER)
+        try:
+            logps, _ = pair_logps(model, batch, cfg, pad_id)
+        finally:
+            module.set_adapter("default")
+    return logps
+
+
+def prepare_model(model, cfg: dict, adapter: str | None):
+    """Before DeepSpeed wraps it: for an online reference on top of an SFT adapter, add a frozen
+    copy of that adapter (on a fully fine-tuned SFT model the disabled new LoRA is the reference)."""
+    if cfg.get("reference") == "online" and adapter is not None:
+        model.load_adapter(adapter, adapter_name=REFERENCE_ADAPTER, is_trainable=False)
+        model.set_adapter("default")
+    return model
+
+
+def loss_and_metrics(policy, ref, counts, eps, cfg: dict):
+    """Per-batch mean loss and the DPO metrics (TRL names) from policy/reference log-probs (B, 1+K)."""
+    from rosepo.losses import preference_loss, sft_regularizer
+
+    losses, chosen_r, rejected_r = preference_loss(
+        cfg["loss"], policy[:, 0], policy[:, 1:], ref[:, 0], ref[:, 1:], beta=cfg["beta"], eps=eps,
+        const_eps=cfg.get("eps_constant", 0.1))
+    loss = losses.mean()
+    if cfg.get("sft_weight", 0.0):
+        loss = loss + cfg["sft_weight"] * sft_regularizer(policy[:, 0], counts[:, 0].float()).mean()
+    rejected_r = rejected_r.reshape(len(chosen_r), -1)
+    metrics = {
+        "rewards/chosen": chosen_r.mean().detach(),
+        "rewards/rejected": rejected_r.mean().detach(),
+        "rewards/margins": (chosen_r - rejected_r.mean(1)).mean().detach(),
+        "rewards/accuracies": (chosen_r[:, None] > rejected_r).all(1).float().mean().detach(),
+        "logps/chosen": policy[:, 0].mean().detach(),
+        "logps/rejected": policy[:, 1:].mean().detach(),
+        "smoothing/eps_mean": eps.mean().detach(),
+    }
+    return loss, metrics
+
+
+def pair_eps(oracle, cfg: dict):
+    """ε per pair (float32 tensor) from the oracle scores (B, 1+K) and the smoothing settings.
+
+    rosepo / sdpo_smoothed: ``cfg["smoothing"]`` mode; cdpo: ``eps_constant``; other losses: 0.
+    """
+    import torch
+
+    from rosepo.pairs.smoothing import smoothing_eps
+
+    loss = cfg["loss"]
+    mode = cfg["smoothing"] if loss in ("rosepo", "sdpo_smoothed") else "constant" if loss == "cdpo" else "none"
+    o = oracle.detach().cpu().double().numpy()
+    eps = smoothing_eps(mode, o[:, 0], o[:, 1:], lam=cfg["smoothing_lambda"], tau=cfg["smoothing_tau"],
+                        eps_max=cfg["eps_max"], eps_constant=cfg["eps_constant"])
+    return torch.as_tensor(eps, dtype=torch.float32, device=oracle.device)
+
+
+def compute_loss(model, batch: dict, cfg: dict) -> tuple[Any, dict]:
+    """Preference loss of a micro-batch and its metrics."""
+    pad_id = cfg["pad_id"]
+    policy, counts = pair_logps(model, batch, cfg, pad_id)
+    ref = reference_logps(model, batch, cfg, pad_id).to(policy.dtype)
+    return loss_and_metrics(policy, ref, counts, pair_eps(batch["oracle"], cfg), cfg)
+
+
+def num_tokens(batch: dict) -> int:
+    """Tokens of the sequences the forward actually runs (prompt once + every answer)."""
+    return int(batch["prompt_len"].sum() + batch["answer_len"].sum())
+
+
+def run_align(run_cfg, pairs_dir, base_model: str, sft_adapter: str | None, work: str, out_dir) -> dict:
+    """Align the SFT model on the train pairs (its adapter continued, or a new LoRA on a fully
+    fine-tuned SFT model when ``sft_adapter`` is None) with `rosepo.train.loop.fit`; held-out ``valid``
+    pairs are evaluated before, during (``align.eval_every``) and after training.
+
+    Writes ``<out_dir>/adapter`` (the aligned adapter, HF folder) and a manifest with the
+    training history, the last metrics and the ε distribution used, atomically.
+    """
+    import shutil
+    from pathlib import Path
+
+    import numpy as np
+    import ray
+
+    from rosepo.model.factory import load_tokenizer
+    from rosepo.pairs.build import read_pairs
+    from rosepo.pairs.smoothing import eps_summary
+    from rosepo.storage import atomic_dir, write_manifest
+    from rosepo.train.loop import fit
+
+    cfg = run_cfg.align
+    train = read_pairs(pairs_dir, "train")
+    datasets = {"train": ray.data.from_arrow(train)}
+    valid_path = Path(pairs_dir) / "valid" / "pairs.parquet"
+    if valid_path.is_file():
+        datasets["eval"] = ray.data.from_arrow(read_pairs(pairs_dir, "valid"))
+    extra = {"pad_id": load_tokenizer(base_model).pad_token_id}
+    result = fit("align", run_cfg, cfg, model_path=str(base_model), adapter=sft_adapter, datasets=datasets,
+                 output_dir=work, run_name="align", extra=extra)
+    oracle = np.array([[c, *r] for c, r in zip(train.column("oracle_chosen").to_pylist(),
+                                               train.column("oracle_rejected").to_pylist())])
+    import torch
+
+    eps = pair_eps(torch.as_tensor(oracle), {**cfg.__dict__}).numpy()
+    with atomic_dir(Path(out_dir), overwrite=True) as tmp:
+        shutil.copytree(result["final_model"], tmp / "adapter")
+        manifest = {"stage": "align", "metrics": result["metrics"], "history": result["history"],
+                    "eval_history": result.get("eval_history", []), "eps": eps_summary(eps),
+                    "resumed_from_step": result["resumed_from_step"], "pairs": len(train)}
+        write_manifest(tmp, manifest)
+    return manifest
