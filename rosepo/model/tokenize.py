@@ -2,7 +2,9 @@
 
 A prompt and its answer are tokenised separately and concatenated, so an answer's ids never
 depend on the prompt before it: log-probs with a shared prompt prefix rely on this. Prompts end
-with "Answer:" and answers start with a space (" Toy Story"); answers end with EOS.
+with "Answer:" and answers are the bare title ("Toy Story", no leading space: the byte-level
+pre-tokenizer then splits it as it splits the quoted title inside the prompt, which the model
+copies from); answers end with EOS.
 """
 
 from __future__ import annotations

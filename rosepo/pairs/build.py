@@ -173,7 +173,10 @@ def build_pairs(run_cfg: RunConfig, samples_dir: str | Path, base_model: str, ad
     manifest = {"stage": "pairs", "config": run_cfg.to_dict()["pairs"], "splits": {}}
     with atomic_dir(Path(out_dir), overwrite=True) as tmp:
         for split, table in tables.items():
-            ds = ray.data.from_arrow(table).repartition(max(1, pc.num_actors * 2)).map_batches(
+            # One block per batch, cut here: a repartition before a full actor pool can wait forever
+            # for a free CPU, and one block would feed one actor only.
+            blocks = [table.slice(i, pc.batch_size) for i in range(0, len(table), pc.batch_size)]
+            ds = ray.data.from_arrow(blocks).map_batches(
                 PairScorer, batch_format="pyarrow", batch_size=pc.batch_size,
                 compute=ray.data.ActorPoolStrategy(size=pc.num_actors),
                 fn_constructor_kwargs={"run_cfg": run_cfg, "base_model": str(base_model),
