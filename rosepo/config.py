@@ -118,6 +118,10 @@ class TrainConfig:
     #: Log to TensorBoard under the run's storage path.
     tensorboard: bool = True
 
+    def model_config(self, model: "ModelConfig") -> "ModelConfig":
+        """The model config this stage trains with: ``model`` with this stage's ``finetune``, if set."""
+        return dataclasses.replace(model, finetune=self.finetune or model.finetune)
+
 
 @dataclass
 class SFTConfig(TrainConfig):

@@ -1,0 +1,112 @@
+"""Supervised fine-tuning on the true next item: the ``sft`` task of `rosepo.train.loop`.
+
+The loss is the mean token cross-entropy over the labelled tokens of a micro-batch: the answer
+(the target title) and EOS; prompt and padding tokens are labelled -100 by
+`rosepo.model.tokenize.encode_sft` / `pad_sft_batch` and do not count.
+
+Tokenisation runs in the Ray Data pipeline (`sft_dataset`), once, before training; the loop
+only pads. ``sft.max_samples`` keeps the first N samples by ``sample_id`` (sorted), so a slice is the
+same whatever order the samples were written in.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any
+
+#: Column that orders the training rows (see the data order in `rosepo.train.loop`).
+KEY = "sample_id"
+
+
+def collate(rows: list[dict], pad_id: int) -> dict:
+    """Pad tokenised rows into ``input_ids``, ``labels`` and ``attention_mask`` tensors."""
+    from rosepo.model.tokenize import pad_sft_batch
+
+    return pad_sft_batch(rows, pad_id)
+
+
+def token_cross_entropy(logits, labels):
+    """Mean next-token cross-entropy over positions whose label is not -100, and the share of
+    those tokens predicted exactly (argmax). ``labels`` are aligned with the inputs (HF style):
+    the logits at position t predict the label at t + 1."""
+    import torch.nn.functional as F
+
+    logits, labels = logits[:, :-1].float(), labels[:, 1:]
+    mask = labels != -100
+    loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100)
+    accuracy = ((logits.argmax(-1) == labels) & mask).sum() / mask.sum().clamp(min=1)
+    return loss, accuracy
+
+
+def compute_loss(model, batch: dict, cfg: dict) -> tuple[Any, dict]:
+    """SFT loss of a micro-batch and its metrics (``sft/token_accuracy``)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    loss, accuracy = token_cross_entropy(logits, batch["labels"])
+    return loss, {"sft/token_accuracy": accuracy.detach()}
+
+
+def num_tokens(batch: dict) -> int:
+    """Non-padding tokens of a micro-batch."""
+    return int(batch["attention_mask"].sum())
+
+
+@functools.lru_cache(maxsize=2)
+def _tokenizer(path: str):
+    from rosepo.model.factory import load_tokenizer
+
+    return load_tokenizer(path)
+
+
+def tokenize_batch(batch, model_path: str, max_prompt_tokens: int, max_answer_tokens: int):
+    """Ray Data UDF (pandas batches): ``sample_id, prompt, answer`` -> ``sample_id, input_ids,
+    labels``. The tokenizer is loaded once per Ray worker process."""
+    import pandas as pd
+
+    from rosepo.model.tokenize import encode_sft
+
+    tok = _tokenizer(model_path)
+    enc = [encode_sft(tok, p, a, max_prompt_tokens, max_answer_tokens)
+           for p, a in zip(batch["prompt"], batch["answer"])]
+    return pd.DataFrame({"sample_id": list(batch["sample_id"]),
+                         "input_ids": [e["input_ids"] for e in enc],
+                         "labels": [e["labels"] for e in enc]})
+
+
+def sft_dataset(run_cfg: Any, samples_ds, base_model: str):
+    """The tokenised, materialised SFT training set: ``sample_id, input_ids, labels``.
+
+    ``samples_ds`` is a Ray Dataset with the SAMPLES columns (``sample_id``, ``prompt`` and
+    ``answer`` are used); ``sft.max_samples`` keeps the first N by ``sample_id``. Materialised
+    once here so the workers, which each read the whole set, do not tokenise it again.
+    """
+    mcfg = run_cfg.model
+    ds = samples_ds.select_columns(["sample_id", "prompt", "answer"])
+    if run_cfg.sft.max_samples:
+        ds = ds.sort("sample_id").limit(run_cfg.sft.max_samples)
+    return ds.map_batches(tokenize_batch, batch_format="pandas",
+                          fn_kwargs={"model_path": str(base_model),
+                                     "max_prompt_tokens": mcfg.max_prompt_tokens,
+                                     "max_answer_tokens": mcfg.max_answer_tokens}).materialize()
+
+
+def run_sft(run_cfg: Any, samples_ds, base_model: str, output_dir: str, run_name: str) -> dict:
+    """Fine-tune ``base_model`` on the samples (`sft_dataset`) with `rosepo.train.loop.fit`,
+    then copy the final HF export (the LoRA adapter, or the full model) atomically to
+    ``<output_dir>/model``.
+
+    Returns fit's result plus ``model_path``. The Ray run (checkpoints, TensorBoard) lives in
+    ``<output_dir>/<run_name>``; re-running with the same ``run_name`` resumes an interrupted run.
+    """
+    import shutil
+
+    from rosepo.storage import atomic_dir
+    from rosepo.train.loop import fit
+
+    result = fit("sft", run_cfg, run_cfg.sft, model_path=str(base_model), adapter=None,
+                 datasets={"train": sft_dataset(run_cfg, samples_ds, base_model)},
+                 output_dir=output_dir, run_name=run_name)
+    final = Path(output_dir) / "model"
+    with atomic_dir(final, overwrite=True) as tmp:
+        shutil.copytree(result["final_model"], tmp, dirs_exist_ok=True)
+    return {**result, "model_path": str(final.resolve())}

@@ -1,0 +1,313 @@
+"""The SFT stage and the shared training loop (`rosepo.train.loop`).
+
+Fast tests pin the loop's pure parts (data order, schedule, DeepSpeed config, loss) with
+hand-computed values. Slow tests run the real Ray Train + DeepSpeed loop on 2 CPU workers:
+the loss falls, ZeRO-2 and ZeRO-3 agree, a paused-and-resumed run reproduces an unbroken one,
+1 worker with gradient accumulation 2 matches 2 workers, and the export generates.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from rosepo.config import ModelConfig, RunConfig, SFTConfig
+from rosepo.errors import ConfigError
+from rosepo.train import loop
+
+# ---------------------------------------------------------------- pure helpers
+
+
+def test_step_rows_read_each_epoch_once_and_straddle_epochs():
+    """N=10, G=4: steps 0-4 read stream rows 0-19, i.e. two whole permutations; step 2 takes
+    the last 2 rows of epoch 0 and the first 2 of epoch 1."""
+    rows = [loop.step_rows(s, 10, 4, seed=7) for s in range(5)]
+    stream = sum(rows, [])
+    assert sorted(stream[:10]) == list(range(10)) and sorted(stream[10:]) == list(range(10))
+    assert stream[:10] != stream[10:]  # epochs are shuffled differently
+    assert rows[2] == stream[8:12]
+    assert loop.step_rows(3, 10, 4, seed=7) == rows[3]  # a function of the step alone
+    assert loop.step_rows(0, 10, 4, seed=8) != rows[0]
+
+
+def test_worker_micro_batches_match_gradient_accumulation():
+    """Step rows [0..7]: 2 workers x accum 1 x micro 4 and 1 worker x accum 2 x micro 4 cut the
+    same micro-batches; worker 1 of 2 with micro 2, accum 2 takes rows 4-7."""
+    rows = list(range(8))
+    two = loop.worker_micro_batches(rows, 0, 4, 1) + loop.worker_micro_batches(rows, 1, 4, 1)
+    assert two == loop.worker_micro_batches(rows, 0, 4, 2) == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert loop.worker_micro_batches(rows, 1, 2, 2) == [[4, 5], [6, 7]]
+
+
+def test_lr_factor_warmup_then_cosine():
+    """total 10, warmup 2: 0, 1/2 while warming; then 0.5(1 + cos(pi (s-2)/8)): 1 at s=2,
+    0.5 at s=6, 0 at s=10."""
+    assert [loop.lr_factor(s, 10, 2) for s in (0, 1, 2)] == [0.0, 0.5, 1.0]
+    assert loop.lr_factor(6, 10, 2) == pytest.approx(0.5)
+    assert loop.lr_factor(4, 10, 2) == pytest.approx(0.5 * (1 + math.cos(math.pi / 4)))
+    assert loop.lr_factor(10, 10, 2) == pytest.approx(0.0)
+    assert loop.lr_factor(0, 10, 0) == 1.0
+
+
+def test_total_steps():
+    """96 rows, global batch 8: 1.5 epochs = ceil(144/8) = 18 steps; max_steps wins when set."""
+    assert loop.total_steps(96, 8, 1.5, 0) == 18
+    assert loop.total_steps(96, 8, 1.0, 5) == 5
+    assert loop.total_steps(5, 8, 1.0, 0) == 1
+
+
+def test_deepspeed_config_fills_training_fields_over_the_template():
+    cfg = SFTConfig(micro_batch_size=3, grad_accum=2, max_grad_norm=0.5, zero_stage=3)
+    ds = loop.deepspeed_config(cfg, bf16=True)
+    assert ds["train_micro_batch_size_per_gpu"] == 3 and ds["gradient_accumulation_steps"] == 2
+    assert ds["gradient_clipping"] == 0.5 and ds["bf16"]["enabled"] is True
+    assert ds["zero_optimization"]["stage"] == 3
+    assert ds["zero_optimization"]["stage3_prefetch_bucket_size"] == 50000000  # from zero3.json
+    assert "offload_optimizer" not in ds["zero_optimization"]
+
+
+def test_deepspeed_config_offload_follows_the_config_not_the_template():
+    template = str(loop.DEEPSPEED_DIR / "zero3_offload.json")
+    off = loop.deepspeed_config(SFTConfig(deepspeed_config=template, zero_stage=2), bf16=False)
+    assert "offload_optimizer" not in off["zero_optimization"]
+    assert off["zero_optimization"]["stage"] == 2
+    on = loop.deepspeed_config(SFTConfig(zero_stage=3, offload=True), bf16=False)
+    assert on["zero_optimization"]["offload_optimizer"] == {"device": "cpu", "pin_memory": False}
+    assert on["zero_optimization"]["offload_param"] == {"device": "cpu", "pin_memory": False}
+    assert on["zero_force_ds_cpu_optimizer"] is False
+    with pytest.raises(ConfigError, match="offload needs zero_stage"):
+        loop.deepspeed_config(SFTConfig(zero_stage=0, offload=True), bf16=False)
+    with pytest.raises(ConfigError, match="does not exist"):
+        loop.deepspeed_config(SFTConfig(deepspeed_config="nope/zero9.json"), bf16=False)
+
+
+def test_find_latest_checkpoint_picks_the_highest_step(tmp_path):
+    for name, step in (("checkpoint_b", 6), ("checkpoint_a", 3), ("checkpoint_c", None)):
+        (tmp_path / name).mkdir()
+        if step is not None:
+            (tmp_path / name / loop.TRAINER_STATE).write_text(json.dumps({"global_step": step}))
+    (tmp_path / "checkpoint_manager_snapshot.json").write_text("{}")  # Ray's, not a checkpoint
+    assert loop.find_latest_checkpoint(tmp_path) == tmp_path / "checkpoint_b"
+    assert loop.find_latest_checkpoint(tmp_path / "missing") is None
+
+
+def test_unknown_task_is_refused():
+    with pytest.raises(ConfigError, match="unknown training task"):
+        loop.get_task("nope")
+
+
+def test_worker_env_vars():
+    from rosepo.train.raysetup import worker_env_vars
+
+    cpu, gpu = worker_env_vars(use_gpu=False), worker_env_vars(use_gpu=True)
+    assert cpu["DS_ACCELERATOR"] == "cpu" and "DS_ACCELERATOR" not in gpu
+    assert cpu["OMP_NUM_THREADS"] == "1" and cpu["HF_HUB_OFFLINE"] == "1"
+    assert float(gpu["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"]) <= 0.1
+
+
+def test_token_cross_entropy_hand_computed():
+    """One row, vocab 2, labels [-100, 1, 0, -100]. Logits at t predict label t+1:
+    t=0 [0, ln3] -> label 1, p = 3/4; t=1 [ln3, 0] -> label 0, p = 3/4; t=2 predicts a -100
+    (ignored), t=3 has no next token. Loss = ln(4/3), both argmaxes right: accuracy 1."""
+    import torch
+
+    from rosepo.train.sft import token_cross_entropy
+
+    ln3 = math.log(3)
+    logits = torch.tensor([[[0.0, ln3], [ln3, 0.0], [9.0, -9.0], [5.0, 5.0]]])
+    loss, acc = token_cross_entropy(logits, torch.tensor([[-100, 1, 0, -100]]))
+    assert loss.item() == pytest.approx(math.log(4 / 3), abs=1e-6)
+    assert acc.item() == 1.0
+    loss, acc = token_cross_entropy(logits, torch.tensor([[-100, 0, 0, -100]]))
+    assert loss.item() == pytest.approx((math.log(4) + math.log(4 / 3)) / 2, abs=1e-6)
+    assert acc.item() == 0.5
+
+
+# ---------------------------------------------------------------- end to end (Ray + DeepSpeed)
+#
+# One reference run (ZeRO-2, 2 workers, 40 steps of 16 rows over 96 samples, ~6.7 epochs) is
+# compared with shorter runs of the same config paused by ``stop_at_step``: the learning-rate
+# schedule spans the 40 steps in all of them, so their first losses must match the reference.
+# The tiny model is random: LoRA alone barely moves it, hence ``lm_head`` in modules_to_save.
+
+STEPS = 40
+
+
+def _run_cfg(**sft) -> RunConfig:
+    base = dict(num_workers=2, micro_batch_size=8, learning_rate=5e-3, warmup_ratio=0.0,
+                max_steps=STEPS, tensorboard=False)
+    return RunConfig(model=ModelConfig(modules_to_save=("lm_head",)),
+                     sft=SFTConfig(**{**base, **sft})).validate()
+
+
+def _samples_ds(ray_session, rows):
+    import pandas as pd
+
+    return ray_session.data.from_pandas(pd.DataFrame(rows))
+
+
+def _fit(cfg, ray_session, tiny_model_dir, sft_samples, out, run_name, **kw):
+    from rosepo.train.loop import fit
+    from rosepo.train.sft import sft_dataset
+
+    ds = sft_dataset(cfg, _samples_ds(ray_session, sft_samples), str(tiny_model_dir))
+    return fit("sft", cfg, cfg.sft, model_path=str(tiny_model_dir), adapter=None,
+               datasets={"train": ds}, output_dir=str(out), run_name=run_name, **kw)
+
+
+def _losses(result) -> list[float]:
+    return [h["loss"] for h in result["history"]]
+
+
+def _export_tensors(folder):
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(folder) / "adapter_model.safetensors"))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_sft_dataset_tokenises_and_slices_by_sample_id(ray_session, tiny_model_dir, sft_samples):
+    """max_samples=10 keeps the 10 smallest sample ids whatever the input order; rows hold
+    prompt + answer + EOS ids with the prompt labelled -100."""
+    from rosepo.model.factory import load_tokenizer
+    from rosepo.train.sft import sft_dataset
+
+    cfg = _run_cfg(max_samples=10)
+    rows = sft_dataset(cfg, _samples_ds(ray_session, sft_samples[::-1]), str(tiny_model_dir)).take_all()
+    assert sorted(r["sample_id"] for r in rows) == sorted(r["sample_id"] for r in sft_samples)[:10]
+    eos = load_tokenizer(str(tiny_model_dir)).eos_token_id
+    for r in rows:
+        ids, labels = list(r["input_ids"]), list(r["labels"])
+        n_prompt = labels.count(-100)
+        assert len(ids) == len(labels) and ids[-1] == eos and n_prompt > 0
+        assert labels[:n_prompt] == [-100] * n_prompt and labels[n_prompt:] == ids[n_prompt:]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_fit_refuses_to_resume_with_another_data_geometry(ray_session, tmp_path):
+    """A checkpoint made over 50 rows cannot be resumed over 96: its data position would point
+    elsewhere. Refused in the driver, before any worker starts."""
+    ckpt = tmp_path / "r" / "checkpoint_2026"
+    ckpt.mkdir(parents=True)
+    (ckpt / loop.TRAINER_STATE).write_text(json.dumps({"global_step": 3, "num_rows": 50,
+                                                        "global_batch": 16, "history": []}))
+    cfg = _run_cfg()
+    ds = ray_session.data.range(96)
+    with pytest.raises(ConfigError, match="cannot resume .* 50 rows"):
+        loop.fit("sft", cfg, cfg.sft, model_path="unused", adapter=None, datasets={"train": ds},
+                 output_dir=str(tmp_path), run_name="r")
+
+
+@pytest.fixture(scope="module")
+def zero2_run(ray_session, tiny_model_dir, sft_samples, tmp_path_factory):
+    """The reference: run_sft with 2 workers, ZeRO-2, a checkpoint at step 20 and at the end."""
+    from rosepo.train.sft import run_sft
+
+    out = tmp_path_factory.mktemp("sft-z2")
+    cfg = _run_cfg(zero_stage=2, tensorboard=True, checkpoint_every=20)
+    return out, run_sft(cfg, _samples_ds(ray_session, sft_samples), str(tiny_model_dir), str(out), "z2")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_sft_zero2_loss_falls_and_exports(zero2_run):
+    out, result = zero2_run
+    losses = _losses(result)
+    assert [h["step"] for h in result["history"]] == list(range(1, STEPS + 1))
+    assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5, losses
+    m = result["metrics"]
+    assert m["step"] == STEPS and m["epoch"] == pytest.approx(STEPS * 16 / 96)
+    assert math.isfinite(m["grad_norm"]) and m["grad_norm"] > 0
+    assert m["perf/tokens_per_second"] > 0 and m["perf/samples_per_second"] > 0
+    assert 0 <= m["sft/token_accuracy"] <= 1 and m["learning_rate"] > 0
+    tensors = _export_tensors(out / "model")
+    assert any("lora_A" in k for k in tensors) and any("lm_head" in k for k in tensors)
+    assert all(t.numel() > 0 for t in tensors.values())
+    assert (out / "model" / "adapter_config.json").is_file()
+    assert list((out / "z2" / "tensorboard").glob("events.out.tfevents.*"))
+    state = json.loads((Path(result["checkpoint_path"]) / loop.TRAINER_STATE).read_text())
+    assert state["global_step"] == STEPS and state["data_position"] == STEPS * 16
+    # num_to_keep=2: the step-20 and the final checkpoint
+    assert len([d for d in (out / "z2").glob("checkpoint_*") if d.is_dir()]) == 2
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_sft_zero3_matches_zero2_and_exports_gathered_weights(zero2_run, ray_session, tiny_model_dir,
+                                                            sft_samples, tmp_path):
+    """ZeRO-3 partitions the parameters but computes the same thing: its first 10 losses equal
+    ZeRO-2's, and its export (gathered before saving) holds the same non-empty tensors.
+    It also evaluates 16 held-out rows before training and every 5 steps (no_grad forwards on
+    every rank, which ZeRO-3's collectives need), without changing the training losses."""
+    from rosepo.train.loop import fit
+    from rosepo.train.sft import sft_dataset
+
+    z2_out, z2 = zero2_run
+    cfg = _run_cfg(zero_stage=3)
+    train = sft_dataset(cfg, _samples_ds(ray_session, sft_samples), str(tiny_model_dir))
+    z3 = fit("sft", cfg, cfg.sft, model_path=str(tiny_model_dir), adapter=None,
+             datasets={"train": train, "eval": train}, output_dir=str(tmp_path), run_name="z3",
+             extra={"eval_every": 5, "eval_pairs": 16}, stop_at_step=10)
+    assert _losses(z3) == pytest.approx(_losses(z2)[:10], abs=1e-4)
+    assert [e["step"] for e in z3["eval_history"]] == [0, 5, 10]
+    evals = [e["eval/loss"] for e in z3["eval_history"]]
+    assert evals[0] == pytest.approx(_losses(z2)[0], abs=0.1)  # the untrained model, other rows
+    assert evals[2] < evals[0] and z3["metrics"]["eval/loss"] == evals[2]
+    z3_tensors, z2_tensors = _export_tensors(z3["final_model"]), _export_tensors(z2_out / "model")
+    assert z3_tensors.keys() == z2_tensors.keys()
+    assert all(t.numel() > 0 and t.shape == z2_tensors[k].shape for k, t in z3_tensors.items())
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_paused_run_resumes_exactly(zero2_run, ray_session, tiny_model_dir, sft_samples, tmp_path):
+    """The reference run paused after step 3, then run again (paused after 6): the second run
+    resumes at step 4 (steps 1-3 are not redone, their history comes from the checkpoint) and
+    its steps 4-6 reproduce the unbroken run's losses."""
+    _, ref = zero2_run
+    cfg = _run_cfg()
+    b1 = _fit(cfg, ray_session, tiny_model_dir, sft_samples, tmp_path, "b", stop_at_step=3)
+    b2 = _fit(cfg, ray_session, tiny_model_dir, sft_samples, tmp_path, "b", stop_at_step=6)
+    assert [h["step"] for h in b1["history"]] == [1, 2, 3] and b1["resumed_from_step"] == 0
+    assert b2["resumed_from_step"] == 3 and b2["history"][:3] == b1["history"]
+    assert [h["step"] for h in b2["history"]] == [1, 2, 3, 4, 5, 6] and b2["metrics"]["step"] == 6
+    assert _losses(b2) == pytest.approx(_losses(ref)[:6], abs=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_one_worker_with_grad_accum_matches_two_workers(zero2_run, ray_session, tiny_model_dir,
+                                                        sft_samples, tmp_path):
+    """1 worker x grad_accum 2 reads the same micro-batches per step as 2 workers x 1, and
+    DeepSpeed's accumulation (loss / 2) equals its all-reduce mean: the same losses."""
+    _, ref = zero2_run
+    one = _run_cfg(num_workers=1, grad_accum=2)
+    c = _fit(one, ray_session, tiny_model_dir, sft_samples, tmp_path, "c", stop_at_step=3)
+    assert _losses(c) == pytest.approx(_losses(ref)[:3], abs=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_exported_adapter_loads_and_generates(zero2_run, tiny_model_dir, sft_samples):
+    """The stage's model folder is a PEFT adapter over the base model: it loads with
+    AutoModelForCausalLM + PeftModel and greedy-decodes new tokens for a prompt."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out, _ = zero2_run
+    tokenizer = AutoTokenizer.from_pretrained(str(out / "model"))
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
+    model = PeftModel.from_pretrained(base, str(out / "model")).eval()
+    ids = tokenizer(sft_samples[0]["prompt"], return_tensors="pt", add_special_tokens=False)
+    with torch.no_grad():
+        gen = model.generate(**ids, max_new_tokens=8, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id)
+    new = gen[0, ids["input_ids"].shape[1]:]
+    assert 1 <= len(new) <= 8
+    assert tokenizer.decode(new, skip_special_tokens=True).strip()
