@@ -239,7 +239,8 @@ class RunConfig:
         _check(self.data.max_history >= self.data.min_history, "data.max_history",
                "must be >= data.min_history")
         _check(self.data.num_candidates >= 2, "data.num_candidates", "must be >= 2")
-        _check(len(self.data.split) == 3 and abs(sum(self.data.split) - 1) < 1e-6
+        _check(len(self.data.split) == 3 and all(isinstance(x, (int, float)) for x in self.data.split)
+               and abs(sum(self.data.split) - 1) < 1e-6
                and all(x >= 0 for x in self.data.split), "data.split",
                "must be three non-negative fractions summing to 1, e.g. [0.8, 0.1, 0.1]")
         _check(self.model.finetune in ("lora", "full"), "model.finetune", "must be 'lora' or 'full'")
@@ -318,7 +319,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 def _build(cls: type, data: dict, prefix: str = "") -> Any:
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - known)
+    unknown = sorted(str(k) for k in set(data) - known)  # YAML keys may be ints, None...
     if unknown:
         raise ConfigError(f"unknown config key(s) {', '.join(prefix + k for k in unknown)}; "
                           f"known keys in {prefix or 'the top level'}: {', '.join(sorted(known))}")
@@ -343,6 +344,8 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         key, text = item.split("=", 1)
         node = data
         parts = key.strip().split(".")
+        if not all(parts):
+            raise ConfigError(f"override {item!r}: empty key or key part")
         for part in parts[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
@@ -361,9 +364,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not p.is_file():
             raise ConfigError(f"config file {p} does not exist")
         try:
-            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as e:
+            data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
             raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
+        if data is None:  # an empty file: the defaults ("[]", "0", "false" are refused below)
+            data = {}
         if not isinstance(data, dict):
             raise ConfigError(f"config file {p}: expected a mapping at the top level")
     apply_overrides(data, list(overrides or []))

@@ -97,7 +97,11 @@ def _sft(cfg: RunConfig, out: Path, inputs: dict[str, Path]) -> dict:
     from rosepo.storage import atomic_dir, write_manifest
     from rosepo.train.sft import run_sft
 
-    samples = ray.data.read_parquet(str(inputs["samples"] / "train"))
+    from rosepo.data.samples import read_split, select_samples
+
+    # A seeded random slice of users' windows, not the first ids (those are a few users only).
+    train = select_samples(read_split(inputs["samples"], "train"), cfg.sft.max_samples, cfg.sft.seed)
+    samples = ray.data.from_arrow(train)
     result = run_sft(cfg, samples, base_model_path(inputs["model"]), str(work_dir(cfg, "sft")), "sft")
     with atomic_dir(out, overwrite=True) as tmp:
         import shutil

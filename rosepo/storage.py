@@ -85,3 +85,21 @@ def _jsonable(x):
     if hasattr(x, "tolist"):
         return x.tolist()
     raise TypeError(f"not JSON-serialisable: {type(x)}")
+
+
+def confined(root: str | Path, path: str | Path) -> Path:
+    """``path`` (relative paths taken from ``root``) resolved, refused if it lies outside ``root``.
+
+    Symlinks and ``..`` are resolved first, so a link inside ``root`` that points elsewhere
+    escapes as surely as ``../x`` or an absolute path does. Raises `ConfigError` naming both.
+    """
+    from rosepo.errors import ConfigError
+
+    try:
+        base = Path(root).resolve()
+        target = (base / path).resolve()
+    except (RuntimeError, OSError, ValueError) as e:  # a symlink loop, a NUL byte
+        raise ConfigError(f"path {str(path)!r} under {root}: cannot resolve it: {e}") from None
+    if not target.is_relative_to(base):
+        raise ConfigError(f"path {str(path)!r} resolves to {target}, outside {base}; keep it under {base}")
+    return target

@@ -49,6 +49,9 @@ def _read_delimited(path: str | Path, delimiter: str, *, header: bool, names: li
     """Read a delimited text file as a table of string columns, refusing ragged rows."""
     import pyarrow.csv as pacsv
 
+    if len(delimiter) != 1:
+        raise DataError(f"the delimiter must be one character, got {delimiter!r} (data.delimiter)",
+                        file=str(path))
     text = _decode(_read_bytes(path), path, encoding, 1 if header else 0)
     bad: list = []
 
@@ -92,7 +95,7 @@ def _id_column(table: pa.Table, name: str, file: str) -> pa.Array:
     col = table.column(name)
     if pa.types.is_floating(col.type):
         vals = col.to_pylist()
-        i = _first_bad(vals, lambda v: v is not None and not math.isnan(v) and float(v).is_integer())
+        i = _first_bad(vals, lambda v: v is not None and float(v).is_integer() and -2**63 <= v < 2**63)
         if i >= 0:
             raise DataError(f"expected an integer or string id, found {vals[i]!r}", file=file, row=i + 1,
                             column=name)
@@ -102,7 +105,7 @@ def _id_column(table: pa.Table, name: str, file: str) -> pa.Array:
             raise DataError(f"expected string or integer ids, found type {col.type}", file=file, column=name)
         col = pc.cast(col, pa.string())
     col = pc.utf8_trim_whitespace(pc.cast(col, pa.string()))
-    empty = pc.or_(pc.is_null(col), pc.equal(pc.utf8_length(col), 0))
+    empty = pc.or_kleene(pc.is_null(col), pc.equal(pc.utf8_length(col), 0))  # kleene: null OR true is true
     if pc.any(empty).as_py():
         i = pc.index(empty, True).as_py()
         raise DataError("expected a non-empty id, found an empty or missing value", file=file, row=i + 1,
@@ -112,10 +115,13 @@ def _id_column(table: pa.Table, name: str, file: str) -> pa.Array:
 
 def _timestamp_column(table: pa.Table, name: str, file: str) -> pa.Array:
     col = table.column(name)
-    if pa.types.is_timestamp(col.type):
-        col = pc.cast(pc.cast(col, pa.timestamp("s")), pa.int64())
+    if pa.types.is_timestamp(col.type):  # whole seconds: sub-second parts are truncated
+        col = pc.cast(pc.cast(col, pa.timestamp("s"), safe=False), pa.int64())
     if pa.types.is_integer(col.type) and col.null_count == 0:
-        return pc.cast(col, pa.int64()).combine_chunks()
+        try:
+            return pc.cast(col, pa.int64()).combine_chunks()
+        except pa.ArrowInvalid:  # uint64 beyond int64: the walk below names the row
+            pass
     vals = col.to_pylist()
 
     def parse(v):
@@ -123,7 +129,7 @@ def _timestamp_column(table: pa.Table, name: str, file: str) -> pa.Array:
             f = float(v)
         except (TypeError, ValueError):
             return None
-        return int(f) if math.isfinite(f) and f.is_integer() else None
+        return int(f) if math.isfinite(f) and f.is_integer() and -2**63 <= f < 2**63 else None
 
     out = [parse(v) for v in vals]
     i = _first_bad(out, lambda v: v is not None)
@@ -136,6 +142,12 @@ def _timestamp_column(table: pa.Table, name: str, file: str) -> pa.Array:
 def _mapped(table: pa.Table, mapping: dict, canonical: tuple, file: str) -> pa.Table:
     """Rename the file's columns to canonical names; refuse missing ones."""
     rename = {mapping.get(c, c): c for c in canonical}
+    if len(rename) < len(canonical):
+        raise DataError(f"data.columns maps two of {', '.join(canonical)} to the same file column: "
+                        f"{ {c: mapping.get(c, c) for c in canonical} }", file=file)
+    twice = [src for src in rename if table.column_names.count(src) > 1]
+    if twice:
+        raise DataError(f"column {twice[0]!r} appears more than once in the file", file=file)
     missing = [src for src, dst in rename.items() if src not in table.column_names]
     if missing:
         raise DataError(f"missing column(s) {', '.join(repr(m) for m in missing)}; the file has "
@@ -162,6 +174,9 @@ def canonical_catalog(table: pa.Table, file: str, mapping: dict | None = None,
         if not isinstance(title, str) or not title.strip():
             raise DataError("expected a non-empty title", file=file, row=i + 1, column="title")
         title = normalize_title(title) if normalize else " ".join(title.split())
+        if not title:
+            raise DataError(f"expected a non-empty title, found {titles[i]!r} (empty once normalised)",
+                            file=file, row=i + 1, column="title")
         if HISTORY_SEP in title:
             raise DataError(f"title {title!r} contains the history separator {HISTORY_SEP!r}", file=file,
                             row=i + 1, column="title")
@@ -214,8 +229,11 @@ def read_parquet_files(inter_path: str | Path, item_path: str | Path, *,
     def read(p):
         _read_bytes(p)
         try:
-            return pq.read_table(p)
-        except (pa.ArrowInvalid, OSError) as e:
+            table = pq.read_table(p)
+            table.validate(full=True)  # string columns must hold UTF-8
+            table.column_names  # decoded lazily: a corrupted footer fails here
+            return table
+        except (pa.ArrowException, OSError, UnicodeDecodeError) as e:
             raise DataError(f"not a readable Parquet file: {e}", file=str(p)) from None
 
     inter = canonical_interactions(read(inter_path), str(inter_path), columns)
@@ -227,7 +245,7 @@ def check_consistency(inter: pa.Table, catalog: pa.Table, file: str, *, drop_dup
     """Refuse (or, when the policy flag is on, drop and count) duplicate events and unknown items."""
     stats = {"duplicates_dropped": 0, "unknown_items_dropped": 0}
     known = pc.is_in(inter.column("item_id"), value_set=catalog.column("item_id"))
-    if not pc.all(known).as_py():
+    if not pc.all(known, min_count=0).as_py():  # min_count=0: True, not null, for no events
         if not drop_unknown_items:
             i = pc.index(known, False).as_py()
             raise DataError(f"item {inter.column('item_id')[i].as_py()!r} is not in the catalog; fix the "
@@ -262,6 +280,8 @@ def read_llara_json(path: str | Path, split: str = "train") -> list[dict]:
         data = json.loads(text)
     except json.JSONDecodeError as e:
         raise DataError(f"not valid JSON: {e.msg}", file=str(path), row=e.lineno) from None
+    except RecursionError:
+        raise DataError("JSON nested too deeply to read", file=str(path)) from None
     if not isinstance(data, list):
         raise DataError("expected a JSON list of samples", file=str(path))
     rows = []

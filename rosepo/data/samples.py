@@ -232,6 +232,15 @@ def import_llara(cfg: DataConfig, out_dir: str | Path) -> dict:
     return manifest
 
 
+def select_samples(table: pa.Table, n: int, seed: int) -> pa.Table:
+    """A deterministic subset of ``n`` samples (0 = all): order by a seeded hash of the sample id."""
+    if not n or n >= len(table):
+        return table
+    ids = table.column("sample_id").to_pylist()
+    order = sorted(range(len(ids)), key=lambda i: (stable_int("subset", seed, ids[i]), ids[i]))
+    return table.take(sorted(order[:n]))
+
+
 def read_split(samples_dir: str | Path, split: str) -> pa.Table:
     """Read one split of a samples folder as an Arrow table sorted by ``sample_id``."""
     import pyarrow.parquet as pq

@@ -43,15 +43,6 @@ PAIRS = pa.schema([
 ])
 
 
-def select_samples(table: pa.Table, n: int, seed: int) -> pa.Table:
-    """A deterministic subset of ``n`` samples (0 = all): order by a seeded hash of the sample id."""
-    if not n or n >= len(table):
-        return table
-    ids = table.column("sample_id").to_pylist()
-    order = sorted(range(len(ids)), key=lambda i: (stable_int("subset", seed, ids[i]), ids[i]))
-    return table.take(sorted(order[:n]))
-
-
 class PairScorer:
     """Ray Data actor: SFT model + oracle + embeddings → pair rows for a batch of samples."""
 
@@ -154,7 +145,7 @@ def build_pairs(run_cfg: RunConfig, samples_dir: str | Path, base_model: str, ad
     """
     import ray
 
-    from rosepo.data.samples import read_split
+    from rosepo.data.samples import read_split, select_samples
     from rosepo.pairs.embed import embed_titles
 
     t0 = time.perf_counter()
