@@ -1,0 +1,36 @@
+"""Every shipped config loads and validates; the DeepSpeed files are consistent with them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from rosepo.config import load_config
+from rosepo.train.loop import deepspeed_config
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_config_loads_and_builds_deepspeed(path):
+    cfg = load_config(path)
+    for stage in (cfg.sft, cfg.align):
+        ds = deepspeed_config(stage, bf16=cfg.model.dtype == "bfloat16")
+        assert ds["zero_optimization"]["stage"] == stage.zero_stage
+        assert ds["train_micro_batch_size_per_gpu"] == stage.micro_batch_size
+
+
+def test_7b_config_is_a_gpu_zero3_bf16_lora_run():
+    """Validated without loading weights: the GPU cluster config asks for what a 7B model needs."""
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "llama-7b-lora.yaml")
+    assert cfg.model.finetune == "lora" and cfg.model.dtype == "bfloat16" and cfg.model.gradient_checkpointing
+    for stage in (cfg.sft, cfg.align):
+        assert stage.use_gpu and stage.zero_stage == 3 and stage.num_workers >= 2
+    assert cfg.storage.startswith("/") and cfg.ray_address == "auto"
+
+
+def test_deepspeed_templates_are_json():
+    for f in (Path(__file__).resolve().parents[1] / "configs" / "deepspeed").glob("*.json"):
+        assert "zero_optimization" in json.loads(f.read_text())
