@@ -62,6 +62,8 @@ def load_source(cfg: DataConfig) -> tuple[pa.Table, pa.Table, dict]:
     inter, stats = readers.check_consistency(inter, catalog, str(inter_path),
                                              drop_duplicates=cfg.drop_duplicates,
                                              drop_unknown_items=cfg.drop_unknown_items)
+    if len(inter) == 0:
+        raise DataError("no interactions to build samples from", file=str(inter_path))
     need = cfg.max_history + cfg.num_candidates
     distinct = len(pc.unique(catalog.column("title")))
     if distinct < need:

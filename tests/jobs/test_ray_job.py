@@ -37,6 +37,12 @@ def cluster(tmp_path_factory):
                     "--dashboard-port=8275", "--ray-client-server-port=10011", "--min-worker-port=21000",
                     "--max-worker-port=21999", f"--temp-dir={temp}", "--disable-usage-stats"],
                    check=True, env=env, capture_output=True, timeout=120)
+    # The job agent comes up a few seconds after `ray start` returns: wait until it takes requests.
+    deadline = time.time() + 120
+    while subprocess.run([RAY, "job", "list", "--address", DASHBOARD], env=_env(), capture_output=True,
+                         timeout=60).returncode != 0:
+        assert time.time() < deadline, "the Ray job server did not come up"
+        time.sleep(2)
     try:
         yield DASHBOARD
     finally:

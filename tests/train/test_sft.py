@@ -311,3 +311,29 @@ def test_exported_adapter_loads_and_generates(zero2_run, tiny_model_dir, sft_sam
     new = gen[0, ids["input_ids"].shape[1]:]
     assert 1 <= len(new) <= 8
     assert tokenizer.decode(new, skip_special_tokens=True).strip()
+
+
+def test_left_padded_collate_with_logits_to_keep_equals_the_full_right_padded_loss():
+    """The SFT batch is left-padded and only the last ``keep`` logits are computed; the loss and
+    token accuracy equal those of the plain right-padded forward over every position."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from rosepo.model.tokenize import pad_sft_batch
+    from rosepo.train import sft
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2)).eval()
+    rows = [{"input_ids": [5, 6, 7, 8, 9, 10, 11], "labels": [-100] * 4 + [9, 10, 11]},
+            {"input_ids": [5, 6, 7, 12, 13], "labels": [-100] * 2 + [7, 12, 13]}]
+    batch = sft.collate(rows, 0)
+    assert int(batch["keep"]) == 4  # row 1: last prompt token + 3 answer tokens
+    assert batch["position_ids"][1].tolist() == [0, 0, 0, 1, 2, 3, 4]
+    with torch.no_grad():
+        loss, metrics = sft.compute_loss(model, batch, {})
+        right = pad_sft_batch(rows, 0)
+        logits = model(input_ids=right["input_ids"], attention_mask=right["attention_mask"]).logits
+        full, accuracy = sft.token_cross_entropy(logits, right["labels"])
+    assert float(loss) == pytest.approx(float(full), abs=1e-5)
+    assert float(metrics["sft/token_accuracy"]) == pytest.approx(float(accuracy))
