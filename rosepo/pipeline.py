@@ -150,13 +150,18 @@ RUNNERS: dict[str, Callable[[RunConfig, Path, dict[str, Path]], dict]] = {
 }
 
 
-def run_stage(cfg: RunConfig, stage: str, *, force: bool = False, log: Callable[[str], None] = print) -> Path:
+def run_stage(cfg: RunConfig, stage: str, *, force: bool = False, log: Callable[[str], None] = print,
+              _ready: dict[str, Path] | None = None) -> Path:
     """Run one stage (its upstream must be finished or is run first); returns its output folder."""
+    ready = {} if _ready is None else _ready
+    if stage in ready:
+        return ready[stage]
     _, upstream = GRAPH[stage]
-    inputs = {u: run_stage(cfg, u, log=log) for u in upstream}
+    inputs = {u: run_stage(cfg, u, log=log, _ready=ready) for u in upstream}
     out = stage_dir(cfg, stage)
     if is_complete(out) and not force:
         log(f"[rosepo] {stage}: done earlier, skipped ({out})")
+        ready[stage] = out
         return out
     if force and out.exists():
         shutil.rmtree(out)
@@ -164,6 +169,7 @@ def run_stage(cfg: RunConfig, stage: str, *, force: bool = False, log: Callable[
     t0 = time.perf_counter()
     RUNNERS[stage](cfg, out, inputs)
     log(f"[rosepo] {stage}: finished in {time.perf_counter() - t0:.1f} s")
+    ready[stage] = out
     return out
 
 
@@ -175,9 +181,9 @@ def run_pipeline(cfg: RunConfig, *, until: str | None = None, force: tuple[str, 
         from rosepo.errors import ConfigError
 
         raise ConfigError(f"unknown stage(s) {sorted(unknown)}; stages: {', '.join(GRAPH)}")
-    outs = {}
+    outs: dict[str, Path] = {}
     for stage in GRAPH:
-        outs[stage] = run_stage(cfg, stage, force=stage in force, log=log)
+        outs[stage] = run_stage(cfg, stage, force=stage in force, log=log, _ready=outs)
         if stage == until:
             break
     return outs

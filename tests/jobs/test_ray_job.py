@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -29,24 +30,36 @@ def _env() -> dict:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    """A local head node on its own ports, stopped at the end."""
+    """A local head node on its own ports, in its own process group, killed at the end.
+
+    Not `ray stop`: that stops every Ray on the machine, the test session's own included.
+    """
     temp = tmp_path_factory.mktemp("raytmp")
     env = _env()
     env.pop("RAY_ADDRESS")
-    subprocess.run([RAY, "start", "--head", "--num-cpus=2", "--port=6390", "--dashboard-host=127.0.0.1",
-                    "--dashboard-port=8275", "--ray-client-server-port=10011", "--min-worker-port=21000",
-                    "--max-worker-port=21999", f"--temp-dir={temp}", "--disable-usage-stats"],
-                   check=True, env=env, capture_output=True, timeout=120)
-    # The job agent comes up a few seconds after `ray start` returns: wait until it takes requests.
-    deadline = time.time() + 120
-    while subprocess.run([RAY, "job", "list", "--address", DASHBOARD], env=_env(), capture_output=True,
-                         timeout=60).returncode != 0:
-        assert time.time() < deadline, "the Ray job server did not come up"
-        time.sleep(2)
+    head = subprocess.Popen([RAY, "start", "--head", "--block", "--num-cpus=2", "--port=6390",
+                             "--dashboard-host=127.0.0.1", "--dashboard-port=8275", "--ray-client-server-port=10011",
+                             "--min-worker-port=21000", "--max-worker-port=21999", f"--temp-dir={temp}",
+                             "--disable-usage-stats"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
+        # The job server comes up a few seconds after the head: wait until it takes requests.
+        deadline = time.time() + 120
+        while subprocess.run([RAY, "job", "list", "--address", DASHBOARD], env=_env(), capture_output=True,
+                             timeout=60).returncode != 0:
+            assert head.poll() is None, "ray start --head exited"
+            assert time.time() < deadline, "the Ray job server did not come up"
+            time.sleep(2)
         yield DASHBOARD
     finally:
-        subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+        # Whatever of this cluster outlived its group (workers start their own sessions) names its
+        # temp dir on the command line; nothing else does.
+        subprocess.run(["pkill", "-9", "-f", str(temp)], capture_output=True)
 
 
 def _submit(args: list[str], *, wait: bool = True, timeout: int = 900) -> subprocess.CompletedProcess | str:
@@ -55,7 +68,11 @@ def _submit(args: list[str], *, wait: bool = True, timeout: int = 900) -> subpro
     if not wait:
         cmd.append("--no-wait")
     cmd += ["--", "python", "jobs/train.py", *args]
-    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=timeout)
+    for _ in range(30):  # the head's job agent may still be starting: Ray says so, and we retry
+        proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=timeout)
+        if "No available agent" not in proc.stdout + proc.stderr:
+            break
+        time.sleep(2)
     if wait:
         return proc
     for line in proc.stdout.splitlines():

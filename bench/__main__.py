@@ -1,0 +1,38 @@
+"""``python -m bench NAME [options]``: run one named benchmark; ``python -m bench all`` runs every one.
+
+The registry below maps a name to ``(module, help)``; the module's ``run(argv) -> int`` parses its
+own options. To add a benchmark, write ``bench/<module>.py`` with such a ``run`` and add one line.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+#: name -> (module under bench/, one-line description)
+BENCHMARKS: dict[str, tuple[str, str]] = {
+    "data": ("bench.data_pipeline", "sample building: rosepo (Ray Data) vs a single-process pandas baseline"),
+    "align": ("bench.align_step", "RosePO step time with vs without prefix sharing, and MFU"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark named by ``argv[0]`` with the remaining arguments (``all``: each in turn,
+    with its defaults); print the list of benchmarks when no name is given."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or (argv[0] not in BENCHMARKS and argv[0] != "all"):
+        print(__doc__.splitlines()[0] + "\n\nbenchmarks:")
+        for name, (_, text) in BENCHMARKS.items():
+            print(f"  {name:<8} {text}")
+        return 0 if not argv or argv[0] in ("-h", "--help") else 2
+    names = list(BENCHMARKS) if argv[0] == "all" else [argv[0]]
+    rc = 0
+    for name in names:
+        print(f"== bench {name} ==", flush=True)
+        module = importlib.import_module(BENCHMARKS[name][0])
+        rc = max(rc, module.run(argv[1:] if argv[0] != "all" else []))
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

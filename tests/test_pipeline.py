@@ -1,0 +1,60 @@
+"""The stage graph: addressing by config hash, skipping finished stages, forcing, atomic outputs."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from rosepo import pipeline
+from rosepo.config import RunConfig
+from rosepo.errors import ConfigError
+from rosepo.storage import atomic_dir, write_manifest
+
+
+@pytest.fixture
+def fake_runners(monkeypatch):
+    calls: list[str] = []
+
+    def make(stage):
+        def run(cfg, out, inputs):
+            assert set(inputs) == set(pipeline.GRAPH[stage][1]) and all(p.is_dir() for p in inputs.values())
+            calls.append(stage)
+            with atomic_dir(out, overwrite=True) as tmp:
+                write_manifest(tmp, {"stage": stage, "model_path": "m"})
+            return {}
+        return run
+
+    monkeypatch.setattr(pipeline, "RUNNERS", {s: make(s) for s in pipeline.GRAPH})
+    return calls
+
+
+def test_rerun_skips_finished_stages_and_force_redoes_one(tmp_path, fake_runners):
+    cfg = RunConfig(storage=str(tmp_path))
+    logs: list[str] = []
+    outs = pipeline.run_pipeline(cfg, log=logs.append)
+    assert fake_runners == list(pipeline.GRAPH) and all((p / "manifest.json").is_file() for p in outs.values())
+    pipeline.run_pipeline(cfg, log=logs.append)
+    assert fake_runners == list(pipeline.GRAPH)  # nothing ran again
+    assert sum("done earlier" in line for line in logs) == len(pipeline.GRAPH)  # one line per stage
+    pipeline.run_pipeline(cfg, force=("pairs",), log=logs.append)
+    assert fake_runners[len(pipeline.GRAPH):] == ["pairs"]
+    with pytest.raises(ConfigError, match="unknown stage"):
+        pipeline.run_pipeline(cfg, force=("nope",))
+
+
+def test_stage_addresses_follow_their_config(tmp_path):
+    """Changing β or the smoothing moves align and eval only: pairs (and their reference
+    log-probs) are shared by every alignment/Tune trial; changing the data moves everything."""
+    cfg = RunConfig(storage=str(tmp_path))
+    keys = {s: pipeline.stage_key(cfg, s) for s in pipeline.GRAPH}
+    tuned = dataclasses.replace(cfg, align=dataclasses.replace(cfg.align, beta=0.5, eps_max=0.2, smoothing_tau=2.0))
+    moved = {s for s in pipeline.GRAPH if pipeline.stage_key(tuned, s) != keys[s]}
+    assert moved == {"align", "eval"}
+    other_data = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, seed=1))
+    assert all(pipeline.stage_key(other_data, s) != keys[s] for s in pipeline.GRAPH)
+
+
+def test_until_stops_after_the_stage(tmp_path, fake_runners):
+    outs = pipeline.run_pipeline(RunConfig(storage=str(tmp_path)), until="sft", log=lambda _: None)
+    assert list(outs) == ["samples", "model", "sft"] and fake_runners == ["samples", "model", "sft"]
