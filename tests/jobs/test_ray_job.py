@@ -24,8 +24,18 @@ DASHBOARD = "http://127.0.0.1:8275"
 
 def _env() -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
-    env.update(RAY_AUTH_MODE="disabled", RAY_ADDRESS=DASHBOARD)
+    # `python` in the job's entrypoint is the cluster's: this virtualenv's, as on an installed node.
+    env.update(RAY_AUTH_MODE="disabled", RAY_ADDRESS=DASHBOARD,
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}")
     return env
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +47,13 @@ def cluster(tmp_path_factory):
     temp = tmp_path_factory.mktemp("raytmp")
     env = _env()
     env.pop("RAY_ADDRESS")
+    # Every port of this cluster is its own: the test session's Ray (and any other) uses the defaults,
+    # and a clash leaves the job agent down ("No available agent to submit job").
+    agent, grpc, metrics, runtime_env = (_free_port() for _ in range(4))
     head = subprocess.Popen([RAY, "start", "--head", "--block", "--num-cpus=2", "--port=6390",
                              "--dashboard-host=127.0.0.1", "--dashboard-port=8275", "--ray-client-server-port=10011",
+                             f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={grpc}",
+                             f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={runtime_env}",
                              "--min-worker-port=21000", "--max-worker-port=21999", f"--temp-dir={temp}",
                              "--disable-usage-stats"],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
