@@ -34,3 +34,8 @@ test-fast: $(STAMP)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
+
+# Every benchmark of bench/ in turn with its defaults (`python -m bench NAME` runs one); results and
+# the commands behind BENCHMARKS.md's tables. Not part of `make test`.
+bench: $(STAMP)
+	$(BIN)/python -m bench all

@@ -60,6 +60,20 @@ def cmd_stage(args) -> None:
     print(out)
 
 
+def cmd_bench(args) -> None:
+    """Run a benchmark of the checkout's bench/ (not installed with the package): ``python -m bench``."""
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    try:
+        from bench.__main__ import main as bench_main
+    except ModuleNotFoundError:
+        raise RosepoError("benchmarks live in the repository's bench/ folder: run from a source checkout") from None
+    rc = bench_main([args.name, *args.args])
+    if rc:
+        raise SystemExit(rc)
+
+
 STAGE_HELP = {
     "sft": "supervised fine-tuning on Ray Train + DeepSpeed",
     "oracle": "train the SASRec preference oracle",
@@ -89,6 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
         _config_args(p)
         p.add_argument("--force", action="store_true", help="redo the stage even if finished")
         p.set_defaults(func=cmd_stage, stage=stage)
+    p = sub.add_parser("bench", help="run a benchmark (data, ...; see BENCHMARKS.md)")
+    p.add_argument("name", help="benchmark name, or 'all'")
+    p.add_argument("args", nargs=argparse.REMAINDER, help="the benchmark's own options")
+    p.set_defaults(func=cmd_bench)
     return parser
 
 
