@@ -13,6 +13,7 @@ import sys
 BENCHMARKS: dict[str, tuple[str, str]] = {
     "data": ("bench.data_pipeline", "sample building: rosepo (Ray Data) vs a single-process pandas baseline"),
     "align": ("bench.align_step", "RosePO step time with vs without prefix sharing, and MFU"),
+    "gpu": ("bench.gpu_step", "RosePO step of a ~1B Llama on one GPU (bf16; LoRA and full; prefix sharing on/off)"),
 }
 
 
