@@ -45,7 +45,8 @@ def run(argv: list[str]) -> int:
     p.add_argument("--reps", type=int, default=10)
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
-        raise SystemExit("bench gpu needs a CUDA GPU")
+        print("bench gpu: no CUDA GPU here, skipped")
+        return 0
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=16,
                       num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=2048,
