@@ -607,7 +607,7 @@ def summarise(results: list[dict]) -> str:
         vals = [r[field] for r in ok[k]]
         return statistics.median(vals) if vals else None
 
-    lines = ["| interactions | impl | runs | wall s, median (min–max) | interactions/s | CPU s | peak RSS MiB "
+    lines = ["| interactions | impl | runs ok/all | wall s, median (min–max) | interactions/s | CPU s | peak RSS MiB "
              "(max) | peak PSS MiB | of which idle Ray RSS | Ray start s (not in wall) | samples | status |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for k in keys:
@@ -622,7 +622,7 @@ def summarise(results: list[dict]) -> str:
         samples = f"{sum(ok[k][0]['samples'].values()):,}" if secs else "-"
         starts = [r["ray_start_s"] for r in rs if "ray_start_s" in r]
         status = ", ".join(sorted({r["status"] for r in rs}))
-        lines.append(f"| {rows:,} | {impl} | {len(rs)} | {_median_spread(secs)} | {rate} | {cpu} | "
+        lines.append(f"| {rows:,} | {impl} | {len(ok[k])}/{len(rs)} | {_median_spread(secs)} | {rate} | {cpu} | "
                      f"{_fmt_mib(statistics.median(peaks))} ({_fmt_mib(max(peaks))}) | "
                      f"{_fmt_mib(statistics.median(pss))} | {_fmt_mib(statistics.median(idle)) if idle else '-'} | "
                      f"{_median_spread(starts)} | {samples} | {status} |")
@@ -649,11 +649,12 @@ def summarise(results: list[dict]) -> str:
         lines += ["", "| impl | size | wall time | CPU time | peak RSS |", "|---|---|---|---|---|"] + growth
     stepped = [k for k in keys if ok[k] and ok[k][0].get("phases")]
     if stepped:
-        lines += ["", "| interactions | impl | step | wall s (median) | peak RSS MiB in the step |", "|---|---|---|---|---|"]
+        lines += ["", "| interactions | impl | step | wall s (median) | peak RSS MiB in the step (- : shorter than "
+                  "one sample) |", "|---|---|---|---|---|"]
         for k in stepped:
             for name in ok[k][0]["phases"]:
                 secs = statistics.median(r["phases"][name] for r in ok[k])
-                peak = [r["phase_peak_rss"][name] for r in ok[k] if name in r.get("phase_peak_rss", {})]
+                peak = [r["phase_peak_rss"][name] for r in ok[k] if r.get("phase_peak_rss", {}).get(name)]
                 lines.append(f"| {k[0]:,} | {k[1]} | {name} | {secs:.1f} | "
                              f"{_fmt_mib(statistics.median(peak)) if peak else '-'} |")
     return "\n".join(lines)
@@ -693,7 +694,12 @@ def run(argv: list[str] | None = None) -> int:
                         "killed when the machine's available memory falls under 2 GiB)")
     p.add_argument("--timeout", type=float, default=420.0, help="kill a build running longer (seconds)")
     p.add_argument("--json", default=str(WORK / "results.json"), help="where to write the raw results")
+    p.add_argument("--report", nargs="+", default=None, metavar="JSON",
+                   help="run nothing: print the tables of earlier results files (merged)")
     args = p.parse_args(argv)
+    if args.report:
+        print(summarise([r for f in args.report for r in json.loads(Path(f).read_text())]))
+        return 0
 
     cap = int(args.cap_gib * 2**30) if args.cap_gib else psutil.virtual_memory().total
     print(f"machine: {machine()}; memory cap per build {cap / 2**30:.1f} GiB", flush=True)

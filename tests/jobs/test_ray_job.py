@@ -19,13 +19,19 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 RAY = str(Path(sys.executable).parent / "ray")
-DASHBOARD = "http://127.0.0.1:8275"
+PORTS: dict[str, int] = {}
+
+
+def _dashboard() -> str:
+    return f"http://127.0.0.1:{PORTS['dashboard']}"
 
 
 def _env() -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
+    # Not the test session's Ray settings: its `ray.init` exports RAY_AUTH_MODE=token, RAY_API_SERVER_ADDRESS
+    # and more into this process, and a head started with them turns token auth on whatever we ask.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_") and k != "PYTHONBREAKPOINT"}
     # `python` in the job's entrypoint is the cluster's: this virtualenv's, as on an installed node.
-    env.update(RAY_AUTH_MODE="disabled", RAY_ADDRESS=DASHBOARD,
+    env.update(RAY_AUTH_MODE="disabled", RAY_ADDRESS=_dashboard(),
                PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}")
     return env
 
@@ -45,31 +51,33 @@ def cluster(tmp_path_factory):
     Not `ray stop`: that stops every Ray on the machine, the test session's own included.
     """
     temp = tmp_path_factory.mktemp("raytmp")
-    env = _env()
-    env.pop("RAY_ADDRESS")
     # Every port of this cluster is its own: the test session's Ray (and any other) uses the defaults,
     # and a clash leaves the job agent down ("No available agent to submit job").
-    agent, grpc, metrics, runtime_env = (_free_port() for _ in range(4))
-    head = subprocess.Popen([RAY, "start", "--head", "--block", "--num-cpus=2", "--port=6390",
-                             "--dashboard-host=127.0.0.1", "--dashboard-port=8275", "--ray-client-server-port=10011",
-                             f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={grpc}",
-                             f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={runtime_env}",
+    PORTS.update({name: _free_port() for name in ("gcs", "dashboard", "client", "agent", "grpc", "metrics",
+                                                  "runtime_env")})
+    head = subprocess.Popen([RAY, "start", "--head", "--block", "--num-cpus=2", f"--port={PORTS['gcs']}",
+                             "--dashboard-host=127.0.0.1", f"--dashboard-port={PORTS['dashboard']}",
+                             f"--ray-client-server-port={PORTS['client']}",
+                             f"--dashboard-agent-listen-port={PORTS['agent']}",
+                             f"--dashboard-agent-grpc-port={PORTS['grpc']}", f"--metrics-export-port={PORTS['metrics']}",
+                             f"--runtime-env-agent-port={PORTS['runtime_env']}",
                              "--min-worker-port=21000", "--max-worker-port=21999", f"--temp-dir={temp}",
                              "--disable-usage-stats"],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+                            env={k: v for k, v in _env().items() if k != "RAY_ADDRESS"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         # The job server comes up a few seconds after the head: wait until it takes requests.
-        deadline = time.time() + 120
-        while subprocess.run([RAY, "job", "list", "--address", DASHBOARD], env=_env(), capture_output=True,
+        deadline = time.time() + 300
+        while subprocess.run([RAY, "job", "list", "--address", _dashboard()], env=_env(), capture_output=True,
                              timeout=60).returncode != 0:
-            assert head.poll() is None, "ray start --head exited"
-            assert time.time() < deadline, "the Ray job server did not come up"
+            assert head.poll() is None, "ray start --head exited\n" + _head_logs(temp)
+            assert time.time() < deadline, "the Ray job server did not come up\n" + _head_logs(temp)
             time.sleep(2)
-        yield DASHBOARD
+        yield _dashboard()
     finally:
         os.killpg(head.pid, signal.SIGTERM)
         try:
-            head.wait(timeout=30)
+            head.wait(timeout=10)
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
         # Whatever of this cluster outlived its group (workers start their own sessions) names its
@@ -77,8 +85,17 @@ def cluster(tmp_path_factory):
         subprocess.run(["pkill", "-9", "-f", str(temp)], capture_output=True)
 
 
+def _head_logs(temp: Path) -> str:
+    """The tails of the head's dashboard and agent logs: why a job server is not up."""
+    out = []
+    for name in ("dashboard.log", "dashboard_agent.log", "dashboard_agent.err", "gcs_server.err", "raylet.err"):
+        for f in sorted(temp.glob(f"session_*/logs/{name}"))[-1:]:
+            out.append(f"--- {f.name}\n" + "\n".join(f.read_text(errors="replace").splitlines()[-25:]))
+    return "\n".join(out) or f"no logs under {temp}"
+
+
 def _submit(args: list[str], *, wait: bool = True, timeout: int = 900) -> subprocess.CompletedProcess | str:
-    cmd = [RAY, "job", "submit", "--address", DASHBOARD, "--working-dir", str(REPO),
+    cmd = [RAY, "job", "submit", "--address", _dashboard(), "--working-dir", str(REPO),
            "--runtime-env-json", json.dumps({"excludes": [".venv", "runs", "data", ".git", ".hypothesis"]})]
     if not wait:
         cmd.append("--no-wait")
@@ -128,7 +145,7 @@ def test_killed_job_resumes_without_redoing_finished_stages(cluster, tmp_path):
         assert time.time() < deadline, "the model stage did not finish in time"
         time.sleep(1)
     time.sleep(8)  # into the SFT stage
-    subprocess.run([RAY, "job", "stop", "--address", DASHBOARD, job], env=_env(), capture_output=True, timeout=120)
+    subprocess.run([RAY, "job", "stop", "--address", _dashboard(), job], env=_env(), capture_output=True, timeout=120)
     assert not list(run.glob("sft-*")), "a partial SFT output is visible"
     proc = _submit(args)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
