@@ -74,6 +74,13 @@ def cmd_bench(args) -> None:
         raise SystemExit(rc)
 
 
+def cmd_tune(args) -> None:
+    """Run (or resume) a Ray Tune search over the align stage (rosepo/tune.py)."""
+    from rosepo.tune import tune_command
+
+    tune_command(args.config, args.search, args.overrides, name=args.name, resume=args.resume)
+
+
 STAGE_HELP = {
     "sft": "supervised fine-tuning on Ray Train + DeepSpeed",
     "oracle": "train the SASRec preference oracle",
@@ -103,6 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
         _config_args(p)
         p.add_argument("--force", action="store_true", help="redo the stage even if finished")
         p.set_defaults(func=cmd_stage, stage=stage)
+    p = sub.add_parser("tune", help="Ray Tune search over alignment (β, smoothing, ...; configs/search/)")
+    _config_args(p)
+    p.add_argument("--search", required=True, help="search YAML, e.g. configs/search/rosepo-small.yaml")
+    p.add_argument("--name", default="tune", help="experiment folder under the run folder (default: tune)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted search of that name")
+    p.set_defaults(func=cmd_tune)
     p = sub.add_parser("bench", help="run a benchmark (data, ...; see BENCHMARKS.md)")
     p.add_argument("name", help="benchmark name, or 'all'")
     p.add_argument("args", nargs=argparse.REMAINDER, help="the benchmark's own options")

@@ -81,6 +81,10 @@ class ModelConfig:
     #: ``float32``, ``bfloat16`` (GPU) or ``auto`` (bf16 on GPU, fp32 on CPU).
     dtype: str = "auto"
     gradient_checkpointing: bool = False
+    #: Built-in tiny model only: every catalog title is one whole-word token of the tokenizer,
+    #: so the model answers by choosing one token (item tokens, as in ID-based LLM recommenders)
+    #: instead of copying a title token by token. A pretrained model's tokenizer is used as is.
+    title_tokens: bool = False
     #: Longest prompt in tokens; longer prompts are refused at tokenisation.
     max_prompt_tokens: int = 512
     max_answer_tokens: int = 48
@@ -202,6 +206,15 @@ class AlignConfig(TrainConfig):
     learning_rate: float = 5e-4
     #: Evaluate on the held-out pairs every N steps (0 = only before and after training).
     eval_every: int = 0
+    #: Valid samples (the first N distinct samples of the held-out pairs) also scored as
+    #: recommendations at each evaluation: ``eval/rank/...`` (candidates ranked by the policy's
+    #: answer log-likelihood) and, below ZeRO-3, ``eval/hr@1`` / ``eval/valid_ratio`` of greedy
+    #: answers. 0 = off. Cost: one scoring pass and one greedy decoding of the slice.
+    eval_rec_samples: int = 32
+    #: Train only on the pairs of these rejected-sampling strategies (empty = all pairs). With
+    #: ``pairs.mix: all`` every sample has one pair per strategy, so Tune can search the mix
+    #: without rebuilding pairs.
+    strategies: tuple = ()
 
 
 @dataclass
@@ -266,6 +279,11 @@ class RunConfig:
         _check(self.align.beta > 0, "align.beta", "must be > 0")
         _check(self.align.reference in ("precomputed", "online"), "align.reference",
                "must be 'precomputed' or 'online'")
+        _check(self.align.eval_rec_samples >= 0, "align.eval_rec_samples", "must be >= 0 (0 = off)")
+        from rosepo.pairs.strategies import STRATEGIES
+
+        _check(all(isinstance(s, str) and s in STRATEGIES for s in self.align.strategies), "align.strategies",
+               f"must list strategies among {', '.join(STRATEGIES)} (empty = all pairs)")
         return self
 
     def to_dict(self) -> dict:

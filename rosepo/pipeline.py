@@ -81,8 +81,15 @@ def _model(cfg: RunConfig, out: Path, inputs: dict[str, Path]) -> dict:
             # The tokenizer learns from the text it will see: prompts (templates + titles) and titles.
             train = read_split(inputs["samples"], "train")
             texts = train.column("prompt").to_pylist()[:: max(1, len(train) // 4000)]
-            texts += sorted({t for ts in train.column("candidate_titles").to_pylist() for t in ts})
-            build_tiny_model(cfg.model, texts, tmp / "hf")
+            titles = {t for ts in train.column("candidate_titles").to_pylist() for t in ts}
+            texts += sorted(titles)
+            if cfg.model.title_tokens:  # every title a prompt can name, valid and test included
+                for split in ("valid", "test"):
+                    table = read_split(inputs["samples"], split)
+                    for column in ("history_titles", "candidate_titles"):
+                        titles.update(t for ts in table.column(column).to_pylist() for t in ts)
+                titles.update(t for ts in train.column("history_titles").to_pylist() for t in ts)
+            build_tiny_model(cfg.model, texts, tmp / "hf", titles=sorted(titles))
             path = str(out / "hf")
         else:
             path = cfg.model.name_or_path

@@ -17,15 +17,19 @@ from rosepo.storage import atomic_dir
 BOS, EOS, PAD, UNK = "<s>", "</s>", "<pad>", "<unk>"
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int):
+def train_tokenizer(texts: Iterable[str], vocab_size: int, titles: Iterable[str] = ()):
     """Train a byte-level BPE tokenizer on ``texts``; returns a `PreTrainedTokenizerFast`.
 
     Special tokens ``<unk>`` ``<s>`` ``</s>`` ``<pad>`` take ids 0-3. Calling the tokenizer adds
     no BOS/EOS: `rosepo.model.tokenize` appends EOS to answers itself. No prefix space is added,
     so " Toy Story" and "Toy Story" tokenise differently, as in GPT-2. The result is a function
-    of the texts and ``vocab_size`` only (the BPE trainer breaks ties by token ids).
+    of the texts, ``vocab_size`` and ``titles`` only (the BPE trainer breaks ties by token ids).
+
+    ``titles`` become added tokens after the BPE vocabulary, in sorted order: each is matched
+    whole (the longest title wins, never inside a word), so a title is one token wherever it
+    appears in a prompt or an answer; other text is split by the BPE model as before.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token=UNK))
@@ -38,12 +42,16 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int):
         show_progress=False,
     )
     tok.train_from_iterator(texts, trainer)
+    tok.add_tokens([AddedToken(t, single_word=True, normalized=False) for t in sorted(set(titles)) if t.strip()])
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD,
                                    unk_token=UNK, padding_side="right")
 
 
-def build_tiny_model(cfg: ModelConfig, texts: Iterable[str], out_dir: str | Path) -> Path:
+def build_tiny_model(cfg: ModelConfig, texts: Iterable[str], out_dir: str | Path,
+                     titles: Iterable[str] = ()) -> Path:
     """Build the tiny Llama of ``cfg`` with a tokenizer trained on ``texts``; save it to ``out_dir``.
+
+    With ``cfg.title_tokens``, every one of ``titles`` is a single token (`train_tokenizer`).
 
     The vocabulary is the tokenizer's actual size (at most ``cfg.vocab_size``: small corpora
     run out of merges). Weights are initialised under ``torch.manual_seed(0)``, embeddings tied,
@@ -52,7 +60,7 @@ def build_tiny_model(cfg: ModelConfig, texts: Iterable[str], out_dir: str | Path
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    tokenizer = train_tokenizer(texts, cfg.vocab_size)
+    tokenizer = train_tokenizer(texts, cfg.vocab_size, titles if cfg.title_tokens else ())
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=cfg.hidden_size,

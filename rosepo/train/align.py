@@ -139,6 +139,77 @@ def compute_loss(model, batch: dict, cfg: dict) -> tuple[Any, dict]:
     return loss_and_metrics(policy, ref, counts, pair_eps(batch["oracle"], cfg), cfg)
 
 
+def eval_setup(rows: list[dict], tokenizer, run_cfg, cfg: dict) -> dict | None:
+    """The recommendation slice of the held-out pairs: their first ``eval_rec_samples``
+    distinct samples by ``sample_id`` (the pairs' ``valid`` split), every candidate tokenised as
+    the eval stage does. None when ``eval_rec_samples`` is 0."""
+    from rosepo.model.tokenize import encode_answer
+
+    n = cfg.get("eval_rec_samples", 0)
+    if not n:
+        return None
+    first: dict = {}
+    for r in rows:
+        first.setdefault(r["sample_id"], r)
+    samples = [first[k] for k in sorted(first)[:n]]
+    limit = run_cfg.model.max_answer_tokens
+    return {"prompt_ids": [list(r["prompt_ids"]) for r in samples],
+            "candidate_ids": [[encode_answer(tokenizer, t, limit) for t in r["candidate_titles"]] for r in samples],
+            "titles": [r["candidate_titles"] for r in samples],
+            "targets": [r["chosen_index"] for r in samples],
+            "max_new_tokens": run_cfg.eval.max_new_tokens}
+
+
+def eval_metrics(model, tokenizer, state: dict, cfg: dict) -> dict:
+    """Recommendation metrics of the policy on the `eval_setup` slice, with the eval stage's
+    definitions (`rosepo.eval.metrics`): ``rank/hr@k`` and ``rank/ndcg@k`` (candidates ranked by
+    summed answer log-likelihood), ``hr@1``, ``valid_ratio`` and ``hr@1_valid`` (greedy answers).
+
+    Greedy decoding stops when every row has ended, so ranks could run different numbers of
+    forward passes, and ZeRO-3 needs the same passes on every rank: no greedy metrics there.
+    """
+    import numpy as np
+    import torch
+
+    from rosepo.eval.generate import greedy_answers
+    from rosepo.eval.metrics import generation_metrics, ranking_metrics
+    from rosepo.model.logprobs import answer_logps
+
+    step = cfg["micro_batch_size"]
+    prompts, targets = state["prompt_ids"], state["targets"]
+    scores, answers = [], []
+    with torch.no_grad():
+        for i in range(0, len(prompts), step):
+            logps, _ = answer_logps(model, prompts[i:i + step], state["candidate_ids"][i:i + step],
+                                    prefix_sharing=cfg.get("prefix_sharing", True), pad_id=cfg["pad_id"])
+            scores.append(logps.double().cpu().numpy())
+            if cfg["zero_stage"] < 3:
+                answers += greedy_answers(model, tokenizer, prompts[i:i + step], state["max_new_tokens"])
+    out = {f"rank/{k}": v for k, v in ranking_metrics(np.concatenate(scores), targets, ks=(1, 5)).items()}
+    if answers:
+        gen = generation_metrics(answers, state["titles"], targets)
+        out.update({k: gen[k] for k in ("hr@1", "valid_ratio", "hr@1_valid")})
+    return out
+
+
+def select_strategies(pairs, strategies):
+    """The rows of the pairs table (pyarrow) made by ``strategies`` (all rows when empty);
+    `DataError` when none is left."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from rosepo.errors import DataError
+
+    if not strategies:
+        return pairs
+    kept = pairs.filter(pc.is_in(pairs.column("strategy"), pa.array(list(strategies))))
+    if kept.num_rows == 0:
+        raise DataError(f"no pair made by {', '.join(strategies)}: the pairs hold "
+                        f"{', '.join(sorted(set(pairs.column('strategy').to_pylist())))}; set "
+                        "align.strategies to some of those, or rebuild the pairs (pairs.mix: all)")
+    return kept
+
+
 def num_tokens(batch: dict) -> int:
     """Tokens of the sequences the forward actually runs (prompt once + every answer)."""
     return int(batch["prompt_len"].sum() + batch["answer_len"].sum())
@@ -146,8 +217,10 @@ def num_tokens(batch: dict) -> int:
 
 def run_align(run_cfg, pairs_dir, base_model: str, sft_adapter: str | None, work: str, out_dir) -> dict:
     """Align the SFT model on the train pairs (its adapter continued, or a new LoRA on a fully
-    fine-tuned SFT model when ``sft_adapter`` is None) with `rosepo.train.loop.fit`; held-out ``valid``
-    pairs are evaluated before, during (``align.eval_every``) and after training.
+    fine-tuned SFT model when ``sft_adapter`` is None) with `rosepo.train.loop.fit` on the train
+    pairs of ``align.strategies``; held-out ``valid`` pairs (all strategies) and a slice of their
+    samples (``align.eval_rec_samples``) are evaluated before, during (``align.eval_every``) and
+    after training.
 
     Writes ``<out_dir>/adapter`` (the aligned adapter, HF folder) and a manifest with the
     training history, the last metrics and the ε distribution used, atomically.
@@ -165,7 +238,7 @@ def run_align(run_cfg, pairs_dir, base_model: str, sft_adapter: str | None, work
     from rosepo.train.loop import fit
 
     cfg = run_cfg.align
-    train = read_pairs(pairs_dir, "train")
+    train = select_strategies(read_pairs(pairs_dir, "train"), cfg.strategies)
     datasets = {"train": ray.data.from_arrow(train)}
     valid_path = Path(pairs_dir) / "valid" / "pairs.parquet"
     if valid_path.is_file():

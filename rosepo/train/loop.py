@@ -9,13 +9,18 @@ what differs between stages:
   (``model.module`` is the HF/PEFT model), ``cfg`` the stage config as a dict plus ``extra``;
   ``metrics`` are scalars averaged over the worker's micro-batches, then over workers;
 - ``num_tokens(batch) -> int``: non-padding tokens, for ``perf/tokens_per_second``;
-- optionally ``prepare_model(model, cfg, adapter) -> model``: called after LoRA, before DeepSpeed.
+- optionally ``prepare_model(model, cfg, adapter) -> model``: called after LoRA, before DeepSpeed;
+- optionally ``eval_setup(rows, tokenizer, run_cfg, cfg) -> state`` and ``eval_metrics(model,
+  tokenizer, state, cfg) -> dict``: more held-out metrics, computed from all the eval rows at
+  every evaluation (align: recommendation metrics of a slice of the valid samples); a falsy
+  state turns them off.
 
 Evaluation (optional): with an ``eval`` dataset, its first ``eval_pairs`` rows by ``KEY`` (all
 when 0 or unset; both keys read from the stage config / ``extra``) are scored with the task's
 ``compute_loss`` under ``no_grad`` before training, every ``eval_every`` steps and at the end;
-the means are reported as ``eval/<name>`` and returned as ``eval_history``. Every rank scores
-all eval rows: ZeRO-3 needs the same forward passes on every rank, and the set is small.
+the means, and the task's ``eval_metrics``, are reported as ``eval/<name>`` and returned as
+``eval_history``. Every rank scores all eval rows: ZeRO-3 needs the same forward passes on every
+rank, and the set is small.
 
 Life cycle of a worker: setup (seed, model, LoRA, DeepSpeed, resume) → train → checkpoint.
 
@@ -167,7 +172,7 @@ def find_latest_checkpoint(run_dir: str | Path) -> Path | None:
 
 def fit(task_name: str, run_cfg: Any, train_cfg: Any, *, model_path: str, adapter: str | None,
         datasets: dict, output_dir: str, run_name: str, extra: dict | None = None,
-        stop_at_step: int = 0) -> dict:
+        stop_at_step: int = 0, callbacks: list | None = None) -> dict:
     """Train ``task_name`` on ``datasets["train"]`` with Ray Train + DeepSpeed; resume if
     ``<output_dir>/<run_name>`` holds a checkpoint of an interrupted run.
 
@@ -175,6 +180,9 @@ def fit(task_name: str, run_cfg: Any, train_cfg: Any, *, model_path: str, adapte
     the learning-rate schedule still spans the whole run, so a later `fit` without it continues
     exactly as if never stopped (time-boxed jobs; the resume tests). Changing ``max_steps``
     between runs instead changes the schedule.
+
+    ``callbacks``: Ray Train callbacks (``ray.train.UserCallback``) for the run's controller,
+    e.g. Tune's report callback when the run is a Tune trial.
 
     Returns ``metrics`` (the last step's), ``history`` (``[{"step", "loss"}]`` for every step of
     the run, resumed ones included), ``eval_history`` (``[{"step", "eval/...": ...}]``),
@@ -225,6 +233,7 @@ def fit(task_name: str, run_cfg: Any, train_cfg: Any, *, model_path: str, adapte
             failure_config=ray.train.FailureConfig(max_failures=train_cfg.max_failures,
                                                    controller_failure_limit=0),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            callbacks=callbacks,
         ),
         datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split=[]),
@@ -259,8 +268,8 @@ def train_loop_per_worker(config: dict) -> dict:
     ray.data.DataContext.get_current().enable_progress_bars = False  # one bar per worker is noise
     rows = _sorted_rows("train", task.KEY)
     cfg_dict = config["cfg_dict"]
-    eval_rows = _sorted_rows("eval", task.KEY) if config["has_eval"] else []
-    eval_rows = eval_rows[:cfg_dict.get("eval_pairs") or len(eval_rows)]
+    all_eval_rows = _sorted_rows("eval", task.KEY) if config["has_eval"] else []
+    eval_rows = all_eval_rows[:cfg_dict.get("eval_pairs") or len(all_eval_rows)]
     eval_every = cfg_dict.get("eval_every") or 0
     global_batch = world * tcfg.micro_batch_size * tcfg.grad_accum
     total = total_steps(len(rows), global_batch, tcfg.epochs, tcfg.max_steps)
@@ -268,8 +277,12 @@ def train_loop_per_worker(config: dict) -> dict:
 
     engine, tokenizer = _setup_engine(config, total)
     start_step, history, eval_history = _resume(engine, config["resume_from"], len(rows), global_batch)
+    task_eval = None
+    if all_eval_rows and hasattr(task, "eval_setup"):
+        state = task.eval_setup(all_eval_rows, tokenizer, config["run_cfg"], cfg_dict)
+        task_eval = functools.partial(task.eval_metrics, tokenizer=tokenizer, state=state) if state else None
     evaluate = functools.partial(_evaluate, engine, task, eval_rows, tcfg.micro_batch_size,
-                                 tokenizer.pad_token_id, cfg_dict)
+                                 tokenizer.pad_token_id, cfg_dict, task_eval)
     writer = None
     if rank == 0 and config["tensorboard_dir"]:
         from tensorboardX import SummaryWriter
@@ -407,8 +420,9 @@ def _train_step(engine, task: ModuleType, micro_batches: list[list[dict]], pad_i
 
 
 def _evaluate(engine, task: ModuleType, rows: list[dict], micro_batch: int, pad_id: int,
-              cfg_dict: dict) -> dict:
-    """Row-weighted means of the task's loss and metrics over ``rows``, as ``eval/<name>``."""
+              cfg_dict: dict, task_eval=None) -> dict:
+    """Row-weighted means of the task's loss and metrics over ``rows``, and the task's own
+    ``task_eval(engine, cfg=cfg_dict)`` metrics when given, as ``eval/<name>``."""
     import torch
 
     engine.eval()
@@ -420,8 +434,9 @@ def _evaluate(engine, task: ModuleType, rows: list[dict], micro_batch: int, pad_
             loss, task_metrics = task.compute_loss(engine, batch, cfg_dict)
             for k, v in {"loss": loss, **task_metrics}.items():
                 sums[k] = sums.get(k, 0.0) + float(v) * len(chunk)
+        more = task_eval(engine, cfg=cfg_dict) if task_eval else {}
     engine.train()
-    return {f"eval/{k}": v / len(rows) for k, v in sums.items()}
+    return {f"eval/{k}": v for k, v in ({k: v / len(rows) for k, v in sums.items()} | more).items()}
 
 
 def _resume(engine, resume_from: str | None, num_rows: int,

@@ -59,6 +59,31 @@ def test_tokenizer_special_tokens_no_auto_bos_eos_and_exact_round_trip(tokenizer
     assert tokenizer.convert_ids_to_tokens(tokenizer(" Toy Story")["input_ids"])[0].startswith("Ġ")
 
 
+def test_title_tokens_make_each_title_one_token_matched_whole(tmp_path):
+    """With titles as added tokens: each title is one id in a prompt and as an answer; the
+    longest title wins ("Star Wars" inside "Star Wars Returns"), a title never matches inside a
+    word ("Heat" in "Heathers", which is no title here), prompts decode back exactly, and the
+    saved folder reloads with the same ids."""
+    from rosepo.model.tokenize import encode_answer
+
+    titles = ["Heat", "Star Wars", "Star Wars Returns", "Toy Story"]
+    tok = factory.train_tokenizer(TITLES, 1024, titles=titles)
+    title_ids = {t: tok.convert_tokens_to_ids(t) for t in titles}
+    assert len(set(title_ids.values())) == 4 and min(title_ids.values()) >= len(tok) - 4
+    prompt = 'History: "Heathers", "Star Wars Returns". Candidates: "Heat", "Star Wars", "Toy Story". Answer:'
+    ids = tok(prompt, add_special_tokens=False)["input_ids"]
+    assert [i for i in ids if i in title_ids.values()] == [title_ids[t] for t in
+                                                          ("Star Wars Returns", "Heat", "Star Wars", "Toy Story")]
+    assert tok.decode(ids) == prompt
+    assert encode_answer(tok, "Star Wars", 4) == [title_ids["Star Wars"], tok.eos_token_id]
+    tok.save_pretrained(tmp_path)
+    from transformers import AutoTokenizer
+
+    assert AutoTokenizer.from_pretrained(str(tmp_path))(prompt, add_special_tokens=False)["input_ids"] == ids
+    # Without titles the tokenizer is the plain BPE one: the title takes several tokens.
+    assert len(factory.train_tokenizer(TITLES, 1024)("Star Wars Returns", add_special_tokens=False)["input_ids"]) > 1
+
+
 def test_tokenizer_training_is_deterministic(tokenizer):
     again = factory.train_tokenizer(list(TITLES), 1024)
     assert again.backend_tokenizer.to_str() == tokenizer.backend_tokenizer.to_str()
