@@ -232,3 +232,23 @@ def test_dpo_trajectory_differs_and_resume_is_exact(rosepo_run, ml100k_pairs, tm
     d = [h["loss"] for h in dpo["history"]]
     assert d[0] == pytest.approx(np.log(2), abs=1e-4) and ref[0] == pytest.approx(np.log(2), abs=1e-4)
     assert abs(d[2] - ref[2]) > 1e-4
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_sigkilled_worker_is_replaced_and_rosepo_resumes_exactly(rosepo_run, ml100k_pairs, tmp_path,
+                                                                 kill_a_worker_midrun):
+    """RosePO with max_failures=1: SIGKILL one of the 2 workers after the step-2 checkpoint;
+    the new worker group resumes from a checkpoint (not step 0) and the run ends at step 8 with
+    the unbroken run's losses."""
+    model, pairs = ml100k_pairs
+    cfg = _cfg(checkpoint_every=2, max_failures=1)
+    result, killed_at, seconds = kill_a_worker_midrun(
+        lambda: _fit(cfg, model, pairs, tmp_path, "killed"), tmp_path / "killed", 2)
+    resumed = result["resumed_from_step"]
+    print(f"\nRosePO worker SIGKILL after checkpoint {killed_at}: resumed from step {resumed}, "
+          f"finished {seconds:.1f} s after the kill")
+    assert 2 <= resumed < STEPS, "the new worker group did not resume from a checkpoint"
+    assert [h["step"] for h in result["history"]] == list(range(1, STEPS + 1))
+    assert [h["loss"] for h in result["history"]] == pytest.approx([h["loss"] for h in rosepo_run["history"]],
+                                                                    abs=1e-5)

@@ -9,7 +9,6 @@ does a run whose worker is SIGKILLed),
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 from pathlib import Path
@@ -341,55 +340,23 @@ def test_left_padded_collate_with_logits_to_keep_equals_the_full_right_padded_lo
     assert float(metrics["sft/token_accuracy"]) == pytest.approx(float(accuracy))
 
 
-def _live_train_workers(ray_session) -> list[int]:
-    """PIDs of the live Ray Train worker actors (the state API, through the session's dashboard)."""
-    from ray.util.state import list_actors
-
-    return [a.pid for a in list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])]
-
-
-def _checkpointed_step(run_dir: Path) -> int:
-    best = 0
-    for state in run_dir.glob(f"checkpoint_*/{loop.TRAINER_STATE}"):
-        with contextlib.suppress(ValueError, OSError):  # a checkpoint being written
-            best = max(best, json.loads(state.read_text())["global_step"])
-    return best
-
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_sigkilled_worker_is_replaced_and_the_run_resumes_exactly(zero2_run, ray_session, tiny_model_dir,
-                                                                  sft_samples, tmp_path):
+                                                                  sft_samples, tmp_path, kill_a_worker_midrun):
     """SIGKILL one of the 2 Ray Train workers once a checkpoint exists: with FailureConfig
     max_failures=1 Ray Train starts a new worker group, which resumes from the last reported
     checkpoint (not step 0), and the run ends at step 40 with the unbroken run's losses."""
-    import os
-    import signal
-    import threading
-    import time
-
     _, ref = zero2_run
     cfg = _run_cfg(checkpoint_every=4, max_failures=1)
-    out: dict = {}
-    runner = threading.Thread(target=lambda: out.update(
-        result=_fit(cfg, ray_session, tiny_model_dir, sft_samples, tmp_path, "k")))
-    runner.start()
-    deadline = time.time() + 200
-    while _checkpointed_step(tmp_path / "k") < 8:  # mid-run: past two checkpoints, far from step 40
-        assert runner.is_alive() and time.time() < deadline, "no checkpoint at step 8 in time"
-        time.sleep(0.05)
-    pids = _live_train_workers(ray_session)
-    assert len(pids) == 2, pids
-    os.kill(pids[-1], signal.SIGKILL)
-    killed_at, t_kill = _checkpointed_step(tmp_path / "k"), time.time()
-    runner.join(timeout=240)
-    assert not runner.is_alive() and "result" in out, "the run did not finish after the worker was killed"
-    result = out["result"]
+    result, killed_at, seconds = kill_a_worker_midrun(
+        lambda: _fit(cfg, ray_session, tiny_model_dir, sft_samples, tmp_path, "k"), tmp_path / "k", 8)
     resumed = result["resumed_from_step"]
-    print(f"\nworker SIGKILL after checkpoint {killed_at}: resumed from step {resumed}, "
-          f"finished {time.time() - t_kill:.1f} s after the kill")
+    print(f"\nSFT worker SIGKILL after checkpoint {killed_at}: resumed from step {resumed}, "
+          f"finished {seconds:.1f} s after the kill")
     # Step 8's folder may still be in the making (Ray registers a checkpoint once every rank has
-    # reported it): the resume point is 4 or 8, never 0.
-    assert resumed in (4, 8), "the new worker group did not resume from the last checkpoint"
+    # reported it): the resume point is 4 or later, never 0.
+    assert 4 <= resumed < STEPS, "the new worker group did not resume from a checkpoint"
     assert [h["step"] for h in result["history"]] == list(range(1, STEPS + 1))
     assert _losses(result) == pytest.approx(_losses(ref), abs=1e-5)
