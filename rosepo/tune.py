@@ -246,15 +246,11 @@ def tune_trial(config: dict, *, base: RunConfig, inputs: dict, metric: str, expe
 
     ``fault``: a file path; when it does not exist, this trial creates it and raises (`FAULT_ENV`).
     """
-    import ray.data
     import ray.tune
 
-    from rosepo.pairs.build import read_pairs
-    from rosepo.train.align import select_strategies
-    from rosepo.train.loop import fit
+    from rosepo.train.align import fit_align
 
     cfg = apply_values(base, config)
-    pairs = inputs["pairs"]
     out_dir = Path(experiment) / "trials" / ray.tune.get_context().get_trial_id()
     if _replay_finished(out_dir / "align", cfg.align):
         return
@@ -268,11 +264,8 @@ def tune_trial(config: dict, *, base: RunConfig, inputs: dict, metric: str, expe
             pass
         else:
             raise RuntimeError(f"fault injected by {FAULT_ENV} ({fault})")
-    datasets = {"train": ray.data.from_arrow(select_strategies(read_pairs(pairs, "train"), cfg.align.strategies)),
-                "eval": ray.data.from_arrow(read_pairs(pairs, "valid"))}
-    fit("align", cfg, cfg.align, model_path=inputs["model_path"], adapter=inputs["adapter"],
-        datasets=datasets, output_dir=str(out_dir), run_name="align", extra={"pad_id": inputs["pad_id"]},
-        callbacks=[sys.modules[__name__].EvalReportCallback(metric)])
+    fit_align(cfg, inputs["pairs"], inputs["model_path"], inputs["adapter"], str(out_dir), pad_id=inputs["pad_id"],
+              callbacks=[sys.modules[__name__].EvalReportCallback(metric)])
 
 
 def finished_state(run_dir: Path, align) -> dict | None:

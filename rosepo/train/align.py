@@ -215,6 +215,27 @@ def num_tokens(batch: dict) -> int:
     return int(batch["prompt_len"].sum() + batch["answer_len"].sum())
 
 
+def fit_align(run_cfg, pairs_dir, base_model: str, adapter: str | None, output_dir: str, *, pad_id: int,
+              callbacks: list | None = None):
+    """`rosepo.train.loop.fit` of the align task on the train pairs of ``align.strategies``,
+    evaluated on all the ``valid`` pairs when there are any, into ``<output_dir>/align``; the
+    align stage and every Tune trial train through here. Returns (fit's result, the train table)."""
+    from pathlib import Path
+
+    import ray
+
+    from rosepo.pairs.build import read_pairs
+    from rosepo.train.loop import fit
+
+    train = select_strategies(read_pairs(pairs_dir, "train"), run_cfg.align.strategies)
+    datasets = {"train": ray.data.from_arrow(train)}
+    if (Path(pairs_dir) / "valid" / "pairs.parquet").is_file():
+        datasets["eval"] = ray.data.from_arrow(read_pairs(pairs_dir, "valid"))
+    result = fit("align", run_cfg, run_cfg.align, model_path=str(base_model), adapter=adapter, datasets=datasets,
+                 output_dir=output_dir, run_name="align", extra={"pad_id": pad_id}, callbacks=callbacks)
+    return result, train
+
+
 def run_align(run_cfg, pairs_dir, base_model: str, sft_adapter: str | None, work: str, out_dir) -> dict:
     """Align the SFT model on the train pairs (its adapter continued, or a new LoRA on a fully
     fine-tuned SFT model when ``sft_adapter`` is None) with `rosepo.train.loop.fit` on the train
@@ -229,23 +250,14 @@ def run_align(run_cfg, pairs_dir, base_model: str, sft_adapter: str | None, work
     from pathlib import Path
 
     import numpy as np
-    import ray
 
     from rosepo.model.factory import load_tokenizer
-    from rosepo.pairs.build import read_pairs
     from rosepo.pairs.smoothing import eps_summary
     from rosepo.storage import atomic_dir, write_manifest
-    from rosepo.train.loop import fit
 
     cfg = run_cfg.align
-    train = select_strategies(read_pairs(pairs_dir, "train"), cfg.strategies)
-    datasets = {"train": ray.data.from_arrow(train)}
-    valid_path = Path(pairs_dir) / "valid" / "pairs.parquet"
-    if valid_path.is_file():
-        datasets["eval"] = ray.data.from_arrow(read_pairs(pairs_dir, "valid"))
-    extra = {"pad_id": load_tokenizer(base_model).pad_token_id}
-    result = fit("align", run_cfg, cfg, model_path=str(base_model), adapter=sft_adapter, datasets=datasets,
-                 output_dir=work, run_name="align", extra=extra)
+    result, train = fit_align(run_cfg, pairs_dir, str(base_model), sft_adapter, work,
+                              pad_id=load_tokenizer(base_model).pad_token_id)
     oracle = np.array([[c, *r] for c, r in zip(train.column("oracle_chosen").to_pylist(),
                                                train.column("oracle_rejected").to_pylist())])
     import torch
