@@ -354,21 +354,32 @@ def _parse_scalar(text: str) -> Any:
         return text
 
 
+def set_dotted(data: dict, key: str, value: Any, *, create: bool = True) -> None:
+    """Set ``data[a][b] = value`` for ``key = "a.b"``. Missing sections are created when
+    ``create``; otherwise a key that is not already in ``data`` raises `ConfigError`."""
+    parts = str(key).strip().split(".")
+    if not all(parts):
+        raise ConfigError("empty key or key part")
+    node = data
+    for part in parts[:-1]:
+        node = node.setdefault(part, {}) if create else node.get(part)
+        if not isinstance(node, dict):
+            raise ConfigError(f"{part!r} is not a section")
+    if not create and parts[-1] not in node:
+        raise ConfigError("not a config key (e.g. align.beta)")
+    node[parts[-1]] = value
+
+
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
     """Apply ``a.b=value`` strings to a nested dict (values parsed as YAML scalars)."""
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value")
         key, text = item.split("=", 1)
-        node = data
-        parts = key.strip().split(".")
-        if not all(parts):
-            raise ConfigError(f"override {item!r}: empty key or key part")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {item!r}: {part!r} is not a section")
-        node[parts[-1]] = _parse_scalar(text)
+        try:
+            set_dotted(data, key, _parse_scalar(text))
+        except ConfigError as e:
+            raise ConfigError(f"override {item!r}: {e}") from None
     return data
 
 

@@ -31,14 +31,16 @@ pairs or the SFT model (build those per setting and run one search each).
 from __future__ import annotations
 
 import csv
+import io
 import math
 import os
 import sys
 from pathlib import Path
 from typing import Any
 
-from rosepo.config import RunConfig, _build
+from rosepo.config import RunConfig, _build, set_dotted
 from rosepo.errors import ConfigError
+from rosepo.storage import atomic_path, atomic_write_text
 
 #: Keys of a search YAML and their defaults.
 SEARCH_DEFAULTS: dict[str, Any] = {
@@ -152,15 +154,10 @@ def apply_values(run_cfg: RunConfig, values: dict) -> RunConfig:
     type-checked and validated like a loaded config; `ConfigError` names a bad key."""
     data = run_cfg.to_dict()
     for key, value in values.items():
-        parts = str(key).split(".")
-        node = data
-        for part in parts[:-1]:
-            node = node.get(part)
-            if not isinstance(node, dict):
-                raise ConfigError(f"search space key {key!r} is not a config key (e.g. align.beta)")
-        if parts[-1] not in node:
-            raise ConfigError(f"search space key {key!r} is not a config key (e.g. align.beta)")
-        node[parts[-1]] = value
+        try:
+            set_dotted(data, key, value, create=False)
+        except ConfigError as e:
+            raise ConfigError(f"search space key {key!r}: {e}") from None
     return _build(RunConfig, data).validate()
 
 
@@ -427,11 +424,9 @@ def tune_command(config: str | None, search_path: str, overrides: list[str], *, 
     cfg = load_config(config, overrides)
     search = load_search(search_path)
     check_search(cfg, search)  # before Ray starts; the cluster's resources are checked after
-    init_ray(cfg.ray_address)
-    import ray
-
+    dashboard = init_ray(cfg.ray_address)
     experiment = run_dir(cfg) / name
-    log(f"[rosepo] Ray dashboard: {ray._private.worker.get_dashboard_url() or 'off'} (Jobs, Cluster, Logs)")
+    log(f"[rosepo] Ray dashboard: {dashboard or 'off'} (Jobs, Cluster, Logs)")
     log(f"[rosepo] TensorBoard:   tensorboard --logdir {experiment}")
     out = run_tune(cfg, search, storage=run_dir(cfg), name=name, resume=resume)
     log(f"[rosepo] best {search['metric']} = {out['best_metric']:.4g} with {out['best']}")
@@ -498,18 +493,17 @@ def write_results(run_cfg: RunConfig, search: dict, grid, experiment: Path) -> d
     rows = trial_rows(run_cfg, search, grid, experiment)
     best = best_row(rows, metric, search["mode"])
     values = {k: best[k] for k in search["space"]}
-    experiment.mkdir(parents=True, exist_ok=True)
-    (experiment / BEST).write_text(
-        f"# best trial {best['trial_id']}: {metric} = {best[metric]}\n"
-        + yaml.safe_dump(apply_values(run_cfg, values).to_dict(), sort_keys=False), encoding="utf-8")
+    atomic_write_text(experiment / BEST, f"# best trial {best['trial_id']}: {metric} = {best[metric]}\n"
+                      + yaml.safe_dump(apply_values(run_cfg, values).to_dict(), sort_keys=False))
     columns = list(rows[0])
-    with open(experiment / TRIALS_CSV, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows({c: _cell(r[c]) for c in columns} for r in rows)
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows({c: _cell(r[c]) for c in columns} for r in rows)
+    atomic_write_text(experiment / TRIALS_CSV, table.getvalue())
     md = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     md += ["| " + " | ".join(_fmt(r[c]) for c in columns) + " |" for r in rows]
-    (experiment / TRIALS_MD).write_text("\n".join(md) + "\n", encoding="utf-8")
+    atomic_write_text(experiment / TRIALS_MD, "\n".join(md) + "\n")
     plot_trials(rows, metric, experiment / PLOT)
     return {"experiment": str(experiment), "best": values, "best_metric": best[metric],
             "best_config": str(experiment / BEST), "trials": rows, "csv": str(experiment / TRIALS_CSV),
@@ -546,5 +540,6 @@ def plot_trials(rows: list[dict], metric: str, path: Path) -> None:
     axes[0].set_ylabel(metric)
     axes[0].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)

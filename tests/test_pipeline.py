@@ -9,7 +9,7 @@ import pytest
 from rosepo import pipeline
 from rosepo.config import RunConfig
 from rosepo.errors import ConfigError
-from rosepo.storage import atomic_dir, write_manifest
+from rosepo.storage import atomic_dir, atomic_path, atomic_write_text, write_manifest
 
 
 @pytest.fixture
@@ -58,3 +58,21 @@ def test_stage_addresses_follow_their_config(tmp_path):
 def test_until_stops_after_the_stage(tmp_path, fake_runners):
     outs = pipeline.run_pipeline(RunConfig(storage=str(tmp_path)), until="sft", log=lambda _: None)
     assert list(outs) == ["samples", "model", "sft"] and fake_runners == ["samples", "model", "sft"]
+
+
+def test_atomic_path_replaces_on_success_and_leaves_nothing_on_error(tmp_path):
+    """A file written through `atomic_path` appears whole; a writer that fails leaves the old
+    file untouched and no temporary behind (Tune's best.yaml/trials.png are written this way)."""
+    target = tmp_path / "out" / "trials.png"
+    atomic_write_text(target, "old")
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            assert tmp.suffix == ".png" and tmp.parent == target.parent
+            tmp.write_text("half")
+            raise RuntimeError("writer died")
+    assert target.read_text() == "old"
+    assert sorted(p.name for p in target.parent.iterdir()) == ["trials.png"]
+    with atomic_path(target) as tmp:
+        tmp.write_text("new")
+    assert target.read_text() == "new"
+    assert sorted(p.name for p in target.parent.iterdir()) == ["trials.png"]

@@ -30,8 +30,12 @@ def worker_env_vars(use_gpu: bool) -> dict[str, str]:
     return env
 
 
-def init_ray(address: str = "", num_cpus: int | None = None) -> None:
-    """Connect to Ray once per process; a no-op when Ray is already initialised.
+_dashboard_url = ""
+
+
+def init_ray(address: str = "", num_cpus: int | None = None) -> str:
+    """Connect to Ray once per process; a no-op when Ray is already initialised. Returns the
+    dashboard's URL ("" when it is off or Ray was initialised by someone else).
 
     ``address="auto"`` (or ``RAY_ADDRESS`` in the environment) joins a running cluster and
     ``num_cpus`` is ignored; otherwise a local Ray is started with the dashboard bound to
@@ -40,27 +44,31 @@ def init_ray(address: str = "", num_cpus: int | None = None) -> None:
     """
     import ray
 
+    global _dashboard_url
     if ray.is_initialized():
-        return
+        return _dashboard_url
     os.environ.setdefault(HEALTH_CHECK_ENV, HEALTH_CHECK_INTERVAL_S)
     address = address or os.environ.get("RAY_ADDRESS", "")
     if address:
         # This machine's GPUs say nothing about the cluster's: leave DeepSpeed to detect them.
-        ray.init(address=address, runtime_env={"env_vars": worker_env_vars(use_gpu=True)})
+        ctx = ray.init(address=address, runtime_env={"env_vars": worker_env_vars(use_gpu=True)})
     else:
         import torch
 
         # Ray's state API (used by Train's placement-group cleaner and to free stopped Tune
         # trials' CPUs) finds the dashboard by scanning for local Ray instances and fails when
         # there are several on the machine; naming it removes the guess.
-        port = _free_port()
+        port = free_port()
         os.environ[API_SERVER_ENV] = f"http://127.0.0.1:{port}"
         env = {**worker_env_vars(torch.cuda.is_available()), API_SERVER_ENV: os.environ[API_SERVER_ENV]}
-        ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
-                 dashboard_port=port, runtime_env={"env_vars": env})
+        ctx = ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+                       dashboard_port=port, runtime_env={"env_vars": env})
+    _dashboard_url = ctx.dashboard_url or ""
+    return _dashboard_url
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now (the OS picks it)."""
     import socket
 
     with socket.socket() as s:

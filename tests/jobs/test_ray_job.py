@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from rosepo.train.raysetup import free_port
+
 REPO = Path(__file__).resolve().parents[2]
 RAY = str(Path(sys.executable).parent / "ray")
 PORTS: dict[str, int] = {}
@@ -36,14 +38,6 @@ def _env() -> dict:
     return env
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     """A local head node on its own ports, in its own process group, killed at the end.
@@ -53,7 +47,7 @@ def cluster(tmp_path_factory):
     temp = tmp_path_factory.mktemp("raytmp")
     # Every port of this cluster is its own: the test session's Ray (and any other) uses the defaults,
     # and a clash leaves the job agent down ("No available agent to submit job").
-    PORTS.update({name: _free_port() for name in ("gcs", "dashboard", "client", "agent", "grpc", "metrics",
+    PORTS.update({name: free_port() for name in ("gcs", "dashboard", "client", "agent", "grpc", "metrics",
                                                   "runtime_env")})
     head = subprocess.Popen([RAY, "start", "--head", "--block", "--num-cpus=2", f"--port={PORTS['gcs']}",
                              "--dashboard-host=127.0.0.1", f"--dashboard-port={PORTS['dashboard']}",
