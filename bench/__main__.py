@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import importlib
 import sys
+import time
 
 #: name -> (module under bench/, one-line description)
 BENCHMARKS: dict[str, tuple[str, str]] = {
     "data": ("bench.data_pipeline", "sample building: rosepo (Ray Data) vs a single-process pandas baseline"),
     "align": ("bench.align_step", "RosePO step time with vs without prefix sharing, and MFU"),
+    "trl": ("bench.trl_align", "RosePO step vs TRL's DPOTrainer (online and precomputed reference), and MFU"),
+    "eval": ("bench.eval_throughput", "ranking and generation evaluation, prompts/s, vs naive variants"),
     "gpu": ("bench.gpu_step", "RosePO step of a ~1B Llama on one GPU (bf16; LoRA and full; prefix sharing on/off)"),
 }
 
@@ -27,11 +30,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {name:<8} {text}")
         return 0 if not argv or argv[0] in ("-h", "--help") else 2
     names = list(BENCHMARKS) if argv[0] == "all" else [argv[0]]
-    rc = 0
+    rc, start = 0, time.perf_counter()
     for name in names:
         print(f"== bench {name} ==", flush=True)
         module = importlib.import_module(BENCHMARKS[name][0])
         rc = max(rc, module.run(argv[1:] if argv[0] != "all" else []))
+    if len(names) > 1:
+        print(f"== {len(names)} benchmarks in {(time.perf_counter() - start) / 60:.1f} min ==")
     return rc
 
 

@@ -1,126 +1,205 @@
-"""RosePO alignment step time with and without prefix sharing, and its model-FLOPs utilisation.
+"""RosePO alignment step with and without prefix sharing, its model-FLOPs utilisation, and the
+cost of a second intra-op thread on this 2-core machine.
 
-One process, one thread per torch op pool as set by the caller, the default tiny model (`ModelConfig()`)
-with its tokenizer trained on real MovieLens-100K prompts, LoRA as in the default alignment, batches
-of real ML-100K prompts with the target as chosen and another candidate as rejected, reference
-log-probs precomputed. Variants are timed alternately (A B A B ...); medians and spread reported.
+The step is rosepo's own (`rosepo.train.align.collate` + `compute_loss` + backward + gradient
+clipping + AdamW), on the default tiny model (``configs/ml100k-tiny.yaml``: title tokens, a new
+LoRA over the fully fine-tuned SFT model, here random weights, fp32), with real ML-100K prompts
+(target = chosen, another candidate = rejected) and reference log-probs precomputed, as the
+pairs stage provides them. Variants, timed in turn (A B C A B C ...), each on its own copy of
+the model and optimiser:
 
-    python -m bench align [--reps 12] [--batch 8] [--threads 2]
+- ``shared``: prefix sharing (the default), 1 torch thread, as each Ray Train worker runs it
+  (``OMP_NUM_THREADS=1``, one worker per core);
+- ``plain``: one row per (prompt, answer), 1 thread;
+- ``shared-2threads``: prefix sharing with 2 torch threads in this one process.
+
+MFU: model FLOPs (3 × forward: the 6·N·tokens convention, with attention and the LM head on the
+scored positions; `bench.common.llama_forward_flops`) per second over the fp32 matmul rate
+measured in the same run with the same number of threads.
+
+    python -m bench align [--reps 12] [--batch 8]
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
+import dataclasses
 import time
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def matmul_flops(n: int = 1024, reps: int = 20) -> float:
-    """Dense fp32 matmul FLOP/s of this machine (best of ``reps`` n×n×n products)."""
-    import torch
-
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    torch.mm(a, b)
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        torch.mm(a, b)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best
+from bench.common import (alternate, attended_keys, bench_config, llama_forward_flops, machine, markdown,
+                          matmul_peak, ml100k_samples, paired_ratio, quiet_hf, spread, tiny_model)
 
 
-def _batches(tok, n_batches: int, batch: int):
-    from rosepo.data.samples import read_split
+def text_pairs(samples: list[dict], n: int) -> list[dict]:
+    """``n`` preference pairs as text, spread over ``samples``: the prompt, the target title
+    (chosen) and the first other candidate (rejected)."""
+    out = []
+    for r in samples[:: max(1, len(samples) // max(1, n))][:n]:
+        other = next(t for t in r["candidate_titles"] if t != r["target_title"])
+        out.append({"prompt": r["prompt"], "chosen": r["target_title"], "rejected": other})
+    if len(out) < n:
+        raise ValueError(f"asked for {n} pairs, the samples give {len(out)}")
+    return out
+
+
+def pair_rows(tok, model_cfg, pairs: list[dict]) -> list[dict]:
+    """rosepo's pair rows (token ids as the pairs stage writes them) of text ``pairs``, with fixed,
+    distinct oracle scores; reference log-probs are added by `add_reference`."""
     from rosepo.model.tokenize import encode_answer, encode_prompt
 
-    samples = sorted(p for p in (REPO / "runs").glob("*/samples-*") if (p / "manifest.json").is_file())
-    if not samples:
-        raise SystemExit("no samples folder under runs/: run `rosepo data build` (or make run) first")
-    rows = read_split(samples[0], "valid").to_pylist()[: n_batches * batch]
-    out = []
-    for i in range(0, len(rows), batch):
-        chunk = rows[i:i + batch]
-        prompts = [encode_prompt(tok, r["prompt"], 512) for r in chunk]
-        answers = []
-        for r in chunk:
-            other = next(t for t in r["candidate_titles"] if t != r["target_title"])
-            answers.append([encode_answer(tok, r["target_title"], 48), encode_answer(tok, other, 48)])
-        out.append((prompts, answers))
-    return out, samples[0]
+    return [{"prompt_ids": encode_prompt(tok, p["prompt"], model_cfg.max_prompt_tokens),
+             "chosen_ids": encode_answer(tok, p["chosen"], model_cfg.max_answer_tokens),
+             "rejected_ids": [encode_answer(tok, p["rejected"], model_cfg.max_answer_tokens)],
+             "oracle_chosen": 1.0 + 0.1 * (i % 7), "oracle_rejected": [0.5]} for i, p in enumerate(pairs)]
+
+
+def add_reference(model, rows: list[dict], batch: int, pad_id: int) -> float:
+    """Fill ``ref_chosen_logp`` / ``ref_rejected_logp`` of ``rows`` with ``model``'s log-probs
+    (no grad, prefix sharing, ``batch`` rows at a time), as the pairs stage does; returns seconds."""
+    import torch
+
+    from rosepo.model.logprobs import answer_logps
+
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for i in range(0, len(rows), batch):
+            chunk = rows[i:i + batch]
+            ref, _ = answer_logps(model, [r["prompt_ids"] for r in chunk],
+                                  [[r["chosen_ids"], *r["rejected_ids"]] for r in chunk], prefix_sharing=True,
+                                  pad_id=pad_id)
+            for r, lp in zip(chunk, ref.tolist()):
+                r["ref_chosen_logp"], r["ref_rejected_logp"] = lp[0], lp[1:]
+    return time.perf_counter() - t0
+
+
+def policy(path, model_cfg):
+    """A fresh trainable copy: the base model with a new LoRA (seeded), in train mode."""
+    import torch
+
+    from rosepo.model.factory import apply_lora, load_model
+
+    torch.manual_seed(0)
+    model = apply_lora(load_model(str(path), dtype=torch.float32), model_cfg)
+    model.train()
+    return model
+
+
+def rosepo_step(model, rows: list[dict], batch: int, align_cfg, pad_id: int, *, prefix_sharing: bool = True,
+                threads: int | None = None):
+    """rosepo's alignment step on batch ``i % (len(rows) // batch)`` of ``rows``, as a function of i:
+    collate, loss (``align_cfg.loss``, precomputed reference), backward, clipping, AdamW."""
+    import torch
+
+    from rosepo.train.align import collate, compute_loss
+
+    trainable = [q for q in model.parameters() if q.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=align_cfg.learning_rate, weight_decay=0.0)
+    cfg = {**dataclasses.asdict(align_cfg), "pad_id": pad_id, "prefix_sharing": prefix_sharing}
+    n_batches = len(rows) // batch
+
+    def step(i: int) -> None:
+        before = torch.get_num_threads()
+        if threads:
+            torch.set_num_threads(threads)
+        try:
+            loss, _ = compute_loss(model, collate(rows[(i % n_batches) * batch:][:batch], pad_id), cfg)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(trainable, align_cfg.max_grad_norm)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        finally:
+            torch.set_num_threads(before)
+
+    return step
+
+
+def step_flops(config, rows: list[dict], lora_r: int, lora_modules, *, shared: bool,
+               reference_forward: bool = False) -> int:
+    """Model FLOPs of one pass over ``rows``: 3 × forward (6·N·tokens) over the rows the layout
+    runs, plus a no-grad forward when the reference runs online."""
+    p_len = [len(r["prompt_ids"]) for r in rows]
+    a_len = [[len(r["chosen_ids"]), *map(len, r["rejected_ids"])] for r in rows]
+    tokens = sum(p * (1 if shared else len(a)) + sum(a) for p, a in zip(p_len, a_len))
+    attended = sum(attended_keys(p, a, shared) for p, a in zip(p_len, a_len))
+    _, fwd = llama_forward_flops(config, tokens, attended, sum(map(sum, a_len)), lora_r, lora_modules)
+    return 3 * fwd + (fwd if reference_forward else 0)
+
+
+def setup(users: int, n_pairs: int, batch: int):
+    """Config, tokenizer, model folder and pair rows (reference log-probs added) shared by the
+    alignment benchmarks; returns a dict, ``ref_s`` the seconds of the reference pass."""
+    from rosepo.model.factory import load_tokenizer
+
+    run_cfg = bench_config()
+    model_cfg = run_cfg.align.model_config(run_cfg.model)
+    samples, titles = ml100k_samples(run_cfg.data, users)
+    path = tiny_model(run_cfg.model, samples, titles)
+    tok = load_tokenizer(path)
+    pairs = text_pairs(samples, n_pairs)
+    rows = pair_rows(tok, model_cfg, pairs)
+    ref_s = add_reference(policy(path, model_cfg), rows, batch, tok.pad_token_id)
+    return {"run_cfg": run_cfg, "model_cfg": model_cfg, "align_cfg": run_cfg.align, "path": path, "tok": tok,
+            "pairs": pairs, "rows": rows, "ref_s": ref_s}
+
+
+def describe(model, s: dict, batch: int, batches: int) -> str:
+    """One line: the model and the batches."""
+    import torch
+
+    rows, mcfg = s["rows"], s["model_cfg"]
+    p_len = [len(r["prompt_ids"]) for r in rows]
+    a_len = [len(a) for r in rows for a in (r["chosen_ids"], *r["rejected_ids"])]
+    n_base = sum(q.numel() for q in model.get_base_model().parameters())
+    return (f"model: tiny Llama {n_base / 1e6:.2f} M parameters (vocab {model.config.vocab_size}, title tokens), "
+            f"LoRA r={mcfg.lora_r} on {len(mcfg.lora_target_modules)} modules, fp32; loss {s['align_cfg'].loss}; "
+            f"{batch} pairs/step, {batches} batches cycled; prompt {min(p_len)}–{max(p_len)} tokens, answers "
+            f"{min(a_len)}–{max(a_len)}; torch {torch.__version__}")
 
 
 def run(argv: list[str]) -> int:
-    """Time the step; print a table."""
-    import tempfile
-
+    """Time the variants alternately; print the tables."""
+    p = argparse.ArgumentParser(prog="python -m bench align", description=__doc__.splitlines()[0])
+    p.add_argument("--reps", type=int, default=12, help="alternated rounds (after 2 warm-up rounds)")
+    p.add_argument("--batch", type=int, default=8, help="pairs per step (the default align.micro_batch_size)")
+    p.add_argument("--batches", type=int, default=4, help="distinct batches, cycled")
+    p.add_argument("--users", type=int, default=64, help="ML-100K users whose samples give prompts")
+    args = p.parse_args(argv)
+    quiet_hf()
     import torch
 
-    from rosepo.config import ModelConfig
-    from rosepo.data.samples import read_split
-    from rosepo.losses import rosepo_loss
-    from rosepo.model.factory import apply_lora, build_tiny_model, load_model, load_tokenizer
-    from rosepo.model.logprobs import answer_logps
-
-    p = argparse.ArgumentParser(prog="python -m bench align")
-    p.add_argument("--reps", type=int, default=12)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--threads", type=int, default=2)
-    args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    mcfg = ModelConfig()
-    with tempfile.TemporaryDirectory() as tmp:
-        samples = sorted(p for p in (REPO / "runs").glob("*/samples-*") if (p / "manifest.json").is_file())
-        if not samples:
-            raise SystemExit("no samples folder under runs/: run `make run` (or `rosepo data build`) first")
-        texts = read_split(samples[0], "train").column("prompt").to_pylist()[::20]
-        path = build_tiny_model(mcfg, texts, Path(tmp) / "m")
-        tok = load_tokenizer(path)
-        model = apply_lora(load_model(str(path), dtype=torch.float32), mcfg)
-        batches, _ = _batches(tok, 4, args.batch)
-    n_params = sum(p.numel() for p in model.parameters())
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    with torch.no_grad():
-        refs = [answer_logps(model, pr, an, prefix_sharing=True, pad_id=tok.pad_token_id)[0] for pr, an in batches]
-
-    def step(i: int, shared: bool) -> tuple[float, int]:
-        prompts, answers = batches[i % len(batches)]
-        t0 = time.perf_counter()
-        logps, _ = answer_logps(model, prompts, answers, prefix_sharing=shared, pad_id=tok.pad_token_id)
-        ref = refs[i % len(batches)]
-        eps = torch.full((len(prompts),), 0.1)
-        loss, _, _ = rosepo_loss(logps[:, 0], logps[:, 1], ref[:, 0], ref[:, 1], eps, 0.1)
-        loss.mean().backward()
-        opt.step()
-        opt.zero_grad()
-        p_tok = sum(len(x) for x in prompts)
-        a_tok = sum(len(a) for ans in answers for a in ans)
-        tokens = p_tok + a_tok if shared else sum(len(x) * len(ans) for x, ans in zip(prompts, answers)) + a_tok
-        return time.perf_counter() - t0, tokens
-
-    for i in range(2):  # warm-up
-        step(i, True), step(i, False)
-    times = {True: [], False: []}
-    tokens = {}
-    for i in range(args.reps):
-        for shared in (True, False):
-            t, n = step(i, shared)
-            times[shared].append(t)
-            tokens[shared] = n
-    peak = matmul_flops()
-    med = {k: statistics.median(v) for k, v in times.items()}
-    print(f"tiny model: {n_params / 1e6:.2f} M parameters (LoRA r={mcfg.lora_r}); batch {args.batch} pairs; "
-          f"{args.threads} threads; {args.reps} alternating reps")
-    print(f"machine fp32 matmul: {peak / 1e9:.1f} GFLOP/s (1024^3, best of 20)")
-    print("| variant | step median (s) | min–max (s) | pairs/s | tokens run/step | MFU |")
-    print("|---|---|---|---|---|---|")
-    for shared in (True, False):
-        # forward 2·N·T + activation gradients 2·N·T (LoRA: weight gradients negligible)
-        flops = 4 * n_params * tokens[shared] / med[shared]
-        print(f"| {'prefix sharing' if shared else 'plain'} | {med[shared]:.4f} | {min(times[shared]):.4f}–"
-              f"{max(times[shared]):.4f} | {args.batch / med[shared]:.1f} | {tokens[shared]} | {flops / peak:.1%} |")
-    print(f"speed-up of prefix sharing: {med[False] / med[True]:.2f}x (ratio of medians)")
+    torch.set_num_threads(1)
+    s = setup(args.users, args.batch * args.batches, args.batch)
+    mcfg, acfg, pad = s["model_cfg"], s["align_cfg"], s["tok"].pad_token_id
+    models = {name: policy(s["path"], mcfg) for name in ("shared", "plain", "shared-2threads")}
+    steps = {"shared": rosepo_step(models["shared"], s["rows"], args.batch, acfg, pad),
+             "plain": rosepo_step(models["plain"], s["rows"], args.batch, acfg, pad, prefix_sharing=False),
+             "shared-2threads": rosepo_step(models["shared-2threads"], s["rows"], args.batch, acfg, pad, threads=2)}
+    print(f"machine: {machine()}", flush=True)
+    times = alternate(steps, args.reps, warmup=2)
+    peak = {1: matmul_peak(1), 2: matmul_peak(2)}
+    la = machine()
+    model = models["shared"]
+    flops = {name: step_flops(model.config, s["rows"], mcfg.lora_r, mcfg.lora_target_modules,
+                              shared=name != "plain") / args.batches for name in steps}
+    tokens = {"shared": sum(len(r["prompt_ids"]) + len(r["chosen_ids"]) + len(r["rejected_ids"][0]) for r in s["rows"])}
+    tokens["plain"] = sum(2 * len(r["prompt_ids"]) + len(r["chosen_ids"]) + len(r["rejected_ids"][0])
+                          for r in s["rows"])
+    tokens["shared-2threads"] = tokens["shared"]
+    print(describe(model, s, args.batch, args.batches) + f"; {args.reps} alternated rounds")
+    print(f"fp32 matmul peak (512^3, best of 30): 1 thread {peak[1] / 1e9:.1f} GFLOP/s, 2 threads "
+          f"{peak[2] / 1e9:.1f} GFLOP/s")
+    table = []
+    for name, ts in times.items():
+        med, lo, hi = spread(ts)
+        threads = 2 if name.endswith("2threads") else 1
+        table.append([name, f"{med * 1e3:.1f} ({lo * 1e3:.1f}–{hi * 1e3:.1f})", f"{args.batch / med:.1f}",
+                      f"{tokens[name] / args.batches / med:,.0f}", f"{flops[name] / med / 1e9:.1f}",
+                      f"{flops[name] / med / peak[threads]:.1%}"])
+    print(markdown(["variant", "step ms, median (min–max)", "pairs/s", "tokens run/s", "model GFLOP/s",
+                    "MFU (vs same-thread peak)"], table))
+    ratios = [["prefix sharing vs plain rows", *paired_ratio(times["plain"], times["shared"])],
+              ["1 thread vs 2 threads", *paired_ratio(times["shared-2threads"], times["shared"])]]
+    print(markdown(["speed-up", "ratio of medians", "per-round min", "per-round max"],
+                   [[r[0], f"{r[1]:.2f}×", f"{r[2]:.2f}", f"{r[3]:.2f}"] for r in ratios]))
+    print(f"machine at the end: {la}")
     return 0

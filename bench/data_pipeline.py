@@ -1,18 +1,16 @@
 """Data-pipeline benchmark: rosepo's Ray Data sample builder against a single-process baseline.
 
-Three implementations of the same samples (same windows, splits, candidates, templates, prompts,
+Two implementations of the same samples (same windows, splits, candidates, templates, prompts,
 so the same ``content_hash``):
 
-- ``rosepo``: `rosepo.data.samples.build_samples` as shipped (Arrow read + sort in the driver,
-  Ray Data ``map_batches(build_user_windows)``, ``materialize``, one filter + write per split,
-  `samples_hash` re-reading everything).
+- ``rosepo``: `rosepo.data.samples.build_samples` as shipped: Arrow read + sort in the driver,
+  blocks of at most `rosepo.data.samples.MAX_BLOCK_ROWS` interactions, one Ray Data
+  ``map_batches`` task per block that builds, writes and digests its users' samples; only the
+  per-user digests come back to the driver.
 - ``pandas``: `build_samples_pandas`, one process: pandas sort + ``groupby``, the per-sample
-  functions of rosepo (`draw_candidates`, `choose_template`, `render_prompt`, `assign_splits`),
-  Parquet written in bounded batches, the content hash streamed from the written files.
-- ``streaming``: `build_samples_streaming`, the change proposed for rosepo: the same Ray Data
-  ``map_batches(build_user_windows)``, but blocks of bounded size in ``sample_id`` order, each
-  written to Parquet by the task that built it (no ``materialize``, no per-split passes), and
-  the same content hash streamed file by file (`stream_samples_hash`).
+  functions of rosepo (`draw_candidates`, `choose_template`, `render_prompt`, `assign_splits`) in
+  a loop of its own, Parquet written in bounded batches, the content hash made from the per-user
+  digests of the rows it wrote (the same definition, `users_digest`): equal hashes mean equal rows.
 
 Input: MovieLens-100K replicated ``k`` times with remapped user ids (copy ``r``: user ``u`` ->
 ``f"{u}-r{r}"``) as a Parquet interactions file plus the catalog (`scaled_input`).
@@ -26,7 +24,6 @@ the machine down.
 from __future__ import annotations
 
 import json
-import math
 import os
 import statistics
 import subprocess
@@ -39,9 +36,6 @@ REPO = Path(__file__).resolve().parents[1]
 #: Inputs, outputs, logs and results.json (``ROSEPO_BENCH_DIR`` overrides; ``make clean`` removes runs/).
 WORK = Path(os.environ.get("ROSEPO_BENCH_DIR", REPO / "runs" / "bench")) / "data"
 ML100K_ROWS = 100_000
-#: Largest block handed to one Ray task by `build_samples_streaming` (interactions), so a
-#: worker holds at most ~100k samples whatever the input size.
-MAX_BLOCK_ROWS = 100_000
 #: A build is killed when the machine's available memory falls below this (shared machine).
 MIN_AVAILABLE = 2 * 2**30
 
@@ -86,42 +80,6 @@ def data_config(inter_path: str | Path, cat_path: str | Path):
     from rosepo.config import DataConfig
 
     return DataConfig(format="parquet", interactions=str(inter_path), catalog=str(cat_path))
-
-
-# ---------------------------------------------------------------------------------------------
-# Content hash, streamed
-# ---------------------------------------------------------------------------------------------
-
-def stream_samples_hash(samples_dir: str | Path, batch_rows: int = 16_384) -> str:
-    """`rosepo.data.samples.samples_hash`, same digest, without holding a split in memory.
-
-    Valid when each split's files, read in file-name order, are already in ``sample_id``
-    order (what `build_samples_pandas` and `build_samples_streaming` write); this is checked
-    batch by batch and any other folder falls back to `samples_hash` (read all, sort).
-    """
-    import hashlib
-
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
-
-    from rosepo.data.samples import SPLITS, samples_hash
-    from rosepo.schema import SAMPLES
-
-    encode = json.JSONEncoder(ensure_ascii=False).encode  # what json.dumps(..., ensure_ascii=False) builds
-    h = hashlib.sha256()
-    for split in SPLITS:
-        last = None
-        for f in sorted((Path(samples_dir) / split).glob("*.parquet")):
-            for batch in pq.ParquetFile(f).iter_batches(batch_size=batch_rows, columns=SAMPLES.names):
-                ids = batch.column(0)
-                if len(ids) > 1 and not pc.all(pc.less(ids.slice(0, len(ids) - 1), ids.slice(1))).as_py():
-                    return samples_hash(samples_dir)
-                if last is not None and not last < ids[0].as_py():
-                    return samples_hash(samples_dir)
-                last = ids[-1].as_py()
-                cols = [batch.column(i).to_pylist() for i in range(batch.num_columns)]
-                h.update("".join(map(encode, zip(*cols))).encode())
-    return h.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -187,13 +145,16 @@ def build_samples_pandas(cfg, out_dir: str | Path, batch_rows: int = 50_000) -> 
 
     Reading and validation are rosepo's `load_source` (the definition of valid input); then
     pandas sorts by (``user_id + ":"``, timestamp, item) — that user key puts every split's
-    samples in ``sample_id`` order, so the hash can be streamed — and ``groupby`` walks users.
-    Rows are written in batches of ``batch_rows``, so memory does not grow with the output.
+    samples in ``sample_id`` order — and ``groupby`` walks users. Rows are written in batches of
+    ``batch_rows``, so memory does not grow with the output; each user's rows are digested as
+    they are made, and the content hash combines the digests (`users_digest`).
     """
+    import hashlib
+
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from rosepo.data.samples import SPLITS, assign_splits, load_source
+    from rosepo.data.samples import SPLITS, assign_splits, load_source, users_digest
     from rosepo.schema import SAMPLES
     from rosepo.storage import atomic_dir
 
@@ -207,6 +168,8 @@ def build_samples_pandas(cfg, out_dir: str | Path, batch_rows: int = 50_000) -> 
     df = df.sort_values(["key", "timestamp", "item_id"], ignore_index=True)
     ph.lap("splits+sort")
     counts = dict.fromkeys(SPLITS, 0)
+    encode = json.JSONEncoder(ensure_ascii=False).encode  # what json.dumps(..., ensure_ascii=False) builds
+    digests = []
     with atomic_dir(Path(out_dir), overwrite=True) as tmp:
         writers, buffers = {}, {s: [] for s in SPLITS}
 
@@ -223,7 +186,13 @@ def build_samples_pandas(cfg, out_dir: str | Path, batch_rows: int = 50_000) -> 
         for key, seq in df.groupby("key", sort=False)["item_id"]:  # groups in row order: sorted
             user = key[:-1]
             split = split_of[user]
-            buffers[split].extend(user_samples(user, seq.tolist(), split, titles, item_ids, cfg))
+            rows = user_samples(user, seq.tolist(), split, titles, item_ids, cfg)
+            if rows:
+                h = hashlib.sha256()
+                for row in rows:
+                    h.update(encode(row).encode())
+                digests.append((split, user, h.digest()))
+            buffers[split].extend(rows)
             if len(buffers[split]) >= batch_rows:
                 flush(split)
         for split in SPLITS:
@@ -231,182 +200,15 @@ def build_samples_pandas(cfg, out_dir: str | Path, batch_rows: int = 50_000) -> 
                 flush(split)
             if split in writers:
                 writers[split].close()
-        ph.lap("windows+write")
-        digest = stream_samples_hash(tmp)
-        ph.lap("hash (streamed)")
-    return {"samples": counts, "content_hash": digest, "phases": ph.seconds}
-
-
-# ---------------------------------------------------------------------------------------------
-# Proposed rosepo variant: bounded blocks, written by the tasks, hash streamed
-# ---------------------------------------------------------------------------------------------
-
-def ordered_user_blocks(inter, num_blocks: int, max_rows: int = MAX_BLOCK_ROWS) -> list:
-    """Sort by (``user_id + ":"``, timestamp, item) and cut at user boundaries into blocks of
-    about ``min(len / num_blocks, max_rows)`` rows, each tagged with its index in ``_block``.
-
-    The ``user_id + ":"`` key makes block order, and row order inside a block, ``sample_id``
-    order (for ids without ``":"``; `stream_samples_hash` checks and falls back otherwise).
-    """
-    import numpy as np
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    key = pc.binary_join_element_wise(inter.column("user_id"), pa.scalar(":"), "")
-    inter = inter.append_column("_key", key).sort_by(
-        [("_key", "ascending"), ("timestamp", "ascending"), ("item_id", "ascending")]).drop_columns(["_key"])
-    users, n = inter.column("user_id"), len(inter)
-    change = pc.not_equal(users.slice(1), users.slice(0, n - 1)) if n > 1 else pa.array([], pa.bool_())
-    starts = np.flatnonzero(np.asarray(change.to_numpy(zero_copy_only=False))) + 1
-    target = max(1, min(max_rows, math.ceil(n / max(1, num_blocks))))
-    cuts, last = [0], 0
-    for s in starts.tolist():
-        if s - last >= target:
-            cuts.append(s)
-            last = s
-    cuts.append(n)
-    return [inter.slice(a, b - a).append_column("_block", pa.array([i] * (b - a), pa.int32()))
-            for i, (a, b) in enumerate(zip(cuts, cuts[1:])) if b > a]
-
-
-def user_digests(samples) -> list[tuple[str, int, bytes]]:
-    """``(split, rows, sha256 of the rows' JSON)`` per user of a `build_user_windows` table, in
-    row order; the JSON of a row is exactly what `samples_hash` feeds its hash."""
-    import hashlib
-
-    encode = json.JSONEncoder(ensure_ascii=False).encode
-    cols = [samples.column(i).to_pylist() for i in range(samples.num_columns)]
-    out, prev = [], None
-    for row in zip(*cols):
-        if row[1] != prev:
-            prev = row[1]
-            out.append([row[2], 0, hashlib.sha256()])
-        out[-1][1] += 1
-        out[-1][2].update(encode(row).encode())
-    return [(split, n, h.digest()) for split, n, h in out]
-
-
-def write_user_windows(block, *, out_dir: str, titles: dict, item_ids: list, split_of: dict, cfg,
-                       digests: bool = False):
-    """Build one block's samples with `build_user_windows`, write them as
-    ``{out_dir}/{split}/part-{block:05d}.parquet`` and return one row per user: block, position,
-    split, sample count and (``digests``) the sha256 of the user's rows (`user_digests`)."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
-
-    from rosepo.data.samples import SPLITS, build_user_windows
-
-    block_id = block.column("_block")[0].as_py()
-    samples = build_user_windows(block.drop_columns(["_block"]), titles=titles, item_ids=item_ids,
-                                 split_of=split_of, cfg=cfg)
-    for split in SPLITS:
-        part = samples.filter(pc.equal(samples.column("split"), split))
-        if len(part):
-            pq.write_table(part, Path(out_dir) / split / f"part-{block_id:05d}.parquet")
-    if digests:
-        users = user_digests(samples)
-    else:
-        per_user = samples.group_by(["user_id", "split"], use_threads=False).aggregate([("sample_id", "count")])
-        users = [(s, n, b"") for s, n in zip(per_user.column("split").to_pylist(),
-                                               per_user.column("sample_id_count").to_pylist())]
-    return pa.table({"block": pa.array([block_id] * len(users), pa.int32()), "pos": list(range(len(users))),
-                     "split": [u[0] for u in users], "n": [u[1] for u in users], "digest": [u[2] for u in users]})
-
-
-def build_samples_streaming(cfg, out_dir: str | Path, task_hash: bool = False) -> dict:
-    """`build_samples` with the changes proposed for rosepo; the same folder and, unless
-    ``task_hash``, the same content hash.
-
-    Ray Data ``map_batches`` over blocks of at most `MAX_BLOCK_ROWS` interactions in
-    ``sample_id`` order; each task writes its samples and returns only per-user counts, so
-    nothing is materialised in the object store and memory stays flat as the input grows.
-    The hash is `stream_samples_hash` over the written files (one core, in the driver), or with
-    ``task_hash`` a sha256 over the per-user digests the tasks computed in parallel (another
-    digest of the same content: it cannot equal `samples_hash`).
-    """
-    import hashlib
-
-    import pyarrow as pa
-    import pyarrow.compute as pc
-    import ray
-
-    from rosepo.data.samples import SPLITS, assign_splits, load_source
-    from rosepo.storage import atomic_dir
-
-    ph = Phases()
-    inter, catalog, _ = load_source(cfg)
-    titles, item_ids = _titles(catalog)
-    ph.lap("load_source")
-    split_of = assign_splits(pc.unique(inter.column("user_id")).to_pylist(), cfg.split, cfg.seed)
-    blocks = ordered_user_blocks(inter, cfg.num_partitions)
-    ph.lap("splits+sort+cut")
-    with atomic_dir(Path(out_dir), overwrite=True) as tmp:
-        for split in SPLITS:
-            (tmp / split).mkdir()
-        ds = ray.data.from_arrow(blocks).map_batches(
-            write_user_windows, batch_format="pyarrow", batch_size=None, zero_copy_batch=True,
-            fn_kwargs={"out_dir": str(tmp), "titles": titles, "item_ids": item_ids, "split_of": split_of,
-                       "cfg": cfg, "digests": task_hash})
-        users = pa.Table.from_pylist(ds.take_all()).sort_by([("block", "ascending"), ("pos", "ascending")])
-        counts = {s: pc.sum(pc.filter(users.column("n"), pc.equal(users.column("split"), s))).as_py() or 0
-                  for s in SPLITS}
-        ph.lap("map_batches (windows+write)")
-        if task_hash:
-            h = hashlib.sha256()
-            splits, digests = users.column("split").to_pylist(), users.column("digest").to_pylist()
-            for split in SPLITS:
-                for s, d in zip(splits, digests):
-                    if s == split:
-                        h.update(d)
-            digest = h.hexdigest()
-            ph.lap("hash (per-user digests from tasks)")
-        else:
-            digest = stream_samples_hash(tmp)
-            ph.lap("hash (streamed)")
-    return {"samples": counts, "content_hash": digest, "phases": ph.seconds}
-
-
-def build_samples_rosepo_phased(cfg, out_dir: str | Path) -> dict:
-    """`rosepo.data.samples.build_samples` step by step with a timer per step (the profile).
-
-    The same calls in the same order as ``build_samples`` (load_source, assign_splits,
-    user_blocks, map_batches + materialize, filter + write + count per split, samples_hash).
-    """
-    import pyarrow.compute as pc
-    import ray
-
-    from rosepo.data import samples as S
-    from rosepo.storage import atomic_dir
-
-    ph = Phases()
-    inter, catalog, _ = S.load_source(cfg)
-    titles, item_ids = _titles(catalog)
-    ph.lap("load_source")
-    split_of = S.assign_splits(pc.unique(inter.column("user_id")).to_pylist(), cfg.split, cfg.seed)
-    blocks = S.user_blocks(inter, cfg.num_partitions)
-    ph.lap("splits+sort+cut")
-    ds = ray.data.from_arrow(blocks).map_batches(
-        S.build_user_windows, batch_format="pyarrow", batch_size=None, zero_copy_batch=True,
-        fn_kwargs={"titles": titles, "item_ids": item_ids, "split_of": split_of, "cfg": cfg}).materialize()
-    ph.lap("map_batches+materialize")
-    counts = {}
-    with atomic_dir(Path(out_dir), overwrite=True) as tmp:
-        for split in S.SPLITS:
-            part = ds.filter(expr=f"split == '{split}'")
-            part.write_parquet(str(tmp / split), min_rows_per_file=50_000)
-            counts[split] = part.count()
-        ph.lap("filter+write+count")
-        digest = S.samples_hash(tmp)
-        ph.lap("samples_hash")
-    return {"samples": counts, "content_hash": digest, "phases": ph.seconds}
+        ph.lap("windows+digests+write")
+    return {"samples": counts, "content_hash": users_digest(digests), "phases": ph.seconds}
 
 
 # ---------------------------------------------------------------------------------------------
 # Measurement: one child process per build, process-tree memory sampled by the parent
 # ---------------------------------------------------------------------------------------------
 
-IMPLS = ("rosepo", "pandas", "streaming", "streaming-taskhash", "rosepo-phased")
+IMPLS = ("rosepo", "pandas")
 
 
 def _child(impl: str, inter_path: str, cat_path: str, out_dir: str) -> None:
@@ -439,17 +241,10 @@ def _child(impl: str, inter_path: str, cat_path: str, out_dir: str) -> None:
 
         m = build_samples(cfg, out_dir)
         out = {"samples": m["samples"], "content_hash": m["content_hash"]}
-    elif impl == "pandas":
-        out = build_samples_pandas(cfg, out_dir)
-    elif impl.startswith("streaming"):
-        out = build_samples_streaming(cfg, out_dir, task_hash=impl == "streaming-taskhash")
     else:
-        out = build_samples_rosepo_phased(cfg, out_dir)
+        out = build_samples_pandas(cfg, out_dir)
     res.update(out, seconds=time.perf_counter() - t)
     print("DONE", flush=True)  # the parent stops counting CPU time and peaks here
-    if impl == "streaming-taskhash":  # after the timed build: prove the rows equal the baseline's
-        HOOK("(check: rows hash)")
-        res["rows_hash"] = stream_samples_hash(out_dir)
     print("RESULT " + json.dumps(res), flush=True)
 
 
@@ -634,7 +429,7 @@ def summarise(results: list[dict]) -> str:
         if impl == "pandas" or not ok.get(base) or not ok[k]:
             continue
         want = {r["content_hash"] for r in ok[base]}
-        got = {r.get("rows_hash", r["content_hash"]) for r in ok[k]}
+        got = {r["content_hash"] for r in ok[k]}
         lines.append(f"| {rows:,} | {impl} | {med(base, 'seconds') / med(k, 'seconds'):.2f} | "
                      f"{med(k, 'cpu_s') / med(base, 'cpu_s'):.2f} | {med(k, 'peak_rss') / med(base, 'peak_rss'):.1f} | "
                      f"{'yes' if got == want and len(want) == 1 else 'NO'} |")
@@ -660,39 +455,29 @@ def summarise(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def machine() -> str:
-    """One line: cores, memory, load average, date."""
-    import psutil
-
-    vm = psutil.virtual_memory()
-    la = os.getloadavg()
-    return (f"{os.cpu_count()} cores, {vm.total / 2**30:.1f} GiB RAM ({vm.available / 2**30:.1f} GiB available), "
-            f"load average {la[0]:.2f} {la[1]:.2f} {la[2]:.2f}, {time.strftime('%Y-%m-%d %H:%M')}")
-
-
 def run(argv: list[str] | None = None) -> int:
-    """``python -m bench data [options]``; the defaults (3 x A/B at 100k, once each at 1M) take
-    about 8 minutes on an idle 2-core machine. BENCHMARKS.md gives the command of the full study."""
+    """``python -m bench data [options]``; the defaults (2 × A/B at 100k, A/B once at 1M) are
+    what ``make bench`` runs. BENCHMARKS.md gives the commands of the 10M point."""
     import argparse
+
+    from bench.common import machine
 
     import psutil
 
     p = argparse.ArgumentParser(prog="python -m bench data", description=__doc__.splitlines()[0])
-    p.add_argument("--sizes", type=int, nargs="+", default=[1],
+    p.add_argument("--sizes", type=int, nargs="*", default=[1],
                    help="input sizes in copies of ML-100K (1 = 100k interactions) for the A/B runs")
-    p.add_argument("--reps", type=int, default=3, help="repetitions per size and implementation (alternated)")
+    p.add_argument("--reps", type=int, default=2, help="repetitions per size and implementation (alternated)")
     p.add_argument("--impls", nargs="+", default=["rosepo", "pandas"], choices=IMPLS,
                    help="implementations run alternately at every size")
     p.add_argument("--solo", type=int, nargs="*", default=[10],
-                   help="extra sizes (copies) run once per --solo-impls, e.g. 100 for 10M")
+                   help="extra sizes (copies) run once per --solo-impls, in turn; e.g. 100 for 10M")
     p.add_argument("--solo-impls", nargs="+", default=["rosepo", "pandas"], choices=IMPLS,
                    help="implementations run once at each --solo size")
-    p.add_argument("--profile", type=int, nargs="*", default=[],
-                   help="sizes (copies) at which rosepo's build is run once step by step with timers")
     p.add_argument("--cap-gib", type=float, default=None,
                    help="kill a build whose process tree passes this RSS (default: none; a build is always "
                         "killed when the machine's available memory falls under 2 GiB)")
-    p.add_argument("--timeout", type=float, default=420.0, help="kill a build running longer (seconds)")
+    p.add_argument("--timeout", type=float, default=900.0, help="kill a build running longer (seconds)")
     p.add_argument("--json", default=str(WORK / "results.json"), help="where to write the raw results")
     p.add_argument("--report", nargs="+", default=None, metavar="JSON",
                    help="run nothing: print the tables of earlier results files (merged)")
@@ -705,7 +490,6 @@ def run(argv: list[str] | None = None) -> int:
     print(f"machine: {machine()}; memory cap per build {cap / 2**30:.1f} GiB", flush=True)
     plan = [(c, impl) for c in args.sizes for _ in range(args.reps) for impl in args.impls]
     plan += [(c, impl) for c in args.solo for impl in args.solo_impls]
-    plan += [(c, "rosepo-phased") for c in args.profile]
     for c in sorted({c for c, _ in plan}):
         t = time.perf_counter()
         scaled_input(c)

@@ -81,6 +81,13 @@ def cmd_tune(args) -> None:
     tune_command(args.config, args.search, args.overrides, name=args.name, resume=args.resume)
 
 
+def cmd_compare(args) -> None:
+    """Baselines, DPO, cDPO, S-DPO, RosePO and ablations over seeds: table, JSON, plots (rosepo/compare.py)."""
+    from rosepo.compare import compare_command
+
+    compare_command(args.config, args.overrides, seeds_arg=args.seeds, methods_arg=args.methods)
+
+
 STAGE_HELP = {
     "sft": "supervised fine-tuning on Ray Train + DeepSpeed",
     "oracle": "train the SASRec preference oracle",
@@ -116,6 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default="tune", help="experiment folder under the run folder (default: tune)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted search of that name")
     p.set_defaults(func=cmd_tune)
+    p = sub.add_parser("compare", help="every method x seeds in one protocol: table.md, results.json, plots")
+    _config_args(p)
+    p.add_argument("--seeds", type=int, help="alignment seeds per trained method (default: compare.seeds, 3)")
+    p.add_argument("--methods", help="comma-separated trained methods (default: all; see rosepo/compare.py)")
+    p.set_defaults(func=cmd_compare)
     p = sub.add_parser("bench", help="run a benchmark (data, ...; see BENCHMARKS.md)")
     p.add_argument("name", help="benchmark name, or 'all'")
     p.add_argument("args", nargs=argparse.REMAINDER, help="the benchmark's own options")

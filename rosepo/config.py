@@ -230,6 +230,25 @@ class EvalConfig:
 
 
 @dataclass
+class CompareConfig:
+    """`rosepo compare`: which methods run, over how many seeds, for how many alignment steps.
+
+    Hyperparameters (β, learning rate, ε_max, ...) are not here: every method trains with the
+    run's ``align`` section, chosen on the valid split; see `rosepo.compare`.
+    """
+
+    #: Alignment seeds per trained method: ``align.seed``, ``align.seed + 1``, ... (the LoRA
+    #: initialisation and the data order; the pairs are the same for every seed).
+    seeds: int = 3
+    #: Trained methods to run, names of `rosepo.compare.METHODS` (empty = all). The baselines
+    #: (random, most_popular, sasrec, sft) always run, once: they are deterministic.
+    methods: tuple = ()
+    #: Optimiser steps of every alignment run (``align.max_steps``), the same for every method;
+    #: 0 = one epoch over one pair per train sample of the pairs.
+    align_steps: int = 0
+
+
+@dataclass
 class RunConfig:
     """A whole rosepo run: every stage's config, and where outputs go."""
 
@@ -245,6 +264,7 @@ class RunConfig:
     pairs: PairsConfig = field(default_factory=PairsConfig)
     align: AlignConfig = field(default_factory=AlignConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    compare: CompareConfig = field(default_factory=CompareConfig)
 
     def validate(self) -> "RunConfig":
         """Check cross-field constraints; return self. Raises `ConfigError` with the remedy."""
@@ -284,6 +304,15 @@ class RunConfig:
 
         _check(all(isinstance(s, str) and s in STRATEGIES for s in self.align.strategies), "align.strategies",
                f"must list strategies among {', '.join(STRATEGIES)} (empty = all pairs)")
+        from rosepo.compare import METHODS
+
+        _check(self.compare.seeds >= 1, "compare.seeds", "must be >= 1")
+        _check(self.compare.align_steps >= 0, "compare.align_steps", "must be >= 0 (0 = one epoch)")
+        unknown = [m for m in self.compare.methods if not isinstance(m, str) or m not in METHODS]
+        _check(not unknown, "compare.methods", f"names unknown method(s) {', '.join(map(repr, unknown))}; "
+               f"methods: {', '.join(METHODS)} (empty = all)")
+        _check(len(set(self.compare.methods)) == len(self.compare.methods), "compare.methods",
+               "names a method twice")
         return self
 
     def to_dict(self) -> dict:

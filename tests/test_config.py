@@ -70,7 +70,7 @@ def test_empty_file_is_the_defaults(tmp_path):
 
 
 @pytest.mark.parametrize("override,named,lists", [
-    ("bogus=1", "bogus", "align, data, eval, model, name"),
+    ("bogus=1", "bogus", "align, compare, data, eval, model, name"),
     ("align.bogus=1", "align.bogus", "eps_max"),
     ("data.columns_=1", "data.columns_", "columns"),
     ("sft.deepspeed.stage=1", "sft.deepspeed", "zero_stage"),

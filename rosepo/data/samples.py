@@ -1,12 +1,16 @@
 """Build recommendation samples from interaction logs, on Ray Data.
 
 Stage graph of this module: read + validate (Arrow, driver) → sort by (user, time, item) and
-cut into blocks at user boundaries → Ray Data ``map_batches`` builds every user's sliding
-windows, candidates and prompts in parallel → Parquet shards per split + ``manifest.json``.
+cut into blocks of at most `MAX_BLOCK_ROWS` interactions at user boundaries → one Ray Data
+``map_batches`` task per block builds its users' sliding windows, candidates and prompts, writes
+them as Parquet shards per split and returns one small row per user (split, count, digest) →
+``manifest.json`` with the counts and the content hash made from those digests.
 
 Grouping users is a sort plus block cuts at user boundaries instead of a Ray Data
 ``groupby().map_groups()`` (a full shuffle: 17 s for 100k rows on 2 cores, against well under
-a second for the Arrow sort), so blocks hold whole users and need no further exchange.
+a second for the Arrow sort), so blocks hold whole users and need no further exchange. Nothing
+but the input and the per-user rows passes through the driver or the object store: memory is
+bounded by the block size, not by the output (7.9M samples from 10M interactions).
 
 Determinism: every random choice (split, candidates, template) derives from the seed and a
 stable hash of the user or sample id, never from block order, so output content is the same
@@ -15,6 +19,8 @@ for any parallelism; the manifest's ``content_hash`` proves it.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import time
 from pathlib import Path
@@ -30,6 +36,9 @@ from rosepo.schema import SAMPLES
 from rosepo.storage import atomic_dir, write_manifest
 
 SPLITS = ("train", "valid", "test")
+#: Most interactions one Ray task turns into samples (about 0.8 samples each, ~2.5 KB per sample
+#: as Python objects): bounds a worker's memory whatever the input size.
+MAX_BLOCK_ROWS = 100_000
 
 
 def load_source(cfg: DataConfig) -> tuple[pa.Table, pa.Table, dict]:
@@ -103,66 +112,127 @@ def draw_candidates(sample_id: str, target: str, history: list[str], item_ids: l
     return [cands[i] for i in rng.permutation(len(cands))]
 
 
-def build_user_windows(block: pa.Table, *, titles: dict[str, str], item_ids: list[str],
-                       split_of: dict[str, str], cfg: DataConfig) -> pa.Table:
-    """All samples of the users in ``block`` (rows sorted by user, time, item; users complete).
+def user_rows(user: str, seq: list[str], split: str, *, titles: dict[str, str], item_ids: list[str],
+              cfg: DataConfig) -> list[tuple]:
+    """The samples of one user (``seq``: item ids in time order) as tuples in `SAMPLES` column order.
 
     A sample's history is the at most ``max_history`` items before the target, oldest first;
     windows with fewer than ``min_history`` items, or whose target is in the history, are dropped.
     Train users keep all windows (or the last ``max_train_windows_per_user``); valid/test users keep
     their last ``eval_windows_per_user``.
     """
+    positions = [t for t in range(cfg.min_history, len(seq)) if seq[t] not in seq[max(0, t - cfg.max_history):t]]
+    keep = cfg.max_train_windows_per_user if split == "train" else cfg.eval_windows_per_user
+    if keep:
+        positions = positions[-keep:]
+    rows = []
+    for t in positions:
+        history, target = seq[max(0, t - cfg.max_history):t], seq[t]
+        sid = f"{user}:{t:06d}"
+        cands = draw_candidates(sid, target, history, item_ids, titles, cfg.num_candidates, cfg.seed)
+        tid = choose_template(sid, cfg.seed)
+        h_titles = [titles[i] for i in history]
+        c_titles = [titles[i] for i in cands]
+        rows.append((sid, user, split, history, h_titles, target, titles[target], cands, c_titles, tid,
+                     render_prompt(tid, h_titles, c_titles), titles[target]))
+    return rows
+
+
+def _user_runs(block: pa.Table):
+    """``(user, item ids)`` of each user of a block sorted by user, in block order."""
     users = block.column("user_id").to_pylist()
     items = block.column("item_id").to_pylist()
-    out = {name: [] for name in SAMPLES.names}
     start = 0
     while start < len(users):
         end = start
         while end < len(users) and users[end] == users[start]:
             end += 1
-        user, seq = users[start], items[start:end]
-        split = split_of[user]
-        positions = [t for t in range(cfg.min_history, len(seq)) if seq[t] not in seq[max(0, t - cfg.max_history):t]]
-        keep = cfg.max_train_windows_per_user if split == "train" else cfg.eval_windows_per_user
-        if keep:
-            positions = positions[-keep:]
-        for t in positions:
-            history = seq[max(0, t - cfg.max_history):t]
-            sid = f"{user}:{t:06d}"
-            cands = draw_candidates(sid, seq[t], history, item_ids, titles, cfg.num_candidates, cfg.seed)
-            tid = choose_template(sid, cfg.seed)
-            h_titles = [titles[i] for i in history]
-            c_titles = [titles[i] for i in cands]
-            for name, value in (("sample_id", sid), ("user_id", user), ("split", split),
-                                ("history_item_ids", history), ("history_titles", h_titles),
-                                ("target_item_id", seq[t]), ("target_title", titles[seq[t]]),
-                                ("candidate_item_ids", cands), ("candidate_titles", c_titles),
-                                ("template_id", tid), ("prompt", render_prompt(tid, h_titles, c_titles)),
-                                ("answer", titles[seq[t]])):
-                out[name].append(value)
+        yield users[start], items[start:end]
         start = end
-    return pa.Table.from_pydict(out, schema=SAMPLES)
 
 
-def user_blocks(inter: pa.Table, num_blocks: int) -> list[pa.Table]:
-    """Sort by (user, timestamp, item) and cut into about ``num_blocks`` slices at user boundaries.
+def _table(rows: list[tuple]) -> pa.Table:
+    cols = list(zip(*rows)) if rows else [[] for _ in SAMPLES]
+    return pa.Table.from_arrays([pa.array(c, f.type) for c, f in zip(cols, SAMPLES)], schema=SAMPLES)
 
-    Ties in timestamp are broken by item id, so the order never depends on input row order.
+
+def build_user_windows(block: pa.Table, *, titles: dict[str, str], item_ids: list[str],
+                       split_of: dict[str, str], cfg: DataConfig) -> pa.Table:
+    """All samples (`user_rows`) of the users in ``block`` (rows sorted by user, time, item;
+    users complete), as one table."""
+    return _table([row for user, seq in _user_runs(block)
+                   for row in user_rows(user, seq, split_of[user], titles=titles, item_ids=item_ids, cfg=cfg)])
+
+
+def _row_json(row) -> bytes:
+    """What the content hash reads of a sample: its values, in `SAMPLES` order, as JSON."""
+    return json.dumps(list(row), ensure_ascii=False).encode()
+
+
+def write_user_windows(block: pa.Table, *, out_dir: str, titles: dict[str, str], item_ids: list[str],
+                       split_of: dict[str, str], cfg: DataConfig) -> pa.Table:
+    """Ray Data task: the samples of one `user_blocks` block, written as
+    ``{out_dir}/{split}/part-{block:05d}.parquet``; returns one row per user with samples:
+    ``user_id``, ``split``, ``samples`` (count) and ``digest`` (sha256 of its rows, `users_digest`)."""
+    import pyarrow.parquet as pq
+
+    block_id = block.column("_block")[0].as_py()
+    per_split: dict[str, list] = {s: [] for s in SPLITS}
+    users: dict[str, list] = {"user_id": [], "split": [], "samples": [], "digest": []}
+    for user, seq in _user_runs(block):
+        split = split_of[user]
+        rows = user_rows(user, seq, split, titles=titles, item_ids=item_ids, cfg=cfg)
+        if not rows:
+            continue
+        h = hashlib.sha256()
+        for row in rows:
+            h.update(_row_json(row))
+        per_split[split] += rows
+        for key, value in (("user_id", user), ("split", split), ("samples", len(rows)), ("digest", h.digest())):
+            users[key].append(value)
+    for split, rows in per_split.items():
+        if rows:
+            pq.write_table(_table(rows), Path(out_dir) / split / f"part-{block_id:05d}.parquet")
+    return pa.table({"user_id": pa.array(users["user_id"], pa.string()), "split": pa.array(users["split"], pa.string()),
+                     "samples": pa.array(users["samples"], pa.int64()), "digest": pa.array(users["digest"], pa.binary())})
+
+
+def users_digest(entries) -> str:
+    """The content hash of a samples folder from ``(split, user_id, sha256 of the user's rows in
+    sample_id order)`` of every user with samples: sha256 over those digests, split by split
+    (train, valid, test), users in ``sample_id`` order. Independent of how rows were grouped."""
+    order = {s: i for i, s in enumerate(SPLITS)}
+    h = hashlib.sha256()
+    for _, _, digest in sorted(entries, key=lambda e: (order[e[0]], e[1] + ":")):
+        h.update(digest)
+    return h.hexdigest()
+
+
+def user_blocks(inter: pa.Table, num_blocks: int, max_rows: int = MAX_BLOCK_ROWS) -> list[pa.Table]:
+    """Sort by (user, timestamp, item) and cut at user boundaries into blocks of about
+    ``min(rows / num_blocks, max_rows)`` rows, each tagged with its index (column ``_block``).
+
+    Users sort by ``user_id + ":"``, the order of their sample ids (``"1:..." > "10:..."``), so
+    the shards of a split read in name order are in ``sample_id`` order. Ties in timestamp are
+    broken by item id, so the order never depends on input row order.
     """
-    inter = inter.sort_by([("user_id", "ascending"), ("timestamp", "ascending"), ("item_id", "ascending")])
+    key = pc.binary_join_element_wise(inter.column("user_id"), pa.scalar(":"), "")
+    inter = inter.append_column("_key", key).sort_by(
+        [("_key", "ascending"), ("timestamp", "ascending"), ("item_id", "ascending")]).drop_columns(["_key"])
     users = inter.column("user_id")
     n = len(inter)
     # first row of each user: where user_id differs from the previous row
     change = pc.not_equal(users.slice(1), users.slice(0, n - 1)) if n > 1 else pa.array([], pa.bool_())
-    starts = [0] + [i + 1 for i in np.flatnonzero(np.asarray(change.to_numpy(zero_copy_only=False)))]
-    target = max(1, math.ceil(n / max(1, num_blocks)))
+    starts = np.flatnonzero(np.asarray(change.to_numpy(zero_copy_only=False))) + 1
+    target = max(1, min(max_rows, math.ceil(n / max(1, num_blocks))))
     cuts, last = [0], 0
-    for s in starts[1:]:
+    for s in starts.tolist():
         if s - last >= target:
             cuts.append(s)
             last = s
     cuts.append(n)
-    return [inter.slice(a, b - a) for a, b in zip(cuts, cuts[1:]) if b > a]
+    return [inter.slice(a, b - a).append_column("_block", pa.array(np.full(b - a, i, np.int32)))
+            for i, (a, b) in enumerate(zip(cuts, cuts[1:])) if b > a]
 
 
 def build_samples(cfg: DataConfig, out_dir: str | Path) -> dict:
@@ -180,25 +250,29 @@ def build_samples(cfg: DataConfig, out_dir: str | Path) -> dict:
     item_ids = sorted(titles)
     users = pc.unique(inter.column("user_id")).to_pylist()
     split_of = assign_splits(users, cfg.split, cfg.seed)
+    facts = {"users": len(users), "items": len(catalog), "interactions": len(inter),
+             "items_interacted": len(pc.unique(inter.column("item_id")))}
     blocks = user_blocks(inter, cfg.num_partitions)
-    ds = ray.data.from_arrow(blocks).map_batches(
-        build_user_windows, batch_format="pyarrow", batch_size=None, zero_copy_batch=True,
-        fn_kwargs={"titles": titles, "item_ids": item_ids, "split_of": split_of, "cfg": cfg})
-    ds = ds.materialize()
-    out_dir = Path(out_dir)
-    with atomic_dir(out_dir, overwrite=True) as tmp:
-        counts = {}
+    del inter  # the blocks hold a sorted copy; once Ray holds them, the driver keeps neither table
+    with atomic_dir(Path(out_dir), overwrite=True) as tmp:
         for split in SPLITS:
-            part = ds.filter(expr=f"split == '{split}'")
-            part.write_parquet(str(tmp / split), min_rows_per_file=50_000)
-            counts[split] = part.count()
+            (tmp / split).mkdir()
+        ds = ray.data.from_arrow(blocks)
+        del blocks
+        ds = ds.map_batches(
+            write_user_windows, batch_format="pyarrow", batch_size=None, zero_copy_batch=True,
+            fn_kwargs={"out_dir": str(tmp), "titles": titles, "item_ids": item_ids, "split_of": split_of,
+                       "cfg": cfg})
+        per_user = pa.concat_tables(ray.get(ds.to_arrow_refs()))
+        splits = per_user.column("split").to_pylist()
+        counts = {s: pc.sum(pc.filter(per_user.column("samples"), pc.equal(per_user.column("split"), s))).as_py() or 0
+                  for s in SPLITS}
         manifest = {
             "stage": "samples",
             "config": cfg.__dict__ | {"split": list(cfg.split)},
-            "users": len(users), "items": len(catalog), "interactions": len(inter),
-            "items_interacted": len(pc.unique(inter.column("item_id"))),
-            "samples": counts, "policies": stats,
-            "content_hash": samples_hash(tmp),
+            **facts, "samples": counts, "policies": stats,
+            "content_hash": users_digest(zip(splits, per_user.column("user_id").to_pylist(),
+                                             per_user.column("digest").to_pylist())),
             "seconds": round(time.perf_counter() - t0, 2),
         }
         write_manifest(tmp, manifest)
@@ -255,15 +329,38 @@ def read_split(samples_dir: str | Path, split: str) -> pa.Table:
     return table.sort_by("sample_id")
 
 
-def samples_hash(samples_dir: str | Path) -> str:
-    """Content hash of a samples folder: sha256 over every split's rows in ``sample_id`` order."""
-    import hashlib
-    import json
+def samples_hash(samples_dir: str | Path, batch_rows: int = 16_384) -> str:
+    """Content hash of a samples folder (`users_digest` of its rows), read shard by shard.
 
-    h = hashlib.sha256()
+    Streams when each split's shards, read in name order, hold every user's rows together and
+    in ``sample_id`` order (what `build_samples` writes); otherwise it reads the split whole,
+    sorted by ``sample_id`` (`read_split`).
+    """
+    import pyarrow.parquet as pq
+
+    entries: list = []
     for split in SPLITS:
-        table = read_split(samples_dir, split)
-        cols = {name: table.column(name).to_pylist() for name in SAMPLES.names}
-        for i in range(len(table)):
-            h.update(json.dumps([cols[n][i] for n in SAMPLES.names], ensure_ascii=False).encode())
-    return h.hexdigest()
+        files = sorted((Path(samples_dir) / split).glob("*.parquet"))
+        batches = (b for f in files for b in pq.ParquetFile(f).iter_batches(batch_size=batch_rows,
+                                                                               columns=SAMPLES.names))
+        got = _split_digests(split, batches, ordered=True)
+        if got is None:
+            got = _split_digests(split, read_split(samples_dir, split).to_batches(), ordered=False)
+        entries += got
+    return users_digest(entries)
+
+
+def _split_digests(split: str, batches, *, ordered: bool) -> list | None:
+    """``(split, user, sha256 of the user's rows)`` for every user of ``batches``, rows taken in
+    the order given. ``ordered``: None as soon as rows are not user by user in ``sample_id`` order."""
+    hashers: dict = {}
+    last = user = None
+    for batch in batches:
+        cols = [batch.column(i).to_pylist() for i in range(batch.num_columns)]
+        for row in zip(*cols):
+            if ordered:
+                if (last is not None and not last < row[0]) or (row[1] != user and row[1] in hashers):
+                    return None
+                last, user = row[0], row[1]
+            hashers.setdefault(row[1], hashlib.sha256()).update(_row_json(row))
+    return [(split, u, h.digest()) for u, h in hashers.items()]

@@ -155,11 +155,16 @@ def score_metrics(samples: pa.Table, answers: list[str], scores: np.ndarray, con
     return metrics, rows
 
 
+def nan_to_none(metrics: dict) -> dict:
+    """``metrics`` with NaN values (undefined metrics) as None, for JSON files."""
+    return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in metrics.items()}
+
+
 def _write(out_dir: str | Path, rows: pa.Table, metrics: dict, manifest: dict) -> None:
     """``answers.parquet``, ``metrics.json`` (NaN written as null) and ``manifest.json``, atomically."""
     import pyarrow.parquet as pq
 
-    plain = {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in metrics.items()}
+    plain = nan_to_none(metrics)
     with atomic_dir(Path(out_dir), overwrite=True) as tmp:
         pq.write_table(rows, tmp / "answers.parquet")
         (tmp / "metrics.json").write_text(json.dumps(plain, indent=2, sort_keys=True, allow_nan=False),
@@ -279,9 +284,11 @@ def markdown_table(results: dict[str, dict], metrics: tuple[str, ...] = TABLE_ME
     return "\n".join([head, rule, *rows]) + "\n"
 
 
-def evaluate_run(run_cfg: RunConfig, inputs: dict[str, Path], out_dir: str | Path) -> dict:
-    """The pipeline's ``eval`` stage: baselines (random, most popular, SASRec), SFT and the aligned
-    model on ``eval.split``, into ``out_dir/<method>/`` plus ``table.md`` and a manifest."""
+def evaluate_references(run_cfg: RunConfig, inputs: dict[str, Path], out_dir: str | Path) -> dict[str, dict]:
+    """The methods an aligned model is compared with, on ``eval.split``, each into
+    ``out_dir/<method>/``: the LLM-free rankers random, most popular and SASRec (the oracle),
+    and the SFT model. All four are deterministic (the random ranker is seeded by
+    ``data.seed``). ``inputs`` holds the samples, model, sft and oracle stage folders."""
     from rosepo.pairs.build import train_popularity
     from rosepo.pairs.oracle import load_oracle
     from rosepo.pipeline import base_model_path, sft_model
@@ -297,17 +304,28 @@ def evaluate_run(run_cfg: RunConfig, inputs: dict[str, Path], out_dir: str | Pat
         "sasrec": lambda rows: oracle.score([r["history_item_ids"] for r in rows],
                                             [r["candidate_item_ids"] for r in rows]),
     }
-    results: dict[str, dict] = {}
+    out = Path(out_dir)
+    results = {name: evaluate_ranker(samples, ec.split, fn, ec.max_samples, out_dir=out / name, name=name)
+               for name, fn in rankers.items()}
+    results["sft"] = evaluate_model(run_cfg, samples, base, sft_adapter, out / "sft")
+    return results
+
+
+def evaluate_run(run_cfg: RunConfig, inputs: dict[str, Path], out_dir: str | Path) -> dict:
+    """The pipeline's ``eval`` stage: baselines (random, most popular, SASRec), SFT and the aligned
+    model on ``eval.split``, into ``out_dir/<method>/`` plus ``table.md`` and a manifest."""
+    from rosepo.pipeline import base_model_path, sft_model
+
+    ec = run_cfg.eval
+    base, _ = sft_model(inputs["sft"], base_model_path(inputs["model"]))
     with atomic_dir(Path(out_dir), overwrite=True) as tmp:
-        for name, fn in rankers.items():
-            results[name] = evaluate_ranker(samples, ec.split, fn, ec.max_samples, out_dir=tmp / name, name=name)
-        results["sft"] = evaluate_model(run_cfg, samples, base, sft_adapter, tmp / "sft")
+        results = evaluate_references(run_cfg, inputs, tmp)
         aligned = f"aligned ({run_cfg.align.loss})"
-        results[aligned] = evaluate_model(run_cfg, samples, base, inputs["align"] / "adapter", tmp / "aligned")
+        results[aligned] = evaluate_model(run_cfg, inputs["samples"], base, inputs["align"] / "adapter",
+                                          tmp / "aligned")
         table = markdown_table(results)
         (tmp / "table.md").write_text(table, encoding="utf-8")
-        plain = {m: {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in r.items()}
-                 for m, r in results.items()}
+        plain = {m: nan_to_none(r) for m, r in results.items()}
         manifest = {"stage": "eval", "split": ec.split, "results": plain, "table": table}
         write_manifest(tmp, manifest)
     return manifest

@@ -30,11 +30,16 @@ def answer_logps(model, prompt_ids: list[list[int]], answer_ids: list[list[list[
     `sequence_token_count`. One batched forward; gradients flow to the model's parameters.
     ``model`` is a causal LM (plain, peft-wrapped or a DeepSpeed engine) taking ``position_ids``,
     a 4D additive ``attention_mask`` and ``logits_to_keep``, as transformers' Llama, Qwen2 and
-    Mistral do with sdpa or eager attention.
+    Mistral do with sdpa or eager attention, and whose logits are ``get_output_embeddings()`` of
+    the last of its ``hidden_states`` (no logit soft-capping or scaling: refused).
     """
     import torch
 
     num_answers = _check_shapes(prompt_ids, answer_ids)
+    config = getattr(model, "config", None)
+    if any(getattr(config, k, None) not in (None, 1.0) for k in ("final_logit_softcapping", "logit_scale")):
+        raise ValueError("answer_logps applies the output embeddings to the last hidden state; this model "
+                         "soft-caps or scales its logits, which that would skip")
     build = _shared_rows if prefix_sharing else _plain_rows
     seqs, positions, segments, targets = build(prompt_ids, answer_ids, num_answers)
 
@@ -43,9 +48,11 @@ def answer_logps(model, prompt_ids: list[list[int]], answer_ids: list[list[list[
     width = max(map(len, seqs))
     input_ids = _pad(seqs, width, pad_id).to(device)
     rows, logit_pos, target, owner = torch.tensor(targets, dtype=torch.long, device=device).unbind(1)
-    # Logits of prompt tokens but the last are never read: let the LM head skip them.
-    first = int(logit_pos.min())
-    kwargs = {"use_cache": False, "logits_to_keep": width - first}
+    # The LM head runs on the last hidden state (the model's own head, one position per row, is all
+    # it computes), at the positions whose log-probs are read, each once: the first token of every
+    # answer of a prompt is predicted from one position, and ragged rows need no common tail.
+    # Scoring 20 one-token candidates this way took half the time of keeping every tail position.
+    kwargs = {"use_cache": False, "logits_to_keep": 1, "output_hidden_states": True}
     if prefix_sharing:
         seg = _pad(segments, width, -1).to(device)
         causal = torch.ones(width, width, dtype=torch.bool, device=device).tril()
@@ -56,9 +63,10 @@ def answer_logps(model, prompt_ids: list[list[int]], answer_ids: list[list[list[
         kwargs.update(attention_mask=mask[:, None], position_ids=_pad(positions, width, 0).to(device))
     else:
         kwargs.update(attention_mask=(_pad(segments, width, -1) >= 0).long().to(device))
-    logits = model(input_ids=input_ids, **kwargs).logits
-    picked = logits[rows, logit_pos - first].float().log_softmax(-1)
-    token_logps = picked.gather(1, target[:, None]).squeeze(1)
+    hidden = model(input_ids=input_ids, **kwargs).hidden_states[-1]  # after the final norm
+    positions, inverse = torch.unique(rows * width + logit_pos, return_inverse=True)
+    logps = model.get_output_embeddings()(hidden.reshape(-1, hidden.shape[-1])[positions]).float().log_softmax(-1)
+    token_logps = logps[inverse, target]
     sums = torch.zeros(len(prompt_ids) * num_answers, dtype=torch.float32, device=device)
     sums = sums.index_add(0, owner, token_logps)
     return sums.view(len(prompt_ids), num_answers), sequence_token_count(answer_ids).to(device)

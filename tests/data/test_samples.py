@@ -94,3 +94,44 @@ def test_cli_bad_input_exit_code_and_no_output(tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert "i.csv, row 2, column 'timestamp'" in proc.stderr and "Traceback" not in proc.stderr
     assert not list(tmp_path.rglob("*.parquet")) and not list(tmp_path.rglob("manifest.json"))
+
+
+def test_block_digests_equal_the_folder_hash_for_any_block_size(tmp_path):
+    """The content hash made from the per-user digests of the Ray tasks (`write_user_windows`)
+    equals `samples_hash` of the written folder, streamed or (rows shuffled into one file) read
+    whole, whatever the block size; no Ray needed. 12 users with ids that sort differently
+    with and without the ":" of their sample ids ("1" < "10" but "10:" < "1:")."""
+    import random
+
+    import pyarrow.parquet as pq
+
+    from rosepo.data.samples import samples_hash, user_blocks, users_digest, write_user_windows
+
+    titles = {f"i{k}": f"Title {k}" for k in range(40)}
+    rng = random.Random(0)
+    rows = [(u, f"i{rng.randrange(40)}", t) for u in ["1", "10", "2", "11", "3", "12", "4", "5", "6", "7", "8", "9"]
+            for t in range(rng.randrange(4, 18))]
+    inter = pa.table({"user_id": [r[0] for r in rows], "item_id": [r[1] for r in rows],
+                      "timestamp": pa.array([r[2] for r in rows], pa.int64())})
+    cfg = DataConfig(eval_windows_per_user=2)
+    split_of = assign_splits(sorted({r[0] for r in rows}), cfg.split, cfg.seed)
+    hashes = set()
+    for max_rows in (10, 1000):
+        out = tmp_path / f"blocks-{max_rows}"
+        for split in SPLITS:
+            (out / split).mkdir(parents=True)
+        per_user = pa.concat_tables([
+            write_user_windows(b, out_dir=str(out), titles=titles, item_ids=sorted(titles), split_of=split_of, cfg=cfg)
+            for b in user_blocks(inter, 1, max_rows=max_rows)])
+        digest = users_digest(zip(per_user.column("split").to_pylist(), per_user.column("user_id").to_pylist(),
+                                  per_user.column("digest").to_pylist()))
+        assert samples_hash(out) == digest
+        hashes.add(digest)
+    shuffled = tmp_path / "shuffled"
+    for split in SPLITS:
+        table = read_split(out, split)
+        (shuffled / split).mkdir(parents=True)
+        pq.write_table(table.take(random.Random(1).sample(range(len(table)), len(table))),
+                       shuffled / split / "part-0.parquet")
+    assert samples_hash(shuffled) == digest and len(hashes) == 1
+    assert sum(per_user.column("samples").to_pylist()) == sum(len(read_split(out, s)) for s in SPLITS) > 40

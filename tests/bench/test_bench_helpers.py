@@ -1,0 +1,100 @@
+"""The benchmarks' pure helpers (bench/ lives beside the package, not in it: put the checkout on
+the path as ``rosepo bench`` does). Each test runs in well under a second once torch is imported."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from bench.common import alternate, attended_keys, llama_forward_flops, markdown, paired_ratio, spread  # noqa: E402
+
+
+def test_alternate_runs_variants_in_turn_and_times_each_call():
+    calls, ticks = [], iter(range(100))
+    times = alternate({"a": lambda i: calls.append(("a", i)), "b": lambda i: calls.append(("b", i))},
+                      reps=2, warmup=1, clock=lambda: next(ticks))
+    assert calls == [("a", 0), ("b", 0), ("a", 1), ("b", 1), ("a", 2), ("b", 2)]
+    assert times == {"a": [1, 1], "b": [1, 1]}  # one tick between start and end of every timed call
+
+
+def test_spread_and_paired_ratio():
+    assert spread([3.0, 1.0, 2.0]) == (2.0, 1.0, 3.0)
+    # medians 4 and 2; per-round ratios 4/1, 4/2, 6/4
+    assert paired_ratio([4.0, 4.0, 6.0], [1.0, 2.0, 4.0]) == (2.0, 1.5, 4.0)
+    with pytest.raises(ValueError):
+        paired_ratio([1.0], [1.0, 2.0])
+
+
+def test_markdown_table():
+    assert markdown(["a", "b"], [[1, "x"]]) == "| a | b |\n|---|---|\n| 1 | x |"
+
+
+def test_attended_keys_by_hand():
+    """Prompt of 3, answers of 2 and 1 tokens.
+
+    Shared row: the prompt attends 1 + 2 + 3 = 6 keys; answer 1's tokens see the prompt and
+    themselves: (3 + 1) + (3 + 2) = 9; answer 2's token 3 + 1 = 4; total 19.
+    Plain rows: a causal row of 5 attends 15, of 4 attends 10; total 25.
+    """
+    assert attended_keys(3, [2, 1], shared=True) == 19
+    assert attended_keys(3, [2, 1], shared=False) == 25
+
+
+def test_llama_flops_by_hand():
+    """hidden 4, intermediate 8, 1 layer, 2 heads, 1 key/value head (kv width 2), vocab 10.
+
+    Weights per token: q 16 + k 8 + v 8 + o 16 + gate 32 + up 32 + down 32 = 144.
+    LoRA r=1 on q and down: (4 + 4) + (8 + 4) = 20. Forward of 5 tokens, 7 attended pairs, 2 logit
+    rows: 2·(144 + 20)·5 + 4·4·1·7 + 2·4·10·2 = 1640 + 112 + 160 = 1912.
+    """
+    cfg = SimpleNamespace(hidden_size=4, intermediate_size=8, num_hidden_layers=1, num_attention_heads=2,
+                          num_key_value_heads=1, vocab_size=10)
+    assert llama_forward_flops(cfg, 5, 7, 2, lora_r=1, lora_modules=("q_proj", "down_proj")) == (164, 1912)
+
+
+def test_llama_flops_match_torch_flop_counter():
+    """Against torch's own count of a real forward (eager attention, whose matmuls the counter
+    sees; every logit kept, attention over the full square as it computes it); the rotary
+    embedding's tiny matmul is the only difference."""
+    torch = pytest.importorskip("torch")
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    cfg._attn_implementation = "eager"
+    model = LlamaForCausalLM(cfg).eval()
+    t = 12
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(input_ids=torch.arange(t)[None] + 4, use_cache=False)
+    _, ours = llama_forward_flops(cfg, t, t * t, t)
+    assert ours == pytest.approx(counter.get_total_flops(), rel=0.01)
+
+
+def test_greedy_without_cache_equals_greedy_ids():
+    """The naive decoder of the eval benchmark gives the KV-cache decoder's tokens."""
+    torch = pytest.importorskip("torch")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from bench.eval_throughput import greedy_no_cache
+    from rosepo.eval.generate import greedy_ids
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2,
+                                         max_position_embeddings=64)).eval()
+    prompts = [[5, 9, 14, 22, 7], [11, 4, 30], [25, 12, 33, 40, 41, 42, 43]]
+    assert greedy_no_cache(model, prompts, 6, eos_id=2, pad_id=3) == greedy_ids(model, prompts, 6, eos_id=2, pad_id=3)
+
+
+def test_trl_benchmark_without_trl_says_so_and_exits_2(monkeypatch, capsys):
+    from bench import trl_align
+
+    monkeypatch.setitem(sys.modules, "trl", None)  # import trl raises ImportError
+    assert trl_align.run([]) == 2
+    assert "pip install -e '.[bench]'" in capsys.readouterr().err
