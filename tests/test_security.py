@@ -157,7 +157,11 @@ def test_init_ray_binds_dashboard_to_loopback(monkeypatch):
     from rosepo.train import raysetup
 
     calls = []
-    fake_ray = types.SimpleNamespace(is_initialized=lambda: False, init=lambda *a, **kw: calls.append(kw))
+    def fake_init(*a, **kw):
+        calls.append(kw)
+        return types.SimpleNamespace(dashboard_url=f"127.0.0.1:{kw['dashboard_port']}")  # a RayContext's field
+
+    fake_ray = types.SimpleNamespace(is_initialized=lambda: False, init=fake_init)
     fake_torch = types.SimpleNamespace(cuda=types.SimpleNamespace(is_available=lambda: False))
     monkeypatch.setitem(sys.modules, "ray", fake_ray)
     monkeypatch.setitem(sys.modules, "torch", fake_torch)
@@ -165,8 +169,10 @@ def test_init_ray_binds_dashboard_to_loopback(monkeypatch):
     # init_ray sets these in os.environ: monkeypatch restores them afterwards
     monkeypatch.setenv(raysetup.API_SERVER_ENV, "unset")
     monkeypatch.setenv(raysetup.HEALTH_CHECK_ENV, raysetup.HEALTH_CHECK_INTERVAL_S)
-    raysetup.init_ray(num_cpus=1)
+    monkeypatch.setattr(raysetup, "_dashboard_url", raysetup._dashboard_url)  # restored afterwards
+    url = raysetup.init_ray(num_cpus=1)
     assert len(calls) == 1
+    assert url == f"127.0.0.1:{calls[0]['dashboard_port']}"
     assert calls[0]["include_dashboard"] is True and calls[0]["dashboard_host"] == "127.0.0.1"
     assert os.environ[raysetup.API_SERVER_ENV] == f"http://127.0.0.1:{calls[0]['dashboard_port']}"
 
