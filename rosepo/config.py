@@ -88,6 +88,10 @@ class ModelConfig:
     #: so the model answers by choosing one token (item tokens, as in ID-based LLM recommenders)
     #: instead of copying a title token by token. A pretrained model's tokenizer is used as is.
     title_tokens: bool = False
+    #: Built-in tiny model with title tokens: ``random`` embeddings, or ``sasrec``: the oracle's
+    #: item vectors added to the title tokens' embeddings (a hybrid item token; the oracle then
+    #: trains before the model is built).
+    title_init: str = "random"
     #: Longest prompt in tokens; longer prompts are refused at tokenisation.
     max_prompt_tokens: int = 512
     max_answer_tokens: int = 48
@@ -286,6 +290,9 @@ class RunConfig:
         _check(self.data.prompt_style in ("paraphrase", "list"), "data.prompt_style",
                "must be 'paraphrase' or 'list'")
         _check(self.model.finetune in ("lora", "full"), "model.finetune", "must be 'lora' or 'full'")
+        _check(self.model.title_init in ("random", "sasrec"), "model.title_init", "must be 'random' or 'sasrec'")
+        _check(self.model.title_init == "random" or (self.model.name_or_path == "tiny" and self.model.title_tokens),
+               "model.title_init", "'sasrec' needs the built-in tiny model with model.title_tokens: true")
         _check(self.sft.candidate_weight >= 0, "sft.candidate_weight", "must be >= 0 (0 = plain SFT)")
         for name in ("sft", "align"):
             t = getattr(self, name)
