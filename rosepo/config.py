@@ -141,6 +141,9 @@ class SFTConfig(TrainConfig):
     #: Weight of the candidate-set term: -log of the probability mass that the answer's first
     #: token puts on the candidates' first tokens (`rosepo.train.sft`). 0 = plain SFT.
     candidate_weight: float = 0.0
+    #: Weight of next-item prediction over the history: the cross-entropy of history titles
+    #: 2..n given the prompt before each (SASRec's objective, inside the prompt). 0 = off.
+    history_weight: float = 0.0
 
 
 @dataclass
@@ -294,6 +297,7 @@ class RunConfig:
         _check(self.model.title_init == "random" or (self.model.name_or_path == "tiny" and self.model.title_tokens),
                "model.title_init", "'sasrec' needs the built-in tiny model with model.title_tokens: true")
         _check(self.sft.candidate_weight >= 0, "sft.candidate_weight", "must be >= 0 (0 = plain SFT)")
+        _check(self.sft.history_weight >= 0, "sft.history_weight", "must be >= 0 (0 = off)")
         for name in ("sft", "align"):
             t = getattr(self, name)
             _check(t.zero_stage in (0, 1, 2, 3), f"{name}.zero_stage", "must be 0, 1, 2 or 3")
