@@ -1,0 +1,141 @@
+"""SFT learning curves of the tiny model: training budget -> valid ValidRatio and ranking HR@1.
+
+The measurement behind issue #14's levers (`sft.candidate_weight`, `sft.history_weight`,
+`model.title_init`, `data.prompt_style`). The pipeline builds the samples, the oracle and the
+model of the config (cached like any run); then one process trains the model with the SFT task's
+own `collate` and `compute_loss` (plain AdamW, the loop's warmup + cosine schedule, global batch
+= ``sft.num_workers × sft.micro_batch_size``, gradient clipping), without Ray Train or DeepSpeed,
+so that several variants fit side by side on a 2-core box. Every ``--eval-every`` steps it
+evaluates ``--eval-samples`` valid samples as `rosepo eval` does: greedy answers parsed by
+`rosepo.eval.metrics.parse_answer` (ValidRatio, HR@1) and candidates ranked by their summed answer
+log-likelihood (rank HR@1). One JSON line per evaluation; ``--out`` keeps the whole curve.
+
+    python -m bench.sft_probe --config configs/ml100k-tiny.yaml --steps 3000 sft.candidate_weight=1.0
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+
+from rosepo.config import load_config
+
+
+def run(argv: list[str] | None = None) -> int:
+    """Parse the options, build the model stage, train and print the curve; exit code."""
+    p = argparse.ArgumentParser(prog="python -m bench.sft_probe", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", default="configs/ml100k-tiny.yaml")
+    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--eval-every", type=int, default=300)
+    p.add_argument("--eval-samples", type=int, default=400)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", default="", help="write the curve as JSON here")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides")
+    a = p.parse_args(argv)
+    cfg = load_config(a.config, a.overrides)
+    curve = probe(cfg, a.steps, a.eval_every, a.eval_samples, a.threads)
+    if a.out:
+        from rosepo.storage import atomic_write_text
+
+        atomic_write_text(a.out, json.dumps({"overrides": a.overrides, "steps": a.steps, "curve": curve}, indent=1))
+    return 0
+
+
+def probe(cfg, steps: int, eval_every: int, eval_samples: int, threads: int) -> list[dict]:
+    """Train the config's model for ``steps`` global batches; the evaluations, as dicts."""
+    import numpy as np
+    import pandas as pd
+    import torch
+
+    from rosepo.data.samples import read_split
+    from rosepo.model.factory import load_model, load_tokenizer
+    from rosepo.pipeline import base_model_path, run_stage
+    from rosepo.train import sft
+    from rosepo.train.loop import lr_factor
+    from rosepo.train.raysetup import init_ray
+
+    init_ray(cfg.ray_address)
+    model_stage = run_stage(cfg, "model", log=lambda _: None)
+    samples = run_stage(cfg, "samples", log=lambda _: None)
+    path = base_model_path(model_stage)
+    torch.set_num_threads(threads)
+    train = read_split(samples, "train").to_pandas()
+    rows = _tokenize(train, path, cfg)
+    valid = read_split(samples, "valid").to_pylist()[:eval_samples]
+    tok = load_tokenizer(path)
+    torch.manual_seed(cfg.sft.seed)
+    model = load_model(path, dtype=torch.float32).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.sft.learning_rate, weight_decay=cfg.sft.weight_decay)
+    batch_size = cfg.sft.num_workers * cfg.sft.micro_batch_size
+    warmup = int(cfg.sft.warmup_ratio * steps)
+    order = np.random.default_rng(cfg.sft.seed)
+    queue: list[int] = []
+    loss_cfg = dataclasses.asdict(cfg.sft)
+    curve, t0 = [], time.perf_counter()
+    for step in range(steps):
+        while len(queue) < batch_size:
+            queue += order.permutation(len(rows)).tolist()
+        idx, queue = queue[:batch_size], queue[batch_size:]
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.sft.learning_rate * lr_factor(step, steps, warmup)
+        loss, _ = sft.compute_loss(model, sft.collate([rows[i] for i in idx], tok.pad_token_id), loss_cfg)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.sft.max_grad_norm)
+        optimizer.step()
+        if (step + 1) % eval_every == 0 or step + 1 == steps:
+            point = {"step": step + 1, "samples": (step + 1) * batch_size,
+                     "train_seconds": round(time.perf_counter() - t0, 1), "loss": round(float(loss), 4),
+                     **_evaluate(model.eval(), tok, valid, cfg)}
+            model.train()
+            curve.append(point)
+            print(json.dumps(point), flush=True)
+    return curve
+
+
+def _tokenize(train, path: str, cfg) -> list[dict]:
+    """The SFT rows of every train sample, tokenised by the SFT task's own UDF."""
+    from rosepo.train import sft
+
+    out = sft.tokenize_batch(train, path, cfg.model.max_prompt_tokens, cfg.model.max_answer_tokens,
+                             candidates=cfg.sft.candidate_weight > 0, history=cfg.sft.history_weight > 0)
+    return out.to_dict("records")
+
+
+def _evaluate(model, tok, samples: list[dict], cfg) -> dict:
+    """ValidRatio and HR@1 of greedy answers, and rank HR@1 by answer likelihood."""
+    import numpy as np
+    import torch
+
+    from rosepo.eval.generate import greedy_answers
+    from rosepo.eval.metrics import parse_answer, ranking_metrics
+    from rosepo.model.logprobs import answer_logps
+    from rosepo.model.tokenize import encode_answer, encode_prompt
+
+    mc = cfg.model
+    valid = hits = 0
+    scores, targets = [], []
+    with torch.no_grad():
+        for start in range(0, len(samples), 32):
+            chunk = samples[start:start + 32]
+            prompts = [encode_prompt(tok, s["prompt"], mc.max_prompt_tokens) for s in chunk]
+            answers = greedy_answers(model, tok, prompts, mc.max_answer_tokens)
+            for s, answer in zip(chunk, answers):
+                parsed = parse_answer(answer, s["candidate_titles"], s["candidate_titles"].index(s["target_title"]))
+                valid += parsed["valid"]
+                hits += parsed["correct"]
+            cands = [[encode_answer(tok, t, mc.max_answer_tokens) for t in s["candidate_titles"]] for s in chunk]
+            logps, _ = answer_logps(model, prompts, cands, prefix_sharing=True, pad_id=tok.pad_token_id)
+            scores.append(logps.double().numpy())
+            targets += [s["candidate_titles"].index(s["target_title"]) for s in chunk]
+    rank = ranking_metrics(np.concatenate(scores), targets, ks=(1,))
+    n = len(samples)
+    return {"valid_ratio": round(valid / n, 4), "hr@1": round(hits / n, 4), "rank/hr@1": round(rank["hr@1"], 4)}
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(run())
