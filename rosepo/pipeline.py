@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 from rosepo.config import RunConfig, config_hash
+from rosepo.model.fetch import resolve_model
 from rosepo.storage import is_complete, read_manifest
 
 #: name -> (config sections it depends on, upstream stages). Order = execution order.
@@ -91,8 +92,8 @@ def _model(cfg: RunConfig, out: Path, inputs: dict[str, Path]) -> dict:
                 titles.update(t for ts in train.column("history_titles").to_pylist() for t in ts)
             build_tiny_model(cfg.model, texts, tmp / "hf", titles=sorted(titles))
             path = str(out / "hf")
-        else:
-            path = cfg.model.name_or_path
+        else:  # a named model (gemma-3-270m) is fetched into the data directory on first use
+            path = resolve_model(cfg.model.name_or_path, cfg.data.data_dir)
         manifest = {"stage": "model", "model_path": path, "config": cfg.to_dict()["model"]}
         write_manifest(tmp, manifest)
     return manifest
