@@ -74,7 +74,7 @@ def _samples(cfg: RunConfig, out: Path, inputs: dict[str, Path]) -> dict:
 
 def _model(cfg: RunConfig, out: Path, inputs: dict[str, Path]) -> dict:
     from rosepo.data.samples import read_split
-    from rosepo.model.factory import build_tiny_model
+    from rosepo.model.factory import build_tiny_model, check_lora_targets, model_linear_layers
     from rosepo.storage import atomic_dir, write_manifest
 
     with atomic_dir(out, overwrite=True) as tmp:
@@ -94,6 +94,8 @@ def _model(cfg: RunConfig, out: Path, inputs: dict[str, Path]) -> dict:
             path = str(out / "hf")
         else:  # a named model (gemma-3-270m) is fetched into the data directory on first use
             path = resolve_model(cfg.model.name_or_path, cfg.data.data_dir)
+        if cfg.model.finetune == "lora":  # here, before any training stage starts workers
+            check_lora_targets(cfg.model, model_linear_layers(path))
         manifest = {"stage": "model", "model_path": path, "config": cfg.to_dict()["model"]}
         write_manifest(tmp, manifest)
     return manifest
