@@ -1,21 +1,54 @@
-"""Prompt templates: several paraphrases, one chosen deterministically per sample.
+"""Prompt templates: several paraphrases per domain, one chosen deterministically per sample.
 
-Every template ends with "Answer:"; the answer is the exact target title, tokenised after a
-space (see `rosepo.model.tokenize`).
+``data.domain`` names what the items are ("movies", "books", "artists"), so that a prompt over
+a music catalog does not ask which movie the user will watch. Every domain has as many templates
+as the others, so a sample's template index does not depend on the domain, and the movie
+templates are the original ones: the default samples are byte for byte what they were.
+
+Every template ends with "Answer:"; the answer is the exact target title (how it is tokenised
+after the prompt is `rosepo.model.tokenize`'s business).
 """
 
 from __future__ import annotations
 
 import hashlib
 
-TEMPLATES = (
-    "The user watched these movies in order: {history}. "
-    "Candidates: {candidates}. Which candidate will the user watch next? Answer:",
-    "Viewing history, oldest first: {history}. "
-    "Choose the one movie the user will watch next from: {candidates}. Answer:",
-    "A user has seen {history}. "
-    "From the candidates {candidates}, recommend the single next movie. Answer:",
-)
+from rosepo.errors import ConfigError
+
+DOMAINS: dict[str, tuple[str, ...]] = {
+    "movies": (
+        "The user watched these movies in order: {history}. "
+        "Candidates: {candidates}. Which candidate will the user watch next? Answer:",
+        "Viewing history, oldest first: {history}. "
+        "Choose the one movie the user will watch next from: {candidates}. Answer:",
+        "A user has seen {history}. "
+        "From the candidates {candidates}, recommend the single next movie. Answer:",
+    ),
+    "books": (
+        "The user read these books in order: {history}. "
+        "Candidates: {candidates}. Which candidate will the user read next? Answer:",
+        "Reading history, oldest first: {history}. "
+        "Choose the one book the user will read next from: {candidates}. Answer:",
+        "A user has read {history}. "
+        "From the candidates {candidates}, recommend the single next book. Answer:",
+    ),
+    "artists": (
+        "The user listened to these artists in order: {history}. "
+        "Candidates: {candidates}. Which candidate will the user listen to next? Answer:",
+        "Listening history, oldest first: {history}. "
+        "Choose the one artist the user will listen to next from: {candidates}. Answer:",
+        "A user has listened to {history}. "
+        "From the candidates {candidates}, recommend the single next artist. Answer:",
+    ),
+}
+#: The default domain's templates.
+TEMPLATES = DOMAINS["movies"]
+
+
+def check_domain(domain: str) -> None:
+    """Refuse a ``data.domain`` that has no templates, naming the ones that do."""
+    if domain not in DOMAINS:
+        raise ConfigError(f"config key 'data.domain' must be one of {', '.join(DOMAINS)}, got {domain!r}")
 
 
 def stable_int(*parts: object) -> int:
@@ -28,9 +61,11 @@ def choose_template(sample_id: str, seed: int) -> int:
     return stable_int("template", seed, sample_id) % len(TEMPLATES)
 
 
-def render_prompt(template_id: int, history_titles: list[str], candidate_titles: list[str]) -> str:
-    """Render a template with quoted titles (quotes keep commas inside titles unambiguous)."""
-    return TEMPLATES[template_id].format(
+def render_prompt(template_id: int, history_titles: list[str], candidate_titles: list[str],
+                  domain: str = "movies") -> str:
+    """Render a template of ``domain`` with quoted titles (quotes keep commas inside titles unambiguous)."""
+    check_domain(domain)
+    return DOMAINS[domain][template_id].format(
         history=", ".join(f'"{t}"' for t in history_titles),
         candidates=", ".join(f'"{t}"' for t in candidate_titles),
     )
