@@ -5,8 +5,8 @@ a music catalog does not ask which movie the user will watch. Every domain has a
 as the others, so a sample's template index does not depend on the domain, and the movie
 templates are the original ones: the default samples are byte for byte what they were.
 
-Every template ends with "Answer:"; the answer is the exact target title (how it is tokenised
-after the prompt is `rosepo.model.tokenize`'s business).
+Every template ends with "Answer:"; the answer is the exact target title, tokenised after it
+with no space (see `rosepo.model.tokenize`).
 """
 
 from __future__ import annotations
