@@ -16,7 +16,7 @@ from rosepo.config import ModelConfig
 from rosepo.errors import ConfigError
 from rosepo.eval.generate import greedy_ids
 from rosepo.model.factory import apply_lora, linear_layer_names, model_linear_layers
-from rosepo.model.fetch import fetch_model
+from rosepo.model.fetch import fetch_model, resolve_model
 from rosepo.model.logprobs import answer_logps
 from rosepo.model.tokenize import encode_answer, encode_prompt, encode_sft
 
@@ -34,7 +34,7 @@ def _candidates(samples, k: int = 6):
     return [[s["answer"]] + TITLES[5 * i: 5 * i + k - 1] for i, s in enumerate(samples)]
 
 
-def test_fetched_folder_is_a_float32_gemma3_and_a_second_fetch_is_a_no_op(gemma_dir):
+def test_fetched_folder_is_a_float32_gemma3_and_the_name_resolves_to_it_without_refetching(gemma_dir):
     manifest = json.loads((gemma_dir / "manifest.json").read_text())
     assert manifest["gguf_sha256"] == "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
     assert manifest["architecture"] == "Gemma3ForCausalLM" and manifest["parameters"] == 268_098_176
@@ -45,6 +45,7 @@ def test_fetched_folder_is_a_float32_gemma3_and_a_second_fetch_is_a_no_op(gemma_
     assert (gemma_dir / "GEMMA_TERMS.html").is_file() and (gemma_dir / "tokenizer.json").is_file()
     t0 = time.perf_counter()
     assert fetch_model("gemma-3-270m", REPO / "data") == gemma_dir
+    assert resolve_model("gemma-3-270m", REPO / "data") == str(gemma_dir)  # model.name_or_path
     assert time.perf_counter() - t0 < 1
 
 
