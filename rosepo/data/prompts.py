@@ -1,9 +1,16 @@
-"""Prompt templates: several paraphrases per domain, one chosen deterministically per sample.
+"""Prompt templates, in two styles and per domain; one template chosen deterministically per sample.
 
-``data.domain`` names what the items are ("movies", "books", "artists"), so that a prompt over
-a music catalog does not ask which movie the user will watch. Every domain has as many templates
-as the others, so a sample's template index does not depend on the domain, and the movie
-templates are the original ones: the default samples are byte for byte what they were.
+``paraphrase`` (the default): three paraphrased sentences with quoted, comma-separated titles,
+for pretrained LLMs, which should not learn one fixed wording. ``list``: one title per line under
+``History:`` and ``Candidates:``, no quotes; 37% fewer tokens than ``paraphrase`` with the tiny
+model's title tokens (67 against 107 on ML-100K), and unambiguous for any tokenizer, since no
+title holds a newline.
+
+``data.domain`` names what the items are ("movies", "books", "artists"), so that a paraphrase
+prompt over a music catalog does not ask which movie the user will watch (``list`` names no
+domain). Every domain has as many templates as the others, so a sample's template index does
+not depend on the domain, and the movie templates are the original ones: the default samples
+are byte for byte what they were.
 
 Every template ends with "Answer:"; the answer is the exact target title, tokenised after it
 with no space (see `rosepo.model.tokenize`).
@@ -41,8 +48,13 @@ DOMAINS: dict[str, tuple[str, ...]] = {
         "From the candidates {candidates}, recommend the single next artist. Answer:",
     ),
 }
-#: The default domain's templates.
+#: The default domain's paraphrase templates.
 TEMPLATES = DOMAINS["movies"]
+
+LIST_TEMPLATE = "History:\n{history}\nCandidates:\n{candidates}\nAnswer:"
+
+#: ``data.prompt_style`` -> its templates (of the default domain; every domain has as many).
+STYLES = {"paraphrase": TEMPLATES, "list": (LIST_TEMPLATE,)}
 
 
 def check_domain(domain: str) -> None:
@@ -56,15 +68,18 @@ def stable_int(*parts: object) -> int:
     return int.from_bytes(hashlib.sha256("\x1f".join(map(str, parts)).encode()).digest()[:8], "little")
 
 
-def choose_template(sample_id: str, seed: int) -> int:
-    """Index of the template for a sample, from its id and the seed."""
-    return stable_int("template", seed, sample_id) % len(TEMPLATES)
+def choose_template(sample_id: str, seed: int, style: str = "paraphrase") -> int:
+    """Index of the template of ``style`` for a sample, from its id and the seed."""
+    return stable_int("template", seed, sample_id) % len(STYLES[style])
 
 
 def render_prompt(template_id: int, history_titles: list[str], candidate_titles: list[str],
-                  domain: str = "movies") -> str:
-    """Render a template of ``domain`` with quoted titles (quotes keep commas inside titles unambiguous)."""
+                  style: str = "paraphrase", domain: str = "movies") -> str:
+    """Render a template: quoted titles for ``paraphrase`` in the wording of ``domain`` (quotes
+    keep commas inside titles unambiguous), one title per line for ``list``."""
     check_domain(domain)
+    if style == "list":
+        return LIST_TEMPLATE.format(history="\n".join(history_titles), candidates="\n".join(candidate_titles))
     return DOMAINS[domain][template_id].format(
         history=", ".join(f'"{t}"' for t in history_titles),
         candidates=", ".join(f'"{t}"' for t in candidate_titles),
