@@ -33,6 +33,18 @@ def cmd_data_fetch(args) -> None:
     print(fetch(args.name, args.data_dir))
 
 
+def cmd_model_fetch(args) -> None:
+    from rosepo.model.fetch import fetch_model
+
+    print(fetch_model(args.name, args.data_dir))
+
+
+def cmd_model_import_gguf(args) -> None:
+    from rosepo.model.gguf import gguf_to_hf
+
+    print(gguf_to_hf(args.file, args.out_dir))
+
+
 def cmd_data_build(args) -> None:
     from rosepo.pipeline import run_stage
     from rosepo.storage import read_manifest
@@ -112,6 +124,16 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(p)
     p.add_argument("--force", action="store_true", help="rebuild even if finished")
     p.set_defaults(func=cmd_data_build)
+    model = sub.add_parser("model", help="fetch a named model, import a GGUF").add_subparsers(dest="model_cmd",
+                                                                                           required=True)
+    p = model.add_parser("fetch", help="download a named model into <data-dir>/models/ (gemma-3-270m)")
+    p.add_argument("name")
+    p.add_argument("--data-dir", default="data")
+    p.set_defaults(func=cmd_model_fetch)
+    p = model.add_parser("import-gguf", help="convert a GGUF file (llama.cpp) to a float32 HF folder")
+    p.add_argument("file", help="the .gguf file")
+    p.add_argument("out_dir", help="output folder (must not exist); use it as model.name_or_path")
+    p.set_defaults(func=cmd_model_import_gguf)
     for stage, text in STAGE_HELP.items():
         p = sub.add_parser(stage, help=text)
         _config_args(p)

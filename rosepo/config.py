@@ -26,8 +26,11 @@ class DataConfig:
     #: ``movielens-100k`` (fetched), ``ml100k-raw`` (u.data/u.item), ``recbole`` (.inter/.item),
     #: ``parquet``, ``csv`` or ``llara-json`` (prepared samples).
     format: str = "movielens-100k"
-    #: Folder for fetched data sets and the default input location.
+    #: Folder for fetched data sets and models, and the default input location.
     data_dir: str = "data"
+    #: What the items are, for the prompt templates: ``movies``, ``books`` or ``artists``
+    #: (`rosepo.data.prompts.DOMAINS`).
+    domain: str = "movies"
     #: Input paths: interactions file and catalog file (ignored for ``movielens-100k``).
     interactions: str = ""
     catalog: str = ""

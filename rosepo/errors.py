@@ -35,3 +35,7 @@ class DataError(RosepoError):
 
 class FetchError(RosepoError):
     """A download failed or its checksum did not match."""
+
+
+class DownloadError(FetchError):
+    """A download could not be made at all (offline, no reachable index): nothing was checked."""

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 from rosepo.config import RunConfig, config_hash
+from rosepo.model.fetch import resolve_model
 from rosepo.storage import is_complete, read_manifest
 
 #: name -> (config sections it depends on, upstream stages). Order = execution order.
@@ -73,7 +74,7 @@ def _samples(cfg: RunConfig, out: Path, inputs: dict[str, Path]) -> dict:
 
 def _model(cfg: RunConfig, out: Path, inputs: dict[str, Path]) -> dict:
     from rosepo.data.samples import read_split
-    from rosepo.model.factory import build_tiny_model
+    from rosepo.model.factory import build_tiny_model, check_lora_targets, model_linear_layers
     from rosepo.storage import atomic_dir, write_manifest
 
     with atomic_dir(out, overwrite=True) as tmp:
@@ -92,8 +93,10 @@ def _model(cfg: RunConfig, out: Path, inputs: dict[str, Path]) -> dict:
             vectors = _title_vectors(inputs) if cfg.model.title_init == "sasrec" else None
             build_tiny_model(cfg.model, texts, tmp / "hf", titles=sorted(titles), title_vectors=vectors)
             path = str(out / "hf")
-        else:
-            path = cfg.model.name_or_path
+        else:  # a named model (gemma-3-270m) is fetched into the data directory on first use
+            path = resolve_model(cfg.model.name_or_path, cfg.data.data_dir)
+        if cfg.model.finetune == "lora":  # here, before any training stage starts workers
+            check_lora_targets(cfg.model, model_linear_layers(path))
         manifest = {"stage": "model", "model_path": path, "config": cfg.to_dict()["model"]}
         write_manifest(tmp, manifest)
     return manifest

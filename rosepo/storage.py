@@ -83,6 +83,15 @@ def is_complete(folder: str | Path) -> bool:
     return (Path(folder) / MANIFEST).is_file()
 
 
+def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def rows_hash(rows: list[dict], key: str) -> str:
     """Order-independent content hash of rows: sha256 over the JSON of rows sorted by ``key``."""
     h = hashlib.sha256()

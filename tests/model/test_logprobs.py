@@ -116,3 +116,28 @@ def test_sequence_token_count_and_shape_errors():
         answer_logps(model, PROMPTS[:2], [ANSWERS[0], ANSWERS[1][:2]], prefix_sharing=True, pad_id=PAD)
     with pytest.raises(ValueError, match="non-empty"):
         answer_logps(model, [[5]], [[[]]], prefix_sharing=False, pad_id=PAD)
+
+
+def _tiny_gemma3(attn="sdpa"):
+    """A random Gemma-3 with the real one's layout: sliding-window layers (window 4, shorter than
+    the rows here, so it matters) and one full-attention layer, scaled embeddings, tied head."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    config = Gemma3TextConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                              num_attention_heads=4, num_key_value_heads=1, head_dim=8, sliding_window=4,
+                              layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+                              max_position_embeddings=64, pad_token_id=PAD, eos_token_id=2, bos_token_id=1)
+    config._attn_implementation = attn
+    return Gemma3ForCausalLM(config).float()
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_prefix_sharing_equals_plain_on_gemma3_sliding_window_layers(attn):
+    model = _tiny_gemma3(attn)
+    param = model.model.layers[0].self_attn.k_proj.weight
+    plain, _, plain_grad = _logps_and_grad(model, False, param)
+    shared, _, shared_grad = _logps_and_grad(model, True, param)
+    torch.testing.assert_close(plain, _one_by_one(model), atol=1e-5, rtol=0)
+    torch.testing.assert_close(shared, plain, atol=1e-5, rtol=0)
+    torch.testing.assert_close(shared_grad, plain_grad, atol=1e-5, rtol=1e-4)
