@@ -91,12 +91,12 @@ def _model(cfg: RunConfig, out: Path, inputs: dict[str, Path]) -> dict:
                         titles.update(t for ts in table.column(column).to_pylist() for t in ts)
                 titles.update(t for ts in train.column("history_titles").to_pylist() for t in ts)
             vectors = _title_vectors(inputs) if cfg.model.title_init == "sasrec" else None
-            build_tiny_model(cfg.model, texts, tmp / "hf", titles=sorted(titles), title_vectors=vectors)
-            path = str(out / "hf")
+            built = build_tiny_model(cfg.model, texts, tmp / "hf", titles=sorted(titles), title_vectors=vectors)
+            path = str(out / "hf")  # where it will be once the folder is in place
         else:  # a named model (gemma-3-270m) is fetched into the data directory on first use
-            path = resolve_model(cfg.model.name_or_path, cfg.data.data_dir)
+            path = built = resolve_model(cfg.model.name_or_path, cfg.data.data_dir)
         if cfg.model.finetune == "lora":  # here, before any training stage starts workers
-            check_lora_targets(cfg.model, model_linear_layers(path))
+            check_lora_targets(cfg.model, model_linear_layers(built))
         manifest = {"stage": "model", "model_path": path, "config": cfg.to_dict()["model"]}
         write_manifest(tmp, manifest)
     return manifest
