@@ -67,13 +67,15 @@ def sft_model(sft_stage_dir: Path, base: str) -> tuple[str, str | None]:
 
 def _samples(cfg: RunConfig, out: Path, inputs: dict[str, Path]) -> dict:
     from rosepo.data.samples import build_samples
+    from rosepo.train.raysetup import init_ray
 
-    return build_samples(cfg.data, out)
+    return build_samples(cfg.data, out, start_ray=lambda: init_ray(cfg.ray_address))
 
 
 def _model(cfg: RunConfig, out: Path, inputs: dict[str, Path]) -> dict:
-    from rosepo.data.samples import read_split
-    from rosepo.model.factory import build_tiny_model
+    from rosepo.data.samples import SPLITS, read_split
+    from rosepo.model.factory import build_tiny_model, load_tokenizer
+    from rosepo.model.tokenize import check_sample_lengths
     from rosepo.storage import atomic_dir, write_manifest
 
     with atomic_dir(out, overwrite=True) as tmp:
@@ -90,10 +92,15 @@ def _model(cfg: RunConfig, out: Path, inputs: dict[str, Path]) -> dict:
                         titles.update(t for ts in table.column(column).to_pylist() for t in ts)
                 titles.update(t for ts in train.column("history_titles").to_pylist() for t in ts)
             build_tiny_model(cfg.model, texts, tmp / "hf", titles=sorted(titles))
-            path = str(out / "hf")
+            path, tokenizer = str(out / "hf"), load_tokenizer(tmp / "hf")
         else:
-            path = cfg.model.name_or_path
-        manifest = {"stage": "model", "model_path": path, "config": cfg.to_dict()["model"]}
+            path, tokenizer = cfg.model.name_or_path, load_tokenizer(cfg.model.name_or_path)
+        # Every prompt and answer within the token limits, refused here with the usual one line
+        # rather than inside a Ray Data task of SFT, pairs or eval.
+        longest = check_sample_lengths(tokenizer, {s: read_split(inputs["samples"], s) for s in SPLITS},
+                                       cfg.model.max_prompt_tokens, cfg.model.max_answer_tokens,
+                                       str(inputs["samples"]))
+        manifest = {"stage": "model", "model_path": path, "config": cfg.to_dict()["model"], "longest": longest}
         write_manifest(tmp, manifest)
     return manifest
 
