@@ -74,11 +74,17 @@ class PairScorer:
         rows = batch.to_pylist()
         prompt_ids = [encode_prompt(self.tok, r["prompt"], mc.max_prompt_tokens) for r in rows]
         cand_ids = [[encode_answer(self.tok, t, mc.max_answer_tokens) for t in r["candidate_titles"]] for r in rows]
+        # One sample per forward. Batched, a sample's scores move in the last bits with the rows it
+        # shares a batch with (the matmul shapes follow the batch size and padding width, and BLAS
+        # blocks, hence sums, by shape: 1.9e-6 apart here, other digits on another CPU), and
+        # with them the content hash and, on near-ties, the self-hard argmax. Alone, a sample's
+        # scores depend on the sample only, whatever the Ray batch size or actor count.
         with torch.no_grad():
-            logps, _ = answer_logps(self.model, prompt_ids, cand_ids, prefix_sharing=True,
-                                    pad_id=self.tok.pad_token_id)
-        logps = logps.double().numpy()
-        oracle = self.oracle.score([r["history_item_ids"] for r in rows], [r["candidate_item_ids"] for r in rows])
+            logps = np.stack([answer_logps(self.model, [p], [c], prefix_sharing=True,
+                                           pad_id=self.tok.pad_token_id)[0][0].double().numpy()
+                              for p, c in zip(prompt_ids, cand_ids)])
+        oracle = np.concatenate([self.oracle.score([r["history_item_ids"]], [r["candidate_item_ids"]])
+                                 for r in rows])
         greedy = self._greedy(rows, prompt_ids) if pc.self_hard_greedy else [-1] * len(rows)
         names = sorted(pc.strategies) if pc.mix == "all" else None
         out = []
@@ -111,7 +117,8 @@ class PairScorer:
         from rosepo.eval.generate import greedy_answers
         from rosepo.eval.metrics import parse_answer
 
-        answers = greedy_answers(self.model, self.tok, prompt_ids, self.cfg.model.max_answer_tokens)
+        answers = [greedy_answers(self.model, self.tok, [p], self.cfg.model.max_answer_tokens)[0]
+                   for p in prompt_ids]  # one at a time, as the scores above
         return [parse_answer(a, r["candidate_titles"], 0)["named_index"] for a, r in zip(answers, rows)]
 
 
