@@ -67,6 +67,11 @@ def test_empty_file_is_the_defaults(tmp_path):
     assert load_config(write(tmp_path, "# nothing\n")) == RunConfig()
 
 
+def test_utf8_bom_config_file(tmp_path):
+    """A YAML saved with a byte-order mark (Windows editors) loads: PyYAML drops the mark."""
+    assert load_config(write(tmp_path, "\ufeffalign:\n  beta: 0.2\n")).align.beta == 0.2
+
+
 # --- what is refused ---------------------------------------------------------------------------
 
 
