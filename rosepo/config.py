@@ -28,6 +28,8 @@ from rosepo.errors import ConfigError
 
 #: ``data.format``: the sources of `rosepo.data.samples.SOURCES`, and ``llara-json`` (prepared samples).
 DataFormat = Literal["movielens-100k", "ml100k-raw", "recbole", "csv", "parquet", "llara-json"]
+#: ``data.prompt_style``: `rosepo.data.prompts.STYLES`.
+PromptStyle = Literal["paraphrase", "list"]
 #: Splits of a samples folder (`rosepo.data.samples.SPLITS`).
 Split = Literal["train", "valid", "test"]
 #: ``model.dtype``: the names `rosepo.model.factory.resolve_dtype` knows. No float16: the
@@ -107,6 +109,9 @@ class DataConfig:
     max_train_windows_per_user: AllOrCount = 0
     #: Windows kept per valid/test user, the last ones (0 = all).
     eval_windows_per_user: AllOrCount = 5
+    #: Prompt wording (`rosepo.data.prompts`): ``paraphrase`` (three quoted-list sentences) or
+    #: ``list`` (one title per line; the shortest prompt, the tiny default's choice).
+    prompt_style: PromptStyle = "paraphrase"
     #: ``llara-json`` input: split name -> JSON file of prepared samples.
     llara: dict = field(default_factory=dict)
     #: Policies that are choices, off by default, counted in the manifest when used.
@@ -193,6 +198,10 @@ class TrainConfig:
 @dataclass
 class SFTConfig(TrainConfig):
     """Supervised fine-tuning on the true next item."""
+
+    #: Weight of the candidate-set term: -log of the probability mass that the answer's first
+    #: token puts on the candidates' first tokens (`rosepo.train.sft`). 0 = plain SFT.
+    candidate_weight: Annotated[float, Range(ge=0, note="0 = plain SFT")] = 0.0
 
 
 @dataclass

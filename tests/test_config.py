@@ -16,8 +16,8 @@ import yaml
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
-from rosepo.config import (COLUMN_NAMES, STRATEGY_NAMES, DataFormat, Dtype, Embedder, Loss, Range, RunConfig, Split,
-                           config_hash, load_config, set_dotted)
+from rosepo.config import (COLUMN_NAMES, STRATEGY_NAMES, DataFormat, Dtype, Embedder, Loss, PromptStyle, Range,
+                           RunConfig, Split, config_hash, load_config, set_dotted)
 from rosepo.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -250,6 +250,7 @@ def test_float_strings_that_are_not_finite_numbers_refused(override):
 def test_name_sets_match_their_registries():
     """config.py holds each set of names (it may not import the modules above it); each
     registry of those modules must hold exactly the same names."""
+    from rosepo.data.prompts import STYLES
     from rosepo.data.samples import SOURCES, SPLITS
     from rosepo.losses import LOSSES
     from rosepo.model.factory import resolve_dtype
@@ -259,6 +260,7 @@ def test_name_sets_match_their_registries():
 
     assert set(typing.get_args(DataFormat)) == set(SOURCES) | {"llara-json"}
     assert typing.get_args(Split) == SPLITS
+    assert set(typing.get_args(PromptStyle)) == set(STYLES)
     assert set(typing.get_args(Embedder)) == set(EMBEDDERS)
     assert typing.get_args(Loss) == LOSSES
     assert STRATEGY_NAMES == tuple(STRATEGIES)
