@@ -149,6 +149,10 @@ class ModelConfig:
     #: so the model answers by choosing one token (item tokens, as in ID-based LLM recommenders)
     #: instead of copying a title token by token. A pretrained model's tokenizer is used as is.
     title_tokens: bool = False
+    #: Built-in tiny model with title tokens: ``random`` embeddings, or ``sasrec``: the oracle's
+    #: item vectors added to the title tokens' embeddings (a hybrid item token; the oracle then
+    #: trains before the model is built).
+    title_init: Literal["random", "sasrec"] = "random"
     #: Longest prompt in tokens; longer prompts are refused at tokenisation.
     max_prompt_tokens: Positive = 512
     #: Longest answer in tokens, EOS included.
@@ -202,6 +206,9 @@ class SFTConfig(TrainConfig):
     #: Weight of the candidate-set term: -log of the probability mass that the answer's first
     #: token puts on the candidates' first tokens (`rosepo.train.sft`). 0 = plain SFT.
     candidate_weight: Annotated[float, Range(ge=0, note="0 = plain SFT")] = 0.0
+    #: Weight of next-item prediction over the history: the cross-entropy of history titles
+    #: 2..n given the prompt before each (SASRec's objective, inside the prompt). 0 = off.
+    history_weight: Annotated[float, Range(ge=0, note="0 = off")] = 0.0
 
 
 @dataclass
@@ -380,6 +387,8 @@ class RunConfig:
             _check(m.max_prompt_tokens + m.max_answer_tokens <= m.max_position_embeddings,
                    "model.max_position_embeddings", f"must be >= model.max_prompt_tokens + model.max_answer_tokens "
                    f"({m.max_prompt_tokens + m.max_answer_tokens})", m.max_position_embeddings)
+        _check(m.title_init == "random" or (m.name_or_path == "tiny" and m.title_tokens), "model.title_init",
+               "'sasrec' needs the built-in tiny model with model.title_tokens: true", m.title_init)
         for key in ("lora_target_modules", "modules_to_save"):
             names = getattr(m, key)
             _check(all(isinstance(x, str) and x for x in names), f"model.{key}", "must list module names", names)

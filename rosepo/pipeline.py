@@ -20,9 +20,9 @@ from rosepo.storage import is_complete, read_manifest
 #: name -> (config sections it depends on, upstream stages). Order = execution order.
 GRAPH: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "samples": (("data",), ()),
-    "model": (("model",), ("samples",)),
-    "sft": (("sft", "model"), ("samples", "model")),
     "oracle": (("oracle",), ("samples",)),
+    "model": (("model",), ("samples", "oracle")),  # model.title_init: sasrec reads the oracle
+    "sft": (("sft", "model"), ("samples", "model")),
     "pairs": (("pairs", "model"), ("samples", "model", "sft", "oracle")),
     "align": (("align", "model"), ("pairs", "model", "sft")),
     "eval": (("eval", "model"), ("samples", "model", "sft", "oracle", "align")),
@@ -91,7 +91,8 @@ def _model(cfg: RunConfig, out: Path, inputs: dict[str, Path]) -> dict:
                     for column in ("history_titles", "candidate_titles"):
                         titles.update(t for ts in table.column(column).to_pylist() for t in ts)
                 titles.update(t for ts in train.column("history_titles").to_pylist() for t in ts)
-            build_tiny_model(cfg.model, texts, tmp / "hf", titles=sorted(titles))
+            vectors = _title_vectors(inputs) if cfg.model.title_init == "sasrec" else None
+            build_tiny_model(cfg.model, texts, tmp / "hf", titles=sorted(titles), title_vectors=vectors)
             path, tokenizer = str(out / "hf"), load_tokenizer(tmp / "hf")
         else:
             path, tokenizer = cfg.model.name_or_path, load_tokenizer(cfg.model.name_or_path)
@@ -103,6 +104,25 @@ def _model(cfg: RunConfig, out: Path, inputs: dict[str, Path]) -> dict:
         manifest = {"stage": "model", "model_path": path, "config": cfg.to_dict()["model"], "longest": longest}
         write_manifest(tmp, manifest)
     return manifest
+
+
+def _title_vectors(inputs: dict[str, Path]) -> dict:
+    """Title -> the oracle's item vector (the mean, for a title two items share)."""
+    import numpy as np
+
+    from rosepo.data.samples import read_split
+    from rosepo.pairs.oracle import load_oracle
+
+    item_vectors = load_oracle(inputs["oracle"]).item_vectors()
+    by_title: dict[str, dict[str, np.ndarray]] = {}
+    for split in ("train", "valid", "test"):
+        table = read_split(inputs["samples"], split)
+        for ids_col, titles_col in (("history_item_ids", "history_titles"),
+                                    ("candidate_item_ids", "candidate_titles")):
+            for ids, names in zip(table.column(ids_col).to_pylist(), table.column(titles_col).to_pylist()):
+                for i, t in zip(ids, names):
+                    by_title.setdefault(t, {})[i] = item_vectors[i]
+    return {t: np.mean(list(v.values()), axis=0) for t, v in by_title.items()}
 
 
 def _sft(cfg: RunConfig, out: Path, inputs: dict[str, Path]) -> dict:

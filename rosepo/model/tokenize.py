@@ -48,6 +48,30 @@ def encode_sft(tokenizer, prompt: str, answer: str, max_prompt_tokens: int,
     return {"input_ids": p + a, "labels": [IGNORE] * len(p) + a}
 
 
+def history_title_positions(tokenizer, prompt: str, history_titles: list[str], prompt_len: int) -> list[int]:
+    """Positions, in a prompt of ``prompt_len`` ids (`encode_prompt`), of the tokens of history
+    titles 2..n: the targets of next-item prediction over the history (item j given items < j).
+
+    Titles are found in order in the prompt text (every template lists the history first) and a
+    token counts when its characters lie inside a title; with title tokens that is the title's
+    one token. Special tokens `encode_prompt` put before the text shift every position alike.
+    """
+    enc = tokenizer(prompt, add_special_tokens=False, return_offsets_mapping=True)
+    shift = prompt_len - len(enc["input_ids"])
+    spans, start = [], 0
+    for title in history_titles:
+        at = prompt.find(title, start)
+        if at < 0:
+            raise DataError(f"history title {title!r} is not in the prompt after character {start}")
+        spans.append((at, at + len(title)))
+        start = at + len(title)
+    positions = []
+    for i, (a, b) in enumerate(enc["offset_mapping"]):
+        if b > a and any(lo <= a and b <= hi for lo, hi in spans[1:]):
+            positions.append(i + shift)
+    return positions
+
+
 def pad_sft_batch(rows: list[dict], pad_id: int) -> dict:
     """Right-pad SFT rows into long tensors ``input_ids``, ``labels`` (-100 on pads), ``attention_mask``."""
     import torch

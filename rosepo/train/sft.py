@@ -13,6 +13,11 @@ and m is exactly the probability that the answer is a candidate; for multi-token
 first-token relaxation (the mass on the tokens a candidate can start with). It costs nothing: the
 logits it reads are the ones the cross-entropy reads.
 
+With ``sft.history_weight`` w > 0 it adds w · the mean cross-entropy of history titles 2..n, each
+predicted from the prompt before it (`rosepo.model.tokenize.history_title_positions`): next-item
+prediction, SASRec's objective, over the history the prompt already holds, so a sample teaches
+up to ten transitions instead of one. The LM head runs on those positions only.
+
 Tokenisation runs in the Ray Data pipeline (`sft_dataset`), once, before training; the loop
 only pads. ``sft.max_samples`` keeps the first N samples by ``sample_id`` (sorted), so a slice is the
 same whatever order the samples were written in.
@@ -58,6 +63,12 @@ def collate(rows: list[dict], pad_id: int) -> dict:
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     batch = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask,
              "position_ids": position_ids, "keep": torch.tensor(keep)}
+    if rows[0].get("history_positions") is not None:
+        # (row, position) of each history target's predicting logit (the token before it), and the target.
+        pairs = [(i, width - len(r["input_ids"]) + p) for i, r in enumerate(rows) for p in r["history_positions"]]
+        index = torch.tensor(pairs, dtype=torch.long).reshape(-1, 2)
+        batch["history_index"] = index - torch.tensor([0, 1])
+        batch["history_targets"] = input_ids[index[:, 0], index[:, 1]]
     if rows[0].get("candidate_first_ids") is not None:
         # Index, among the kept logits, of the one that predicts each row's first answer token.
         batch["first_pos"] = keep - 1 - torch.tensor(answer_lengths, dtype=torch.long)
@@ -90,11 +101,22 @@ def token_cross_entropy(logits, labels):
 
 def compute_loss(model, batch: dict, cfg: dict) -> tuple[Any, dict]:
     """SFT loss of a micro-batch and its metrics (``sft/token_accuracy``)."""
+    import torch.nn.functional as F
+
     keep = int(batch["keep"])
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                   position_ids=batch["position_ids"], logits_to_keep=keep).logits
+    history = cfg["history_weight"] and len(batch["history_targets"]) > 0
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                position_ids=batch["position_ids"], logits_to_keep=keep, output_hidden_states=bool(history))
+    logits = out.logits
     loss, accuracy = token_cross_entropy(logits, batch["labels"][:, -keep:])
     metrics = {"sft/token_accuracy": accuracy.detach()}
+    if history:
+        hidden = out.hidden_states[-1]  # after the final norm: the LM head's input
+        rows, positions = batch["history_index"].unbind(1)
+        history_logits = model.get_output_embeddings()(hidden[rows, positions]).float()
+        history_loss = F.cross_entropy(history_logits, batch["history_targets"])
+        loss = loss + cfg["history_weight"] * history_loss
+        metrics["sft/history_loss"] = history_loss.detach()
     if cfg["candidate_weight"]:
         import torch
 
@@ -118,13 +140,14 @@ def _tokenizer(path: str):
 
 
 def tokenize_batch(batch, model_path: str, max_prompt_tokens: int, max_answer_tokens: int,
-                   candidates: bool = False):
+                   candidates: bool = False, history: bool = False):
     """Ray Data UDF (pandas batches): ``sample_id, prompt, answer`` -> ``sample_id, input_ids,
-    labels``, and with ``candidates`` ``candidate_first_ids`` (the first token of each of
-    ``candidate_titles`` as an answer). The tokenizer is loaded once per Ray worker process."""
+    labels``; with ``candidates`` also ``candidate_first_ids`` (the first token of each of
+    ``candidate_titles`` as an answer), with ``history`` ``history_positions`` (of
+    ``history_titles`` 2..n). The tokenizer is loaded once per Ray worker process."""
     import pandas as pd
 
-    from rosepo.model.tokenize import encode_answer, encode_sft
+    from rosepo.model.tokenize import IGNORE, encode_answer, encode_sft, history_title_positions
 
     tok = _tokenizer(model_path)
     enc = [encode_sft(tok, p, a, max_prompt_tokens, max_answer_tokens)
@@ -138,6 +161,9 @@ def tokenize_batch(batch, model_path: str, max_prompt_tokens: int, max_answer_to
                 if t not in first:
                     first[t] = encode_answer(tok, t, max_answer_tokens)[0]
         out["candidate_first_ids"] = [[first[t] for t in titles] for titles in batch["candidate_titles"]]
+    if history:
+        out["history_positions"] = [history_title_positions(tok, p, list(h), e["labels"].count(IGNORE))
+                                    for p, h, e in zip(batch["prompt"], batch["history_titles"], enc)]
     return pd.DataFrame(out)
 
 
@@ -149,15 +175,16 @@ def sft_dataset(run_cfg: Any, samples_ds, base_model: str):
     once here so the workers, which each read the whole set, do not tokenise it again.
     """
     mcfg = run_cfg.model
-    candidates = run_cfg.sft.candidate_weight > 0
-    ds = samples_ds.select_columns(["sample_id", "prompt", "answer"] + ["candidate_titles"] * candidates)
+    candidates, history = run_cfg.sft.candidate_weight > 0, run_cfg.sft.history_weight > 0
+    ds = samples_ds.select_columns(["sample_id", "prompt", "answer"] + ["candidate_titles"] * candidates
+                                   + ["history_titles"] * history)
     if run_cfg.sft.max_samples:
         ds = ds.sort("sample_id").limit(run_cfg.sft.max_samples)
     return ds.map_batches(tokenize_batch, batch_format="pandas",
                           fn_kwargs={"model_path": str(base_model),
                                      "max_prompt_tokens": mcfg.max_prompt_tokens,
                                      "max_answer_tokens": mcfg.max_answer_tokens,
-                                     "candidates": candidates}).materialize()
+                                     "candidates": candidates, "history": history}).materialize()
 
 
 def run_sft(run_cfg: Any, samples_ds, base_model: str, output_dir: str, run_name: str) -> dict:

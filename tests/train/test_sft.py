@@ -402,3 +402,52 @@ def test_sigkilled_worker_is_replaced_and_the_run_resumes_exactly(zero2_run, ray
     assert 8 <= killed_at <= resumed < STEPS, "the new worker group did not resume from the last checkpoint"
     assert [h["step"] for h in result["history"]] == list(range(1, STEPS + 1))
     assert _losses(result) == pytest.approx(_losses(ref), abs=1e-5)
+
+
+def test_history_weight_adds_next_item_prediction_over_the_history():
+    """With history_weight w the loss is the SFT cross-entropy + w · the mean cross-entropy of the
+    history targets, each read at the position before it: checked against the right-padded full
+    forward, on two rows of different lengths (so their left pads differ)."""
+    import torch
+    import torch.nn.functional as F
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from rosepo.model.tokenize import pad_sft_batch
+    from rosepo.train import sft
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2)).eval()
+    rows = [{"input_ids": [5, 6, 7, 8, 9, 10, 11], "labels": [-100] * 4 + [9, 10, 11], "history_positions": [2, 3]},
+            {"input_ids": [5, 6, 7, 12, 13], "labels": [-100] * 3 + [12, 13], "history_positions": [1]}]
+    batch = sft.collate(rows, 0)
+    assert batch["history_targets"].tolist() == [7, 8, 6]
+    cfg = dataclasses.asdict(SFTConfig(history_weight=2.0))
+    with torch.no_grad():
+        loss, metrics = sft.compute_loss(model, batch, cfg)
+        right = pad_sft_batch(rows, 0)
+        logits = model(input_ids=right["input_ids"], attention_mask=right["attention_mask"]).logits
+        ce, _ = sft.token_cross_entropy(logits, right["labels"])
+        history = F.cross_entropy(torch.stack([logits[0, 1], logits[0, 2], logits[1, 0]]), torch.tensor([7, 8, 6]))
+    assert float(metrics["sft/history_loss"]) == pytest.approx(float(history), abs=1e-5)
+    assert float(loss) == pytest.approx(float(ce + 2.0 * history), abs=1e-5)
+
+
+@pytest.mark.parametrize("style", ["paraphrase", "list"])
+def test_history_title_positions_cover_titles_two_to_n(style):
+    """The positions are those of the tokens of history titles 2..n (not the first, nor any
+    candidate, even one that repeats a history title), with plain BPE and with title tokens."""
+    from rosepo.data.prompts import render_prompt
+    from rosepo.model.factory import train_tokenizer
+    from rosepo.model.tokenize import encode_prompt, history_title_positions
+
+    history, cands = ["Heat", "Toy Story", "Fargo"], ["Fargo", "Heat and Dust"]
+    prompt = render_prompt(0, history, cands, style)
+    for titles in ((), history + cands):
+        tok = train_tokenizer([prompt] * 5, 300, titles)
+        ids = encode_prompt(tok, prompt, 512)
+        positions = history_title_positions(tok, prompt, history, len(ids))
+        assert tok.decode([ids[i] for i in positions]).replace(" ", "") == "ToyStoryFargo", titles
+        assert positions == sorted(positions)
+        if titles:
+            assert [ids[i] for i in positions] == tok.convert_tokens_to_ids(["Toy Story", "Fargo"])
