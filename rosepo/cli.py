@@ -46,15 +46,15 @@ def cmd_model_import_gguf(args) -> None:
 
 
 def cmd_data_build(args) -> None:
+    """Build the samples; Ray starts only once the input has been read and found valid."""
     from rosepo.pipeline import run_stage
     from rosepo.storage import read_manifest
-    from rosepo.train.raysetup import init_ray
 
     cfg = _load(args)
-    init_ray(cfg.ray_address)
     out = run_stage(cfg, "samples", force=args.force)
     m = read_manifest(out)
-    _print({k: m.get(k) for k in ("users", "items", "interactions", "samples", "policies", "content_hash")})
+    _print({k: m.get(k) for k in ("users", "items", "interactions", "samples", "policies", "users_dropped",
+                                  "content_hash")})
     print(out)
 
 

@@ -2,7 +2,14 @@
 
 Loaded from YAML (``yaml.safe_load``) and then ``key=value`` overrides with dotted keys
 (``align.beta=0.2``). Unknown keys, wrong types and out-of-range values raise `ConfigError`
-with the key and the remedy, at load time, before any work starts.
+with the key, the value and what is expected, at load time, before any work starts.
+
+Where the checks live: a field's own constraint is declared on its annotation, as a `Literal`
+of its choices or an ``Annotated[..., Range(...)]`` of its bounds; `RunConfig.validate` walks
+every field for those and then checks what spans several fields. The name sets below are the one
+source of each set of choices. The modules that implement them (readers, dtypes, embedders,
+strategies, losses) sit above config in the layering, so config cannot import their registries;
+tests/test_config.py checks that every registry holds exactly these names.
 """
 
 from __future__ import annotations
@@ -10,13 +17,69 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 from rosepo.errors import ConfigError
+
+#: ``data.format``: the sources of `rosepo.data.samples.SOURCES`, and ``llara-json`` (prepared samples).
+DataFormat = Literal["movielens-100k", "ml100k-raw", "recbole", "csv", "parquet", "llara-json"]
+#: ``data.prompt_style``: `rosepo.data.prompts.STYLES`.
+PromptStyle = Literal["paraphrase", "list"]
+#: ``data.domain``: `rosepo.data.prompts.DOMAINS`.
+Domain = Literal["movies", "books", "artists"]
+#: Splits of a samples folder (`rosepo.data.samples.SPLITS`).
+Split = Literal["train", "valid", "test"]
+#: ``model.dtype``: the names `rosepo.model.factory.resolve_dtype` knows. No float16: the
+#: DeepSpeed config rosepo writes trains in bfloat16 or float32 only.
+Dtype = Literal["auto", "float32", "bfloat16"]
+#: ``pairs.embedder``: `rosepo.pairs.embed.EMBEDDERS`.
+Embedder = Literal["minilm", "tfidf"]
+#: ``align.loss``: `rosepo.losses.LOSSES`.
+Loss = Literal["rosepo", "dpo", "cdpo", "sdpo", "sdpo_smoothed", "ipo"]
+#: Rejected-sampling strategies (`rosepo.pairs.strategies.STRATEGIES`).
+STRATEGY_NAMES = ("self_hard", "semantic", "popularity", "random")
+#: Canonical column names ``data.columns`` may map (`rosepo.schema`).
+COLUMN_NAMES = ("user_id", "item_id", "timestamp", "title")
+
+
+@dataclass(frozen=True)
+class Range:
+    """Bounds of a numeric field, checked by `RunConfig.validate`: ``ge <= x``, ``gt < x``,
+    ``x < lt``, ``x <= le`` (each when given); ``note`` says what a special value means."""
+
+    ge: float | None = None
+    gt: float | None = None
+    lt: float | None = None
+    le: float | None = None
+    note: str = ""
+
+    def contains(self, x: Any) -> bool:
+        """Whether ``x`` is a number (not a bool, not NaN) within the bounds."""
+        if isinstance(x, bool) or not isinstance(x, (int, float)) or x != x:
+            return False
+        return ((self.ge is None or x >= self.ge) and (self.gt is None or x > self.gt)
+                and (self.lt is None or x < self.lt) and (self.le is None or x <= self.le))
+
+    def text(self) -> str:
+        """The bounds in words, e.g. ``must be >= 0 (0 = all)``."""
+        parts = [f"{op} {v}" for op, v in ((">=", self.ge), (">", self.gt), ("<", self.lt), ("<=", self.le))
+                 if v is not None]
+        return "must be " + " and ".join(parts) + (f" ({self.note})" if self.note else "")
+
+
+Count = Annotated[int, Range(ge=0)]
+AllOrCount = Annotated[int, Range(ge=0, note="0 = all")]
+Positive = Annotated[int, Range(ge=1)]
+PositiveFloat = Annotated[float, Range(gt=0)]
+NonNegFloat = Annotated[float, Range(ge=0)]
+Dropout = Annotated[float, Range(ge=0, lt=1)]
+#: Seeds feed NumPy generators, which refuse negative seeds, and torch, which takes at most 64 bits.
+Seed = Annotated[int, Range(ge=0, lt=2**63)]
 
 
 @dataclass
@@ -25,42 +88,42 @@ class DataConfig:
 
     #: ``movielens-100k`` (fetched), ``ml100k-raw`` (u.data/u.item), ``recbole`` (.inter/.item),
     #: ``parquet``, ``csv`` or ``llara-json`` (prepared samples).
-    format: str = "movielens-100k"
+    format: DataFormat = "movielens-100k"
     #: Folder for fetched data sets and models, and the default input location.
     data_dir: str = "data"
     #: What the items are, for the prompt templates: ``movies``, ``books`` or ``artists``
     #: (`rosepo.data.prompts.DOMAINS`).
-    domain: str = "movies"
+    domain: Domain = "movies"
     #: Input paths: interactions file and catalog file (ignored for ``movielens-100k``).
     interactions: str = ""
     catalog: str = ""
     #: Column mapping for csv/parquet input: canonical name -> name in the file.
     columns: dict = field(default_factory=dict)
-    #: Field delimiter for ``csv`` (``"\t"`` for TSV).
+    #: Field delimiter for ``csv`` (``"\t"`` for TSV): one character, not a quote or line break.
     delimiter: str = ","
     #: Longest history kept (oldest dropped first).
-    max_history: int = 10
+    max_history: Positive = 10
     #: Windows with fewer history items are dropped.
-    min_history: int = 3
+    min_history: Positive = 3
     #: Candidates per sample, the target included.
-    num_candidates: int = 20
+    num_candidates: Annotated[int, Range(ge=2)] = 20
     #: Fractions of users in train/valid/test.
     split: tuple = (0.8, 0.1, 0.1)
-    seed: int = 0
-    #: Keep only the last N windows per user in train (0 = all); valid/test keep their last window.
-    max_train_windows_per_user: int = 0
-    #: Windows kept per valid/test user (the last ones).
-    eval_windows_per_user: int = 5
+    seed: Seed = 0
+    #: Keep only the last N windows per user in train (0 = all).
+    max_train_windows_per_user: AllOrCount = 0
+    #: Windows kept per valid/test user, the last ones (0 = all).
+    eval_windows_per_user: AllOrCount = 5
     #: Prompt wording (`rosepo.data.prompts`): ``paraphrase`` (three quoted-list sentences) or
     #: ``list`` (one title per line; the shortest prompt, the tiny default's choice).
-    prompt_style: str = "paraphrase"
+    prompt_style: PromptStyle = "paraphrase"
     #: ``llara-json`` input: split name -> JSON file of prepared samples.
     llara: dict = field(default_factory=dict)
     #: Policies that are choices, off by default, counted in the manifest when used.
     drop_duplicates: bool = False
     drop_unknown_items: bool = False
     #: Ray Data parallelism of the grouping step (None lets Ray choose). Does not change output.
-    num_partitions: int = 4
+    num_partitions: Positive = 4
 
 
 @dataclass
@@ -69,23 +132,23 @@ class ModelConfig:
 
     #: ``tiny`` builds a small Llama from config with a tokenizer trained on the data's text.
     name_or_path: str = "tiny"
-    hidden_size: int = 128
-    intermediate_size: int = 256
-    num_hidden_layers: int = 2
-    num_attention_heads: int = 4
-    num_key_value_heads: int = 2
-    vocab_size: int = 4096
-    max_position_embeddings: int = 1024
+    hidden_size: Positive = 128
+    intermediate_size: Positive = 256
+    num_hidden_layers: Positive = 2
+    num_attention_heads: Positive = 4
+    num_key_value_heads: Positive = 2
+    vocab_size: Positive = 4096
+    max_position_embeddings: Positive = 1024
     #: ``lora`` or ``full``.
-    finetune: str = "lora"
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.0
+    finetune: Literal["lora", "full"] = "lora"
+    lora_r: Positive = 16
+    lora_alpha: Positive = 32
+    lora_dropout: Dropout = 0.0
     lora_target_modules: tuple = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     #: Train the embeddings and LM head too when the base model is built from scratch.
     modules_to_save: tuple = ()
     #: ``float32``, ``bfloat16`` (GPU) or ``auto`` (bf16 on GPU, fp32 on CPU).
-    dtype: str = "auto"
+    dtype: Dtype = "auto"
     gradient_checkpointing: bool = False
     #: Built-in tiny model only: every catalog title is one whole-word token of the tokenizer,
     #: so the model answers by choosing one token (item tokens, as in ID-based LLM recommenders)
@@ -94,10 +157,11 @@ class ModelConfig:
     #: Built-in tiny model with title tokens: ``random`` embeddings, or ``sasrec``: the oracle's
     #: item vectors added to the title tokens' embeddings (a hybrid item token; the oracle then
     #: trains before the model is built).
-    title_init: str = "random"
+    title_init: Literal["random", "sasrec"] = "random"
     #: Longest prompt in tokens; longer prompts are refused at tokenisation.
-    max_prompt_tokens: int = 512
-    max_answer_tokens: int = 48
+    max_prompt_tokens: Positive = 512
+    #: Longest answer in tokens, EOS included.
+    max_answer_tokens: Annotated[int, Range(ge=2, note="a title token and EOS")] = 48
 
 
 @dataclass
@@ -105,30 +169,33 @@ class TrainConfig:
     """What SFT and alignment share: the distributed loop, optimiser and checkpoints."""
 
     #: ``lora`` or ``full``; "" inherits ``model.finetune``.
-    finetune: str = ""
-    num_workers: int = 2
+    finetune: Literal["", "lora", "full"] = ""
+    num_workers: Positive = 2
     use_gpu: bool = False
     #: CPUs per Ray Train worker.
-    cpus_per_worker: float = 1.0
+    cpus_per_worker: PositiveFloat = 1.0
     #: Path of a DeepSpeed JSON under configs/deepspeed, or "" for the built-in one.
     deepspeed_config: str = ""
-    zero_stage: int = 2
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    #: ZeRO-Offload of the optimizer (and, at ZeRO-3, the parameters) to CPU; needs zero_stage >= 1.
     offload: bool = False
-    micro_batch_size: int = 8
-    grad_accum: int = 1
-    learning_rate: float = 1e-3
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.05
-    max_grad_norm: float = 1.0
-    epochs: float = 1.0
+    micro_batch_size: Positive = 8
+    grad_accum: Positive = 1
+    learning_rate: PositiveFloat = 1e-3
+    weight_decay: NonNegFloat = 0.0
+    warmup_ratio: Annotated[float, Range(ge=0, le=1)] = 0.05
+    #: Gradient clipping norm (0 = no clipping).
+    max_grad_norm: NonNegFloat = 1.0
+    epochs: PositiveFloat = 1.0
     #: Stop after this many optimiser steps (0 = epochs decide).
-    max_steps: int = 0
+    max_steps: Annotated[int, Range(ge=0, note="0 = epochs decide")] = 0
     #: Checkpoint every N optimiser steps (0 = only at the end).
-    checkpoint_every: int = 0
-    max_failures: int = 0
+    checkpoint_every: Annotated[int, Range(ge=0, note="0 = only at the end")] = 0
+    #: Worker-group restarts after a failure (-1 = no limit, as Ray's FailureConfig).
+    max_failures: Annotated[int, Range(ge=-1, note="-1 = no limit")] = 0
     #: Slice of train samples used (0 = all).
-    max_samples: int = 0
-    seed: int = 0
+    max_samples: AllOrCount = 0
+    seed: Seed = 0
     #: Log to TensorBoard under the run's storage path.
     tensorboard: bool = True
 
@@ -143,10 +210,10 @@ class SFTConfig(TrainConfig):
 
     #: Weight of the candidate-set term: -log of the probability mass that the answer's first
     #: token puts on the candidates' first tokens (`rosepo.train.sft`). 0 = plain SFT.
-    candidate_weight: float = 0.0
+    candidate_weight: Annotated[float, Range(ge=0, note="0 = plain SFT")] = 0.0
     #: Weight of next-item prediction over the history: the cross-entropy of history titles
     #: 2..n given the prompt before each (SASRec's objective, inside the prompt). 0 = off.
-    history_weight: float = 0.0
+    history_weight: Annotated[float, Range(ge=0, note="0 = off")] = 0.0
 
 
 @dataclass
@@ -158,20 +225,22 @@ class OracleConfig:
     Dropout 0: at 4 epochs nothing overfits, and dropout costs 30% of the step time on CPU.
     """
 
-    hidden_size: int = 32
-    num_layers: int = 2
-    num_heads: int = 2
-    dropout: float = 0.0
-    max_len: int = 10
-    epochs: int = 4
-    batch_size: int = 512
-    learning_rate: float = 3e-3
-    num_workers: int = 1
-    seed: int = 0
+    #: A multiple of ``num_heads``.
+    hidden_size: Positive = 32
+    num_layers: Positive = 2
+    num_heads: Positive = 2
+    dropout: Dropout = 0.0
+    max_len: Positive = 10
+    epochs: Positive = 4
+    #: At least ``num_workers``: each worker takes batch_size // num_workers.
+    batch_size: Positive = 512
+    learning_rate: PositiveFloat = 3e-3
+    num_workers: Positive = 1
+    seed: Seed = 0
     #: AdamW weight decay.
-    weight_decay: float = 0.0
+    weight_decay: NonNegFloat = 0.0
     #: Slice of train samples used, a seeded random subset (0 = all).
-    max_samples: int = 0
+    max_samples: AllOrCount = 0
 
 
 @dataclass
@@ -181,22 +250,23 @@ class PairsConfig:
     #: Mix of rejected-sampling strategies by ratio (per-sample assignment).
     strategies: dict = field(default_factory=lambda: {"self_hard": 1.0, "semantic": 1.0, "popularity": 1.0})
     #: ``assign``: one strategy per sample by ratio; ``all``: one pair per strategy per sample.
-    mix: str = "assign"
-    #: Rejected items per pair (K > 1 for multi-negative losses).
-    num_negatives: int = 1
+    mix: Literal["assign", "all"] = "assign"
+    #: Rejected items per pair (K > 1 for multi-negative losses), below ``data.num_candidates``.
+    num_negatives: Positive = 1
     #: Popularity sampling exponent; 0 picks the most popular non-target candidate.
-    popularity_alpha: float = 0.0
+    popularity_alpha: NonNegFloat = 0.0
     #: Use the SFT model's greedy answer for self_hard when it is a valid wrong title.
     self_hard_greedy: bool = False
     #: ``minilm`` (needs the embed extra) or ``tfidf``.
-    embedder: str = "minilm"
-    #: Valid samples turned into held-out pairs (eval metrics during alignment and Tune).
-    eval_samples: int = 64
+    embedder: Embedder = "minilm"
+    #: Valid samples turned into held-out pairs (eval metrics during alignment and Tune; 0 = all).
+    eval_samples: AllOrCount = 64
     #: Ray Data actors scoring with the SFT model.
-    num_actors: int = 2
-    batch_size: int = 32
-    max_samples: int = 0
-    seed: int = 0
+    num_actors: Positive = 2
+    batch_size: Positive = 32
+    #: Train samples turned into pairs (0 = all).
+    max_samples: AllOrCount = 0
+    seed: Seed = 0
 
 
 @dataclass
@@ -204,30 +274,32 @@ class AlignConfig(TrainConfig):
     """Smoothed preference optimisation on the pairs."""
 
     #: ``rosepo``, ``dpo``, ``cdpo``, ``sdpo``, ``sdpo_smoothed`` or ``ipo``.
-    loss: str = "rosepo"
-    beta: float = 0.1
+    loss: Loss = "rosepo"
+    beta: PositiveFloat = 0.1
     #: How ε per pair is made for rosepo / sdpo_smoothed: ``personalized`` (from the oracle's scores,
     #: see rosepo.pairs.smoothing), ``constant`` (eps_constant) or ``none``. cdpo always uses
     #: eps_constant, dpo/sdpo/ipo ε = 0. Lives here, not in pairs, so that Tune can search it
     #: without rebuilding pairs.
-    smoothing: str = "personalized"
-    smoothing_lambda: float = 1.0
-    smoothing_tau: float = 1.0
+    smoothing: Literal["personalized", "constant", "none"] = "personalized"
+    #: λ of ε = clip(λ · (1 − σ(margin / τ)), 0, ε_max); λ <= 0 would make ε ≡ 0 (that is smoothing: none).
+    smoothing_lambda: PositiveFloat = 1.0
+    smoothing_tau: PositiveFloat = 1.0
+    #: Below 0.5: at 0.5 the loss ignores which item was chosen.
     eps_max: float = 0.3
     eps_constant: float = 0.1
     #: Weight of the NLL-on-chosen regulariser.
-    sft_weight: float = 0.0
+    sft_weight: NonNegFloat = 0.0
     #: ``precomputed`` (from pair rows) or ``online`` (adapter disabled).
-    reference: str = "precomputed"
+    reference: Literal["precomputed", "online"] = "precomputed"
     prefix_sharing: bool = True
-    learning_rate: float = 5e-4
+    learning_rate: PositiveFloat = 5e-4
     #: Evaluate on the held-out pairs every N steps (0 = only before and after training).
-    eval_every: int = 0
+    eval_every: Annotated[int, Range(ge=0, note="0 = only before and after training")] = 0
     #: Valid samples (the first N distinct samples of the held-out pairs) also scored as
     #: recommendations at each evaluation: ``eval/rank/...`` (candidates ranked by the policy's
     #: answer log-likelihood) and, below ZeRO-3, ``eval/hr@1`` / ``eval/valid_ratio`` of greedy
     #: answers. 0 = off. Cost: one scoring pass and one greedy decoding of the slice.
-    eval_rec_samples: int = 32
+    eval_rec_samples: Annotated[int, Range(ge=0, note="0 = off")] = 32
     #: Train only on the pairs of these rejected-sampling strategies (empty = all pairs). With
     #: ``pairs.mix: all`` every sample has one pair per strategy, so Tune can search the mix
     #: without rebuilding pairs.
@@ -238,11 +310,12 @@ class AlignConfig(TrainConfig):
 class EvalConfig:
     """Generation and ranking evaluation."""
 
-    split: str = "valid"
-    max_samples: int = 0
-    max_new_tokens: int = 32
-    batch_size: int = 32
-    num_actors: int = 2
+    split: Split = "valid"
+    #: The first N samples of the split by sample id (0 = all).
+    max_samples: AllOrCount = 0
+    max_new_tokens: Positive = 32
+    batch_size: Positive = 32
+    num_actors: Positive = 2
     constrained: bool = False
 
 
@@ -256,13 +329,13 @@ class CompareConfig:
 
     #: Alignment seeds per trained method: ``align.seed``, ``align.seed + 1``, ... (the LoRA
     #: initialisation and the data order; the pairs are the same for every seed).
-    seeds: int = 3
+    seeds: Positive = 3
     #: Trained methods to run, names of `rosepo.compare.METHODS` (empty = all). The baselines
     #: (random, most_popular, sasrec, sft) always run, once: they are deterministic.
     methods: tuple = ()
     #: Optimiser steps of every alignment run (``align.max_steps``), the same for every method;
     #: 0 = one epoch over one pair per train sample of the pairs.
-    align_steps: int = 0
+    align_steps: Annotated[int, Range(ge=0, note="0 = one epoch")] = 0
 
 
 @dataclass
@@ -284,54 +357,73 @@ class RunConfig:
     compare: CompareConfig = field(default_factory=CompareConfig)
 
     def validate(self) -> "RunConfig":
-        """Check cross-field constraints; return self. Raises `ConfigError` with the remedy."""
-        _check(self.data.min_history >= 1, "data.min_history", "must be >= 1")
-        _check(self.data.max_history >= self.data.min_history, "data.max_history",
-               "must be >= data.min_history")
-        _check(self.data.num_candidates >= 2, "data.num_candidates", "must be >= 2")
-        _check(len(self.data.split) == 3 and all(isinstance(x, (int, float)) for x in self.data.split)
-               and abs(sum(self.data.split) - 1) < 1e-6
-               and all(x >= 0 for x in self.data.split), "data.split",
-               "must be three non-negative fractions summing to 1, e.g. [0.8, 0.1, 0.1]")
-        _check(self.data.prompt_style in ("paraphrase", "list"), "data.prompt_style",
-               "must be 'paraphrase' or 'list'")
-        _check(self.model.finetune in ("lora", "full"), "model.finetune", "must be 'lora' or 'full'")
-        _check(self.model.title_init in ("random", "sasrec"), "model.title_init", "must be 'random' or 'sasrec'")
-        _check(self.model.title_init == "random" or (self.model.name_or_path == "tiny" and self.model.title_tokens),
-               "model.title_init", "'sasrec' needs the built-in tiny model with model.title_tokens: true")
-        _check(self.sft.candidate_weight >= 0, "sft.candidate_weight", "must be >= 0 (0 = plain SFT)")
-        _check(self.sft.history_weight >= 0, "sft.history_weight", "must be >= 0 (0 = off)")
+        """Check every field's declared choices and bounds, then what spans several fields;
+        return self. Raises `ConfigError` naming the key, the value and what is expected."""
+        _check_fields(self)
+        d, m = self.data, self.model
+        _check(bool(self.name) and self.name not in (".", "..") and not set(self.name) & set("/\\\0"), "name",
+               "must be a folder name (no '/', not '.' or '..'): outputs go to <storage>/<name>", self.name)
+        _check(bool(self.storage), "storage", "must name a folder", self.storage)
+        _check(d.max_history >= d.min_history, "data.max_history",
+               f"must be >= data.min_history ({d.min_history})", d.max_history)
+        _check(len(d.split) == 3 and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in d.split)
+               and abs(sum(d.split) - 1) < 1e-6
+               and all(x >= 0 for x in d.split), "data.split",
+               "must be three non-negative fractions summing to 1, e.g. [0.8, 0.1, 0.1]", d.split)
+        _check(len(d.delimiter) == 1 and d.delimiter not in "\r\n\"", "data.delimiter",
+               "must be one character other than a quote or a line break (\"\\t\" for TSV)", d.delimiter)
+        _check(all(k in COLUMN_NAMES and isinstance(v, str) and v for k, v in d.columns.items()), "data.columns",
+               f"must map canonical names ({', '.join(COLUMN_NAMES)}) to column names of the files", d.columns)
+        _check(all(k in typing.get_args(Split) and isinstance(v, str) and v for k, v in d.llara.items()),
+               "data.llara", f"must map splits ({', '.join(typing.get_args(Split))}) to JSON files", d.llara)
+        if d.format == "llara-json":
+            _check(bool(d.llara), "data.llara", "must name the JSON file of at least one split when "
+                   "data.format is llara-json, e.g. {train: train.json}", d.llara)
+        elif d.format != "movielens-100k":
+            for key in ("interactions", "catalog"):
+                _check(bool(getattr(d, key)), f"data.{key}", f"must name the input file when data.format is "
+                       f"{d.format}", getattr(d, key))
+        if m.name_or_path == "tiny":  # the shape of the model built from config (a pretrained one has its own)
+            _check(m.hidden_size % m.num_attention_heads == 0 and (m.hidden_size // m.num_attention_heads) % 2 == 0,
+                   "model.hidden_size", f"must be a multiple of model.num_attention_heads ({m.num_attention_heads}) "
+                   "with an even quotient (the rotary embedding pairs dimensions)", m.hidden_size)
+            _check(m.num_attention_heads % m.num_key_value_heads == 0, "model.num_key_value_heads",
+                   f"must divide model.num_attention_heads ({m.num_attention_heads})", m.num_key_value_heads)
+            _check(m.max_prompt_tokens + m.max_answer_tokens <= m.max_position_embeddings,
+                   "model.max_position_embeddings", f"must be >= model.max_prompt_tokens + model.max_answer_tokens "
+                   f"({m.max_prompt_tokens + m.max_answer_tokens})", m.max_position_embeddings)
+        _check(m.title_init == "random" or (m.name_or_path == "tiny" and m.title_tokens), "model.title_init",
+               "'sasrec' needs the built-in tiny model with model.title_tokens: true", m.title_init)
+        for key in ("lora_target_modules", "modules_to_save"):
+            names = getattr(m, key)
+            _check(all(isinstance(x, str) and x for x in names), f"model.{key}", "must list module names", names)
         for name in ("sft", "align"):
             t = getattr(self, name)
-            _check(t.zero_stage in (0, 1, 2, 3), f"{name}.zero_stage", "must be 0, 1, 2 or 3")
-            _check(t.num_workers >= 1, f"{name}.num_workers", "must be >= 1")
-            _check(t.micro_batch_size >= 1 and t.grad_accum >= 1, f"{name}.micro_batch_size",
-                   "micro_batch_size and grad_accum must be >= 1")
-            _check(t.learning_rate > 0, f"{name}.learning_rate", "must be > 0")
-            _check(t.finetune in ("", "lora", "full"), f"{name}.finetune", "must be '', 'lora' or 'full'")
-        _check(0 <= self.align.eps_max < 0.5, "align.eps_max",
-               "must be in [0, 0.5): at 0.5 the loss ignores which item was chosen")
-        _check(0 <= self.align.eps_constant < 0.5, "align.eps_constant", "must be in [0, 0.5)")
-        _check(self.align.smoothing in ("personalized", "constant", "none"), "align.smoothing",
-               "must be 'personalized', 'constant' or 'none'")
-        _check(self.align.smoothing_tau > 0, "align.smoothing_tau", "must be > 0")
-        _check(self.pairs.mix in ("assign", "all"), "pairs.mix", "must be 'assign' or 'all'")
-        _check(1 <= self.pairs.num_negatives < self.data.num_candidates, "pairs.num_negatives",
-               "must be >= 1 and below data.num_candidates")
-        _check(self.align.loss in ("rosepo", "dpo", "cdpo", "sdpo", "sdpo_smoothed", "ipo"),
-               "align.loss", "must be one of rosepo, dpo, cdpo, sdpo, sdpo_smoothed, ipo")
-        _check(self.align.beta > 0, "align.beta", "must be > 0")
-        _check(self.align.reference in ("precomputed", "online"), "align.reference",
-               "must be 'precomputed' or 'online'")
-        _check(self.align.eval_rec_samples >= 0, "align.eval_rec_samples", "must be >= 0 (0 = off)")
-        from rosepo.pairs.strategies import STRATEGIES
-
-        _check(all(isinstance(s, str) and s in STRATEGIES for s in self.align.strategies), "align.strategies",
-               f"must list strategies among {', '.join(STRATEGIES)} (empty = all pairs)")
+            _check(not t.offload or t.zero_stage >= 1, f"{name}.offload",
+                   "needs zero_stage 1, 2 or 3 (ZeRO-Offload partitions the optimizer)", t.offload)
+            if (t.finetune or m.finetune) == "lora":
+                _check(bool(m.lora_target_modules), "model.lora_target_modules",
+                       f"must name at least one module: {name} fine-tunes with LoRA", m.lora_target_modules)
+        for key in ("eps_max", "eps_constant"):
+            _check(0 <= getattr(self.align, key) < 0.5, f"align.{key}",
+                   "must be in [0, 0.5): at 0.5 the loss ignores which item was chosen", getattr(self.align, key))
+        _check(self.pairs.num_negatives < d.num_candidates, "pairs.num_negatives",
+               f"must be below data.num_candidates ({d.num_candidates})", self.pairs.num_negatives)
+        ratios = self.pairs.strategies
+        _check(all(k in STRATEGY_NAMES and isinstance(v, (int, float)) and not isinstance(v, bool)
+                   and math.isfinite(v) and v >= 0 for k, v in ratios.items())
+               and sum(ratios.values()) > 0, "pairs.strategies",
+               f"must map strategies among {', '.join(STRATEGY_NAMES)} to ratios >= 0 with a positive sum", ratios)
+        _check(all(isinstance(s, str) and s in STRATEGY_NAMES for s in self.align.strategies), "align.strategies",
+               f"must list strategies among {', '.join(STRATEGY_NAMES)} (empty = all pairs)", self.align.strategies)
+        o = self.oracle
+        _check(o.hidden_size % o.num_heads == 0, "oracle.hidden_size",
+               f"must be a multiple of oracle.num_heads ({o.num_heads})", o.hidden_size)
+        _check(o.batch_size >= o.num_workers, "oracle.batch_size",
+               f"must be >= oracle.num_workers ({o.num_workers}): each worker takes batch_size // num_workers",
+               o.batch_size)
         from rosepo.compare import METHODS
 
-        _check(self.compare.seeds >= 1, "compare.seeds", "must be >= 1")
-        _check(self.compare.align_steps >= 0, "compare.align_steps", "must be >= 0 (0 = one epoch)")
         unknown = [m for m in self.compare.methods if not isinstance(m, str) or m not in METHODS]
         _check(not unknown, "compare.methods", f"names unknown method(s) {', '.join(map(repr, unknown))}; "
                f"methods: {', '.join(METHODS)} (empty = all)")
@@ -344,9 +436,36 @@ class RunConfig:
         return json.loads(json.dumps(dataclasses.asdict(self)))
 
 
-def _check(ok: bool, key: str, message: str) -> None:
+_NO_VALUE = object()
+
+
+def _check(ok: bool, key: str, message: str, value: Any = _NO_VALUE) -> None:
     if not ok:
-        raise ConfigError(f"config key {key!r} {message}")
+        got = "" if value is _NO_VALUE else f", got {value!r}"
+        raise ConfigError(f"config key {key!r} {message}{got}")
+
+
+def _check_fields(obj: Any, prefix: str = "") -> None:
+    """Check every field of the dataclass ``obj`` (sections recursively) against its declared
+    `Literal` choices and `Range` bounds; float fields must be finite."""
+    hints = typing.get_type_hints(type(obj), include_extras=True)
+    for f in dataclasses.fields(obj):
+        key, value, tp = prefix + f.name, getattr(obj, f.name), hints[f.name]
+        if dataclasses.is_dataclass(value):
+            _check_fields(value, key + ".")
+            continue
+        bounds = []
+        if typing.get_origin(tp) is Annotated:
+            tp, *bounds = typing.get_args(tp)
+        if typing.get_origin(tp) is Literal:
+            choices = typing.get_args(tp)
+            _check(any(type(value) is type(c) and value == c for c in choices), key,
+                   f"must be one of {', '.join(map(repr, choices))}", value)
+        if tp is float:
+            _check(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value), key,
+                   "must be a finite number", value)
+        for b in bounds:
+            _check(b.contains(value), key, b.text(), value)
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
@@ -366,8 +485,20 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             except ConfigError:
                 pass
         raise ConfigError(f"config key {key!r}: expected {tp}, got {value!r}")
+    if typing.get_origin(tp) is Literal:  # the choice itself is checked by `RunConfig.validate`
+        kinds = {type(c) for c in typing.get_args(tp)}
+        if type(value) not in kinds:
+            raise ConfigError(f"config key {key!r}: expected one of {', '.join(map(repr, typing.get_args(tp)))}, "
+                              f"got {value!r}")
+        return value
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):
+        # YAML 1.1 reads 2e-4 (an exponent without a dot) as a string: take what parses as a float.
+        try:
+            return float(value)
+        except ValueError:
+            raise ConfigError(f"config key {key!r}: expected a number, got {value!r}") from None
     if tp is tuple:
         if isinstance(value, (list, tuple)):
             return tuple(value)
@@ -443,12 +574,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     data: dict = {}
     if path:
         p = Path(path)
+        if p.is_dir():
+            raise ConfigError(f"config file {p} is a directory; expected a YAML file")
         if not p.is_file():
             raise ConfigError(f"config file {p} does not exist")
         try:
             data = yaml.safe_load(p.read_text(encoding="utf-8"))
         except (yaml.YAMLError, UnicodeDecodeError) as e:
             raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
+        except OSError as e:
+            raise ConfigError(f"config file {p} cannot be read: {e.strerror or e}") from None
         if data is None:  # an empty file: the defaults ("[]", "0", "false" are refused below)
             data = {}
         if not isinstance(data, dict):

@@ -15,17 +15,20 @@ class ConfigError(RosepoError):
 
 
 class DataError(RosepoError):
-    """Input data is malformed. Names the file, row and column where they are known.
+    """Input data is malformed. Names the file, row (or line) and column where they are known.
 
-    ``row`` is 1-based over data rows (a header, if any, is not counted).
+    ``row`` is 1-based over data rows (a header, if any, is not counted), or over the samples of
+    a JSON list; ``line`` is a 1-based line of the file, for errors in the text itself (JSON syntax).
     """
 
     def __init__(self, message: str, *, file: str | None = None, row: int | None = None,
-                 column: str | None = None):
-        self.file, self.row, self.column, self.reason = file, row, column, message
+                 column: str | None = None, line: int | None = None):
+        self.file, self.row, self.column, self.line, self.reason = file, row, column, line, message
         where = []
         if file is not None:
             where.append(f"file {file}")
+        if line is not None:
+            where.append(f"line {line}")
         if row is not None:
             where.append(f"row {row}")
         if column is not None:

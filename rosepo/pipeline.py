@@ -68,13 +68,15 @@ def sft_model(sft_stage_dir: Path, base: str) -> tuple[str, str | None]:
 
 def _samples(cfg: RunConfig, out: Path, inputs: dict[str, Path]) -> dict:
     from rosepo.data.samples import build_samples
+    from rosepo.train.raysetup import init_ray
 
-    return build_samples(cfg.data, out)
+    return build_samples(cfg.data, out, start_ray=lambda: init_ray(cfg.ray_address))
 
 
 def _model(cfg: RunConfig, out: Path, inputs: dict[str, Path]) -> dict:
-    from rosepo.data.samples import read_split
-    from rosepo.model.factory import build_tiny_model, check_lora_targets, model_linear_layers
+    from rosepo.data.samples import SPLITS, read_split
+    from rosepo.model.factory import build_tiny_model, check_lora_targets, load_tokenizer, model_linear_layers
+    from rosepo.model.tokenize import check_sample_lengths
     from rosepo.storage import atomic_dir, write_manifest
 
     with atomic_dir(out, overwrite=True) as tmp:
@@ -97,7 +99,12 @@ def _model(cfg: RunConfig, out: Path, inputs: dict[str, Path]) -> dict:
             path = built = resolve_model(cfg.model.name_or_path, cfg.data.data_dir)
         if cfg.model.finetune == "lora":  # here, before any training stage starts workers
             check_lora_targets(cfg.model, model_linear_layers(built))
-        manifest = {"stage": "model", "model_path": path, "config": cfg.to_dict()["model"]}
+        # Every prompt and answer within the token limits, refused here with the usual one line
+        # rather than inside a Ray Data task of SFT, pairs or eval.
+        longest = check_sample_lengths(load_tokenizer(built), {s: read_split(inputs["samples"], s) for s in SPLITS},
+                                       cfg.model.max_prompt_tokens, cfg.model.max_answer_tokens,
+                                       str(inputs["samples"]))
+        manifest = {"stage": "model", "model_path": path, "config": cfg.to_dict()["model"], "longest": longest}
         write_manifest(tmp, manifest)
     return manifest
 

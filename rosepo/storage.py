@@ -23,10 +23,12 @@ MANIFEST = "manifest.json"
 def atomic_dir(final: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary folder that becomes ``final`` when the block exits without error.
 
-    On error the temporary folder is removed and ``final`` is untouched. Stale temporaries of
-    earlier killed writers of the same ``final`` are removed first.
+    On error the temporary folder is removed and ``final`` is untouched, and so are the folders
+    above it that this call created (a refused first stage leaves no empty run folder). Stale
+    temporaries of earlier killed writers of the same ``final`` are removed first.
     """
     final = Path(final).resolve()
+    created = [p for p in [final.parent, *final.parent.parents] if not p.exists()]
     final.parent.mkdir(parents=True, exist_ok=True)
     for stale in final.parent.glob(f".tmp-{final.name}-*"):
         shutil.rmtree(stale, ignore_errors=True)
@@ -45,6 +47,9 @@ def atomic_dir(final: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
             os.replace(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        for folder in created:  # innermost first; one that something else wrote into stays
+            with contextlib.suppress(OSError):
+                folder.rmdir()
         raise
 
 

@@ -16,7 +16,8 @@ import yaml
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
-from rosepo.config import RunConfig, config_hash, load_config
+from rosepo.config import (COLUMN_NAMES, STRATEGY_NAMES, DataFormat, Domain, Dtype, Embedder, Loss, PromptStyle, Range,
+                           RunConfig, Split, config_hash, load_config, set_dotted)
 from rosepo.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -64,6 +65,11 @@ def test_file_then_overrides_and_coercion(tmp_path):
 
 def test_empty_file_is_the_defaults(tmp_path):
     assert load_config(write(tmp_path, "# nothing\n")) == RunConfig()
+
+
+def test_utf8_bom_config_file(tmp_path):
+    """A YAML saved with a byte-order mark (Windows editors) loads: PyYAML drops the mark."""
+    assert load_config(write(tmp_path, "\ufeffalign:\n  beta: 0.2\n")).align.beta == 0.2
 
 
 # --- what is refused ---------------------------------------------------------------------------
@@ -183,10 +189,160 @@ def test_bad_files(tmp_path, text, match):
     assert "run.yaml" in str(e.value) or "'sft'" in str(e.value)
 
 
-@pytest.mark.parametrize("name", ["missing.yaml", "."])
-def test_config_path_not_a_file(tmp_path, name):
-    with pytest.raises(ConfigError, match="does not exist"):
+@pytest.mark.parametrize("name,match", [("missing.yaml", "does not exist"), (".", "is a directory")])
+def test_config_path_not_a_file(tmp_path, name, match):
+    with pytest.raises(ConfigError, match=match):
         load_config(tmp_path / name)
+
+
+# --- issue 19: every value that once failed a later stage is refused at load -------------------
+
+
+@pytest.mark.parametrize("key,value,expected", [
+    ("eval.split", "tst", "'train', 'valid', 'test'"),                 # once failed at the eval stage, the last
+    ("model.dtype", "fp16", "'auto', 'float32', 'bfloat16'"),          # once at SFT
+    ("oracle.hidden_size", 33, "multiple of oracle.num_heads (2)"),    # once at the oracle stage, after SFT
+    ("pairs.embedder", "word2vec", "'minilm', 'tfidf'"),               # once at the pairs stage
+    ("eval.max_samples", -1, "must be >= 0 (0 = all)"),
+    ("align.smoothing_lambda", -1, "must be > 0"),                      # once silently ε ≡ 0
+    ("data.format", "xlsx", "'csv', 'parquet', 'llara-json'"),         # once only after Ray started
+    ("data.eval_windows_per_user", -1, "must be >= 0 (0 = all)"),      # once kept all windows but the first
+    ("data.max_train_windows_per_user", -1, "must be >= 0 (0 = all)"),
+    ("model.hidden_size", 36, "even quotient"),                        # head_dim 9: rotary needs pairs
+    ("model.max_position_embeddings", 500, "max_prompt_tokens + model.max_answer_tokens (560)"),
+    ("sft.offload", True, "needs zero_stage"),                         # with sft.zero_stage=0 below
+    ("pairs.strategies", {"self_hard": -1.0}, "ratios >= 0"),
+    ("data.delimiter", "::", "one character"),
+])
+def test_issue_19_values_refused_at_load(tmp_path, key, value, expected):
+    """Each value loads from a YAML file and is refused there, naming the key, the value and
+    what is expected."""
+    data: dict = {"sft": {"zero_stage": 0}} if key == "sft.offload" else {}
+    set_dotted(data, key, value)
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, yaml.safe_dump(data)))
+    message = str(e.value)
+    assert f"config key '{key}'" in message and expected in message and repr(value) in message, message
+
+
+@pytest.mark.parametrize("text,key,expected", [
+    ("sft:\n  learning_rate: 2e-4\n", "sft.learning_rate", 2e-4),    # YAML reads 2e-4 as a string
+    ("align:\n  beta: 1E-1\n", "align.beta", 0.1),
+    ("align:\n  beta: 1\n", "align.beta", 1.0),                       # an int for a float
+    ("oracle:\n  learning_rate: '3e-3'\n", "oracle.learning_rate", 3e-3),
+])
+def test_float_fields_take_exponent_strings_and_ints(tmp_path, text, key, expected):
+    cfg = load_config(write(tmp_path, text))
+    section, name = key.split(".")
+    value = getattr(getattr(cfg, section), name)
+    assert value == expected and type(value) is float
+    override = load_config(None, [f"{key}={expected:g}"])
+    assert getattr(getattr(override, section), name) == expected
+
+
+@pytest.mark.parametrize("override", ["align.beta=2e-4x", "align.beta=.inf", "align.beta=nan", "align.beta=1e999",
+                                      "sft.learning_rate=-2e-4", "sft.num_workers=2e0"])
+def test_float_strings_that_are_not_finite_numbers_refused(override):
+    with pytest.raises(ConfigError, match=f"config key '{override.split('=')[0]}'"):
+        load_config(None, [override])
+
+
+def test_name_sets_match_their_registries():
+    """config.py holds each set of names (it may not import the modules above it); each
+    registry of those modules must hold exactly the same names."""
+    from rosepo.data.prompts import DOMAINS, STYLES
+    from rosepo.data.samples import SOURCES, SPLITS
+    from rosepo.losses import LOSSES
+    from rosepo.model.factory import resolve_dtype
+    from rosepo.pairs.embed import EMBEDDERS
+    from rosepo.pairs.strategies import STRATEGIES
+    from rosepo.schema import CATALOG, INTERACTIONS
+
+    assert set(typing.get_args(DataFormat)) == set(SOURCES) | {"llara-json"}
+    assert typing.get_args(Split) == SPLITS
+    assert set(typing.get_args(PromptStyle)) == set(STYLES)
+    assert set(typing.get_args(Domain)) == set(DOMAINS)
+    assert set(typing.get_args(Embedder)) == set(EMBEDDERS)
+    assert typing.get_args(Loss) == LOSSES
+    assert STRATEGY_NAMES == tuple(STRATEGIES)
+    assert set(COLUMN_NAMES) == set(INTERACTIONS.names) | set(CATALOG.names)
+    for name in typing.get_args(Dtype):
+        resolve_dtype(name, use_gpu=False)
+    for name in ("fp16", "float16", "half"):
+        with pytest.raises(ConfigError):
+            resolve_dtype(name, use_gpu=False)
+
+
+#: Values each key refuses beyond its type and declared constraints: what only a cross-field
+#: or structural check catches.
+SPECIAL_BAD = {
+    "name": ["a/b", "..", ""], "storage": [""], "data.delimiter": ["", "::", "\n", '"'],
+    "data.columns": [{"user": "uid"}, {"user_id": ""}], "data.llara": [{"tst": "x.json"}],
+    "data.split": [[0.5, 0.5, 0.5], [1, 0]], "data.max_history": [2], "data.interactions": [],
+    "pairs.strategies": [{"word2vec": 1.0}, {"self_hard": 0.0}], "align.strategies": [["bogus"]],
+    "compare.methods": [["bogus"]], "model.lora_target_modules": [[""], []], "model.modules_to_save": [[1]],
+    "pairs.num_negatives": [20], "align.eps_max": [0.5, -0.1], "align.eps_constant": [0.5],
+    "oracle.batch_size": [0], "model.num_key_value_heads": [3],
+}
+WRONG_TYPE = {bool: "maybe", int: "many", float: "fast", str: [1], tuple: 5, dict: [1]}
+
+
+def bad_values(key: str, tp: typing.Any) -> list:
+    """Values ``key`` (annotated ``tp``) must refuse: one of the wrong type, one outside its
+    choices or past each of its bounds, NaN and infinity for floats, and `SPECIAL_BAD`."""
+    base, bounds = tp, []
+    if typing.get_origin(tp) is typing.Annotated:
+        base, *bounds = typing.get_args(tp)
+    values = list(SPECIAL_BAD.get(key, []))
+    if typing.get_origin(base) is typing.Literal:
+        choices = typing.get_args(base)
+        values += ["bogus", [1]] if isinstance(choices[0], str) else [99, -1, "two"]
+    else:
+        values.append(WRONG_TYPE[base])
+    if base is float:
+        values += [float("nan"), float("inf")]
+    step = 1 if base is int else 0.5
+    for b in (b for b in bounds if isinstance(b, Range)):
+        values += [b.ge - step] if b.ge is not None else []
+        values += [b.gt] if b.gt is not None else []
+        values += [b.lt] if b.lt is not None else []
+        values += [b.le + step] if b.le is not None else []
+    return values
+
+
+def _annotated_keys(cls: type = RunConfig, prefix: str = "") -> dict[str, typing.Any]:
+    keys = {}
+    hints = typing.get_type_hints(cls, include_extras=True)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            keys.update(_annotated_keys(hints[f.name], f"{prefix}{f.name}."))
+        else:
+            keys[prefix + f.name] = hints[f.name]
+    return keys
+
+
+BAD = [(key, value) for key, tp in _annotated_keys().items() for value in bad_values(key, tp)]
+
+
+@pytest.mark.parametrize("key,value", BAD, ids=[f"{k}={v!r}" for k, v in BAD])
+def test_every_key_refuses_its_bad_values(tmp_path, key, value):
+    """Every leaf key of the config, each bad value, from a YAML file: a ConfigError naming the
+    key (and, for scalars, the value)."""
+    data: dict = {}
+    set_dotted(data, key, value)
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, yaml.safe_dump(data)))
+    assert f"'{key}'" in str(e.value), str(e.value)
+    if not isinstance(value, (list, dict)):
+        assert repr(value) in str(e.value), str(e.value)
+
+
+def test_every_constrained_key_has_a_bad_value_beyond_its_type():
+    """The walk above tests every declared choice and bound (a key left out would be untested)."""
+    for key, tp in _annotated_keys().items():
+        if typing.get_origin(tp) in (typing.Annotated, typing.Literal):
+            assert len(bad_values(key, tp)) >= 2, key
+    assert {k for k in SPECIAL_BAD if SPECIAL_BAD[k]} <= set(_annotated_keys())
 
 
 # --- property: anything in, a RunConfig or a ConfigError out -----------------------------------
@@ -201,7 +357,7 @@ VALUES = st.one_of(
 OTHER_KEYS = st.one_of(st.sampled_from(["sft", "align", "data", "bogus", "align.bogus", "data.split.x", ""]),
                        st.text(max_size=10))
 TYPED = {bool: st.sampled_from(["true", "false"]), int: st.integers(0, 64).map(str),
-         float: st.floats(0, 1).map(lambda x: f"{x:.3f}"),
+         float: st.one_of(st.floats(0, 1).map(lambda x: f"{x:.3f}"), st.sampled_from(["2e-4", "1E-3", "3", "'5e-1'"])),
          str: st.sampled_from(["lora", "full", "rosepo", "dpo", "sdpo", "assign", "all", "constant", "x", ""]),
          tuple: st.sampled_from(["[0.8, 0.1, 0.1]", "[0.6, 0.2, 0.2]", "[q_proj]", "[]"]),
          dict: st.sampled_from(["{}", "{self_hard: 1.0}", "{user_id: uid}"])}
@@ -262,3 +418,25 @@ def test_cli_config_error_is_one_line_and_exit_2(tmp_path, args, named):
     assert "Traceback" not in proc.stderr and proc.stdout == ""
     assert "Ray" not in proc.stderr, proc.stderr       # e.g. "Started a local Ray instance"
     assert list(tmp_path.iterdir()) == []
+
+
+@settings(max_examples=int(os.environ.get("ROSEPO_FUZZ_EXAMPLES", "100")), deadline=timedelta(seconds=5))
+@given(overrides=override_items(), bad=st.sampled_from(BAD))
+def test_one_bad_value_among_random_overrides_is_named(overrides, bad):
+    """Random overrides that load, plus one bad value of any key (`bad_values`): a ConfigError
+    naming that key, whatever else is set."""
+    key, value = bad
+    others = {k: v for k, v in overrides.items() if k != key and not k.startswith(key + ".")
+              and not key.startswith(k + ".")}
+    items = [f"{k}={v}" for k, v in others.items()]
+    try:
+        load_config(None, items)
+    except ConfigError:
+        event("other overrides refused")
+        return
+    data: dict = {}
+    set_dotted(data, key, value)
+    with pytest.raises(ConfigError) as e:
+        load_config(None, items + [f"{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"])
+    event("bad value named")
+    assert f"'{key}'" in str(e.value), (items, str(e.value))

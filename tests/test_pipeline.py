@@ -77,3 +77,30 @@ def test_atomic_path_replaces_on_success_and_leaves_nothing_on_error(tmp_path):
         tmp.write_text("new")
     assert target.read_text() == "new"
     assert sorted(p.name for p in target.parent.iterdir()) == ["trials.png"]
+
+
+def test_over_long_prompt_refused_at_the_model_stage(tmp_path):
+    """A 10,000-character title (``title_tokens: false``) makes prompts longer than
+    model.max_prompt_tokens: once refused inside a Ray Data task of SFT, wrapped in Ray's
+    traceback; now at the model stage, one DataError naming the split, sample and limit."""
+    import json
+
+    from rosepo.config import DataConfig
+    from rosepo.errors import DataError
+
+    long_title = " ".join(f"w{k}" for k in range(1900))
+    assert len(long_title) > 10_000
+    titles = [f"Movie {k}" for k in range(20)]
+    good = {"historyList": "::".join(titles[:3]), "itemList": titles[3:], "trueSelection": titles[3]}
+    bad = {**good, "itemList": titles[3:-1] + [long_title]}
+    for split, rows in (("train", [good, good]), ("valid", [good, bad])):
+        (tmp_path / f"{split}.json").write_text(json.dumps(rows))
+    cfg = RunConfig(storage=str(tmp_path / "runs"), data=DataConfig(
+        format="llara-json", num_candidates=17,
+        llara={s: str(tmp_path / f"{s}.json") for s in ("train", "valid")})).validate()
+    samples = pipeline.run_stage(cfg, "samples", log=lambda _: None)
+    out = pipeline.stage_dir(cfg, "model")
+    with pytest.raises(DataError, match=r"valid, row 2, column 'prompt': sample 'valid:0000001': the prompt has "
+                                        r"\d+ tokens, more than model.max_prompt_tokens \(512\)"):
+        pipeline.RUNNERS["model"](cfg, out, {"samples": samples})  # the runner alone: no oracle needed
+    assert not out.exists() and samples.is_dir()

@@ -9,6 +9,8 @@ only on failure do we walk the column in Python to find the first bad row.
 
 from __future__ import annotations
 
+import datetime
+import decimal
 import json
 import math
 from pathlib import Path
@@ -27,15 +29,38 @@ CATALOG_COLUMNS = ("item_id", "title")
 
 def _read_bytes(path: str | Path) -> bytes:
     p = Path(path)
+    if p.is_dir():
+        raise DataError("is a directory; expected a file", file=str(p))
     if not p.is_file():
         raise DataError("file does not exist", file=str(p))
-    data = p.read_bytes()
+    try:
+        data = p.read_bytes()
+    except OSError as e:  # unreadable (permissions), or gone since
+        raise DataError(f"cannot read the file: {e.strerror or e}", file=str(p)) from None
     if not data.strip():
         raise DataError("file is empty", file=str(p))
     return data
 
 
+#: Byte-order marks of the encodings other than UTF-8 that editors write; longest first (the
+#: UTF-32-LE mark starts with the UTF-16-LE one).
+_OTHER_BOMS = ((b"\xff\xfe\x00\x00", "UTF-32"), (b"\x00\x00\xfe\xff", "UTF-32"), (b"\xff\xfe", "UTF-16"),
+               (b"\xfe\xff", "UTF-16"))
+
+
 def _decode(data: bytes, path: str | Path, encoding: str, header_lines: int) -> str:
+    """``data`` as text. A leading UTF-8 byte-order mark (Excel, pandas ``utf-8-sig``) is dropped
+    and says the file is UTF-8 whatever ``encoding``; UTF-16/32 text is refused with the remedy."""
+    if data.startswith(b"\xef\xbb\xbf"):
+        data, encoding = data[3:], "utf-8"
+    for bom, name in _OTHER_BOMS:
+        if data.startswith(bom):
+            raise DataError(f"the file is {name} text (it starts with a {name} byte-order mark); re-encode it "
+                            "as UTF-8", file=str(path))
+    first = data.split(b"\n", 1)[0]
+    if first.count(b"\x00") * 4 >= len(first) > 0:  # every other (or fourth) byte NUL: UTF-16/32 with no mark
+        raise DataError("the first line is mostly NUL bytes: the file looks like UTF-16 or UTF-32 text; "
+                        "re-encode it as UTF-8", file=str(path))
     try:
         return data.decode(encoding)
     except UnicodeDecodeError as e:
@@ -90,15 +115,26 @@ def _first_bad(values: list, ok: Callable[[object], bool]) -> int:
     return -1
 
 
+#: Largest magnitude up to which a float column holds every integer exactly (2 ** (mantissa bits + 1)):
+#: beyond it, distinct ids or timestamps may already have been rounded to one value.
+_FLOAT_EXACT = {16: 2**11, 32: 2**24, 64: 2**53}
+
+
+def _float_limit(typ: pa.DataType) -> int:
+    return _FLOAT_EXACT[typ.bit_width]
+
+
 def _id_column(table: pa.Table, name: str, file: str) -> pa.Array:
-    """An id column as non-empty strings (ints are accepted and rendered)."""
+    """An id column as non-empty strings (ints are accepted and rendered; floats when they hold
+    whole numbers within their exact range)."""
     col = table.column(name)
     if pa.types.is_floating(col.type):
-        vals = col.to_pylist()
-        i = _first_bad(vals, lambda v: v is not None and float(v).is_integer() and -2**63 <= v < 2**63)
+        vals, limit = col.to_pylist(), _float_limit(col.type)
+        i = _first_bad(vals, lambda v: v is not None and float(v).is_integer() and abs(v) <= limit)
         if i >= 0:
-            raise DataError(f"expected an integer or string id, found {vals[i]!r}", file=file, row=i + 1,
-                            column=name)
+            raise DataError(f"expected an integer or string id, found {vals[i]!r} (a {col.type} column holds "
+                            f"integers exactly only up to {limit}: store ids as integers or strings)", file=file,
+                            row=i + 1, column=name)
         col = pc.cast(col, pa.int64())
     if not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)):
         if not pa.types.is_integer(col.type):
@@ -113,34 +149,86 @@ def _id_column(table: pa.Table, name: str, file: str) -> pa.Array:
     return col.combine_chunks()
 
 
+_INT64 = (-2**63, 2**63)
+
+
+def _exact_int(v) -> int | None:
+    """``v`` as an exact int64, or None: ints, whole-number Decimals and text such as "17", "1e3",
+    "3.0" (read as decimals, never through a float, so 1700000000000000001 stays itself)."""
+    if isinstance(v, bool):
+        return None
+    if isinstance(v, str):
+        try:
+            v = decimal.Decimal(v.strip())
+        except decimal.InvalidOperation:
+            return None
+    if isinstance(v, decimal.Decimal):
+        if not v.is_finite() or v.adjusted() > 19 or v != v.to_integral_value():
+            return None
+        v = int(v)
+    return v if isinstance(v, int) and _INT64[0] <= v < _INT64[1] else None
+
+
+def _iso_seconds(v) -> int | None:
+    """An ISO-8601 date or time (``2024-01-31``, ``2024-01-31T12:00:00+01:00``) as whole Unix
+    seconds (sub-seconds truncated; no offset = UTC), or None."""
+    if not isinstance(v, str) or "-" not in v[1:]:
+        return None
+    try:
+        t = datetime.datetime.fromisoformat(v.strip())
+    except ValueError:
+        return None
+    if t.tzinfo is None:
+        t = t.replace(tzinfo=datetime.timezone.utc)
+    return math.floor((t - datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)).total_seconds())
+
+
 def _timestamp_column(table: pa.Table, name: str, file: str) -> pa.Array:
+    """A timestamp column as int64, exactly: integers (any unit, kept as given), whole-number
+    text or decimals, floats within their exact range, Arrow timestamps and dates (seconds), or
+    ISO-8601 text (seconds). One column holds numbers or ISO times, not both (their units differ)."""
     col = table.column(name)
+    if pa.types.is_date(col.type):
+        col = pc.cast(col, pa.timestamp("s"))
     if pa.types.is_timestamp(col.type):  # whole seconds: sub-second parts are truncated
         col = pc.cast(pc.cast(col, pa.timestamp("s"), safe=False), pa.int64())
-    if pa.types.is_integer(col.type) and col.null_count == 0:
-        try:
+    if (pa.types.is_integer(col.type) or pa.types.is_string(col.type)) and col.null_count == 0:
+        try:  # the usual case, exact: Arrow refuses what is not an integer in range
             return pc.cast(col, pa.int64()).combine_chunks()
-        except pa.ArrowInvalid:  # uint64 beyond int64: the walk below names the row
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):  # the walk below names the row
             pass
     vals = col.to_pylist()
-
-    def parse(v):
-        try:
-            f = float(v)
-        except (TypeError, ValueError):
-            return None
-        return int(f) if math.isfinite(f) and f.is_integer() and -2**63 <= f < 2**63 else None
-
-    out = [parse(v) for v in vals]
+    if pa.types.is_floating(col.type):
+        limit = _float_limit(col.type)
+        for i, v in enumerate(vals):
+            if v is not None and math.isfinite(v) and v.is_integer() and abs(v) > limit:
+                raise DataError(f"expected an integer timestamp, found {v!r} (a {col.type} column holds integers "
+                                f"exactly only up to {limit}: store timestamps as int64)", file=file, row=i + 1,
+                                column=name)
+        out = [int(v) if v is not None and math.isfinite(v) and v.is_integer() else None for v in vals]
+    else:
+        out = [_exact_int(v) for v in vals]
+    iso = [_iso_seconds(v) if o is None else None for v, o in zip(vals, out)]
+    numbers, times = sum(o is not None for o in out), sum(t is not None for t in iso)
+    if numbers and times:  # the first row's kind decides; name the first row of the other kind
+        kind = out if out[0] is not None else iso
+        i = _first_bad(kind, lambda v: v is not None)
+        raise DataError(f"expected {'an integer timestamp' if kind is out else 'an ISO-8601 time'} like row 1, "
+                        f"found {vals[i]!r}; one column cannot mix numbers and ISO-8601 times", file=file,
+                        row=i + 1, column=name)
+    if times:
+        out = iso
     i = _first_bad(out, lambda v: v is not None)
     if i >= 0:
-        raise DataError(f"expected an integer timestamp (seconds), found {vals[i]!r}", file=file, row=i + 1,
-                        column=name)
+        raise DataError(f"expected an integer timestamp or an ISO-8601 time, found {vals[i]!r}", file=file,
+                        row=i + 1, column=name)
     return pa.array(out, pa.int64())
 
 
 def _mapped(table: pa.Table, mapping: dict, canonical: tuple, file: str) -> pa.Table:
-    """Rename the file's columns to canonical names; refuse missing ones."""
+    """Rename the file's columns to canonical names; refuse missing ones. A name's leading
+    byte-order mark (a table read from a ``utf-8-sig`` CSV without stripping it) is ignored."""
+    table = table.rename_columns([c.removeprefix("\ufeff") for c in table.column_names])
     rename = {mapping.get(c, c): c for c in canonical}
     if len(rename) < len(canonical):
         raise DataError(f"data.columns maps two of {', '.join(canonical)} to the same file column: "
@@ -269,17 +357,19 @@ def check_consistency(inter: pa.Table, catalog: pa.Table, file: str, *, drop_dup
     return inter, stats
 
 
-def read_llara_json(path: str | Path, split: str = "train") -> list[dict]:
+def read_llara_json(path: str | Path, split: str = "train", num_candidates: int = 2) -> list[dict]:
     """The prepared LLaRA / S-DPO JSON: ``[{historyList, itemList, trueSelection}, ...]``.
 
     These are samples already; item ids are the titles themselves (the format has no ids).
     Returns rows with the `rosepo.schema.SAMPLES` fields except ``prompt``/``template_id``.
+    A sample with fewer than ``num_candidates`` candidates (``data.num_candidates``; never fewer
+    than 2) is refused with its 1-based index as the row: rejected sampling needs wrong candidates.
     """
     text = _decode(_read_bytes(path), path, "utf-8", 0)
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
-        raise DataError(f"not valid JSON: {e.msg}", file=str(path), row=e.lineno) from None
+        raise DataError(f"not valid JSON: {e.msg} (column {e.colno})", file=str(path), line=e.lineno) from None
     except RecursionError:
         raise DataError("JSON nested too deeply to read", file=str(path)) from None
     if not isinstance(data, list):
@@ -305,6 +395,10 @@ def read_llara_json(path: str | Path, split: str = "train") -> list[dict]:
                             column="itemList", **where)
         if len(set(candidates)) != len(candidates):
             raise DataError("itemList has repeated titles", column="itemList", **where)
+        if len(candidates) < max(2, num_candidates):
+            raise DataError(f"the sample has {len(candidates)} candidate(s), fewer than data.num_candidates "
+                            f"({num_candidates}): the target and at least {max(2, num_candidates) - 1} wrong "
+                            "title(s) are needed", column="itemList", **where)
         if target not in candidates:
             raise DataError(f"trueSelection {target!r} is not in itemList", column="trueSelection", **where)
         rows.append({

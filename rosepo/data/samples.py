@@ -24,12 +24,14 @@ import json
 import math
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from rosepo.config import DataConfig
+from rosepo.data import readers
 from rosepo.data.prompts import check_domain, choose_template, render_prompt, stable_int
 from rosepo.errors import DataError
 from rosepo.schema import SAMPLES
@@ -41,33 +43,43 @@ SPLITS = ("train", "valid", "test")
 MAX_BLOCK_ROWS = 100_000
 
 
-def load_source(cfg: DataConfig) -> tuple[pa.Table, pa.Table, dict]:
-    """Read and validate interactions and catalog per ``cfg.format``; returns (inter, catalog, stats)."""
-    from rosepo.data import readers
+def _movielens_100k(cfg: DataConfig) -> tuple[pa.Table, pa.Table, Path, Path]:
+    from rosepo.data.fetch import fetch
 
-    fmt = cfg.format
-    if fmt == "movielens-100k":
-        from rosepo.data.fetch import fetch
+    folder = fetch("movielens-100k", cfg.data_dir)
+    inter_path, item_path = folder / "ml-100k.inter", folder / "ml-100k.item"
+    return (*readers.read_recbole(inter_path, item_path), inter_path, item_path)
 
-        folder = fetch("movielens-100k", cfg.data_dir)
-        inter_path, item_path = folder / "ml-100k.inter", folder / "ml-100k.item"
-        inter, catalog = readers.read_recbole(inter_path, item_path)
-    elif fmt in ("recbole", "ml100k-raw", "csv", "parquet"):
+
+def _files(read):
+    """A source reading ``data.interactions`` and ``data.catalog`` with ``read(inter, catalog, cfg)``."""
+    def source(cfg: DataConfig) -> tuple[pa.Table, pa.Table, str, str]:
         if not cfg.interactions or not cfg.catalog:
-            raise DataError(f"data.format={fmt} needs data.interactions and data.catalog paths")
-        inter_path, item_path = cfg.interactions, cfg.catalog
-        if fmt == "recbole":
-            inter, catalog = readers.read_recbole(inter_path, item_path)
-        elif fmt == "ml100k-raw":
-            inter, catalog = readers.read_ml100k_raw(inter_path, item_path)
-        elif fmt == "csv":
-            inter, catalog = readers.read_csv_files(inter_path, item_path, delimiter=cfg.delimiter,
-                                                    columns=cfg.columns)
-        else:
-            inter, catalog = readers.read_parquet_files(inter_path, item_path, columns=cfg.columns)
-    else:
-        raise DataError(f"unknown data.format {fmt!r}; expected movielens-100k, recbole, ml100k-raw, csv, "
-                        "parquet or llara-json")
+            raise DataError(f"data.format={cfg.format} needs data.interactions and data.catalog paths")
+        return (*read(cfg.interactions, cfg.catalog, cfg), cfg.interactions, cfg.catalog)
+    return source
+
+
+#: ``data.format`` -> reader of interactions and catalog (``llara-json``, prepared samples, is
+#: `import_llara`). The names are `rosepo.config.DataFormat`'s; a test checks they agree.
+SOURCES = {
+    "movielens-100k": _movielens_100k,
+    "recbole": _files(lambda i, c, cfg: readers.read_recbole(i, c)),
+    "ml100k-raw": _files(lambda i, c, cfg: readers.read_ml100k_raw(i, c)),
+    "csv": _files(lambda i, c, cfg: readers.read_csv_files(i, c, delimiter=cfg.delimiter, columns=cfg.columns)),
+    "parquet": _files(lambda i, c, cfg: readers.read_parquet_files(i, c, columns=cfg.columns)),
+}
+
+
+def load_source(cfg: DataConfig) -> tuple[pa.Table, pa.Table, dict]:
+    """Read and validate interactions and catalog per ``cfg.format``; returns (inter, catalog, stats).
+
+    Refuses, with the counts, an input that cannot give one sample: no interactions, too few
+    distinct titles to draw candidates from, or no user with ``min_history + 1`` events.
+    """
+    if cfg.format not in SOURCES:
+        raise DataError(f"unknown data.format {cfg.format!r}; expected one of {', '.join(SOURCES)} or llara-json")
+    inter, catalog, inter_path, item_path = SOURCES[cfg.format](cfg)
     inter, stats = readers.check_consistency(inter, catalog, str(inter_path),
                                              drop_duplicates=cfg.drop_duplicates,
                                              drop_unknown_items=cfg.drop_unknown_items)
@@ -79,6 +91,12 @@ def load_source(cfg: DataConfig) -> tuple[pa.Table, pa.Table, dict]:
         raise DataError(f"the catalog has {distinct} distinct titles but samples need at least {need} "
                         f"(data.max_history + data.num_candidates) to draw distinct candidates outside the "
                         "history", file=str(item_path))
+    events = pc.value_counts(inter.column("user_id")).field("counts")
+    longest = pc.max(events).as_py()
+    if longest < cfg.min_history + 1:
+        raise DataError(f"no samples to build: {len(events)} user(s) with {len(inter)} events, the longest with "
+                        f"{longest}, but a sample needs data.min_history + 1 = {cfg.min_history + 1} events of one "
+                        "user; lower data.min_history or add events", file=str(inter_path))
     return inter, catalog, stats
 
 
@@ -235,10 +253,12 @@ def user_blocks(inter: pa.Table, num_blocks: int, max_rows: int = MAX_BLOCK_ROWS
             for i, (a, b) in enumerate(zip(cuts, cuts[1:])) if b > a]
 
 
-def build_samples(cfg: DataConfig, out_dir: str | Path) -> dict:
+def build_samples(cfg: DataConfig, out_dir: str | Path, *, start_ray: Callable[[], object] | None = None) -> dict:
     """Build the samples of ``cfg`` into ``out_dir`` (atomically) and return its manifest.
 
-    ``out_dir`` gets ``train/``, ``valid/``, ``test/`` Parquet shards and ``manifest.json``.
+    ``out_dir`` gets ``train/``, ``valid/``, ``test/`` Parquet shards and ``manifest.json``. The
+    input is read and validated first; ``start_ray`` (e.g. `rosepo.train.raysetup.init_ray`
+    with the run's address) is called only then, so a refused input costs no Ray start.
     """
     import ray
 
@@ -251,10 +271,14 @@ def build_samples(cfg: DataConfig, out_dir: str | Path) -> dict:
     item_ids = sorted(titles)
     users = pc.unique(inter.column("user_id")).to_pylist()
     split_of = assign_splits(users, cfg.split, cfg.seed)
+    too_short = pc.sum(pc.less(pc.value_counts(inter.column("user_id")).field("counts"),
+                               cfg.min_history + 1)).as_py()
     facts = {"users": len(users), "items": len(catalog), "interactions": len(inter),
              "items_interacted": len(pc.unique(inter.column("item_id")))}
     blocks = user_blocks(inter, cfg.num_partitions)
     del inter  # the blocks hold a sorted copy; once Ray holds them, the driver keeps neither table
+    if start_ray is not None:
+        start_ray()
     with atomic_dir(Path(out_dir), overwrite=True) as tmp:
         for split in SPLITS:
             (tmp / split).mkdir()
@@ -268,10 +292,16 @@ def build_samples(cfg: DataConfig, out_dir: str | Path) -> dict:
         splits = per_user.column("split").to_pylist()
         counts = {s: pc.sum(pc.filter(per_user.column("samples"), pc.equal(per_user.column("split"), s))).as_py() or 0
                   for s in SPLITS}
+        # Users with no sample: too few events, or every target already in its history window.
+        dropped = {"too_short": too_short, "no_new_target": len(users) - len(per_user) - too_short}
+        if not sum(counts.values()):
+            raise DataError(f"no samples: all {len(users)} users were dropped ({dropped['too_short']} with fewer "
+                            f"than data.min_history + 1 = {cfg.min_history + 1} events, {dropped['no_new_target']} "
+                            "whose every target is already in its history); lower data.min_history")
         manifest = {
             "stage": "samples",
             "config": cfg.__dict__ | {"split": list(cfg.split)},
-            **facts, "samples": counts, "policies": stats,
+            **facts, "samples": counts, "policies": stats, "users_dropped": dropped,
             "content_hash": users_digest(zip(splits, per_user.column("user_id").to_pylist(),
                                              per_user.column("digest").to_pylist())),
             "seconds": round(time.perf_counter() - t0, 2),
@@ -284,28 +314,26 @@ def import_llara(cfg: DataConfig, out_dir: str | Path) -> dict:
     """Import prepared LLaRA / S-DPO JSON samples (``cfg.llara``: split -> file) as a samples folder.
 
     History, candidates and target are kept exactly; prompts are rendered from our templates.
+    Every file is read and checked before anything is written.
     """
     import pyarrow.parquet as pq
-
-    from rosepo.data.readers import read_llara_json
 
     if not cfg.llara or set(cfg.llara) - set(SPLITS):
         raise DataError(f"data.format=llara-json needs data.llara mapping splits {SPLITS} to JSON files, "
                         f"got {cfg.llara!r}")
+    rows = {split: readers.read_llara_json(cfg.llara[split], split, cfg.num_candidates) if split in cfg.llara else []
+            for split in SPLITS}
     with atomic_dir(Path(out_dir), overwrite=True) as tmp:
-        counts = {}
         for split in SPLITS:
-            rows = read_llara_json(cfg.llara[split], split) if split in cfg.llara else []
-            for r in rows:
+            for r in rows[split]:
                 r["template_id"] = choose_template(r["sample_id"], cfg.seed, cfg.prompt_style)
                 r["prompt"] = render_prompt(r["template_id"], r["history_titles"], r["candidate_titles"],
                                             cfg.prompt_style, cfg.domain)
                 r["answer"] = r["target_title"]
             (tmp / split).mkdir()
-            pq.write_table(pa.Table.from_pylist(rows, schema=SAMPLES), tmp / split / "part-0.parquet")
-            counts[split] = len(rows)
+            pq.write_table(pa.Table.from_pylist(rows[split], schema=SAMPLES), tmp / split / "part-0.parquet")
         manifest = {"stage": "samples", "source": "llara-json", "config": cfg.__dict__ | {"split": list(cfg.split)},
-                    "samples": counts, "content_hash": samples_hash(tmp)}
+                    "samples": {split: len(rows[split]) for split in SPLITS}, "content_hash": samples_hash(tmp)}
         write_manifest(tmp, manifest)
     return manifest
 

@@ -103,3 +103,38 @@ def pad_sft_batch(rows: list[dict], pad_id: int) -> dict:
         labels[i, :n] = torch.tensor(r["labels"], dtype=torch.long)
         attention_mask[i, :n] = 1
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+
+
+def check_sample_lengths(tokenizer, splits: dict, max_prompt_tokens: int, max_answer_tokens: int,
+                         samples_dir: str, batch_rows: int = 4096) -> dict:
+    """Refuse the first sample of ``splits`` (split name -> samples table, sorted by sample id,
+    of ``samples_dir``) whose prompt, or one of whose candidate titles as an answer, is longer
+    than the limits; return the longest of each per split.
+
+    Run at the model stage, when the tokenizer is known: the later stages tokenise inside Ray
+    tasks (SFT, pairs, eval), where a refusal would surface wrapped in Ray's traceback.
+    """
+    longest = {}
+    for split, table in splits.items():
+        prompts = table.column("prompt").to_pylist()
+        most = 0
+        for start in range(0, len(prompts), batch_rows):
+            lengths = [len(ids) for ids in tokenizer(prompts[start:start + batch_rows],
+                                                     add_special_tokens=False)["input_ids"]]
+            i = max(range(len(lengths)), key=lengths.__getitem__)
+            if lengths[i] > max_prompt_tokens:
+                i = next(j for j, n in enumerate(lengths) if n > max_prompt_tokens)
+                raise DataError(f"sample {table.column('sample_id')[start + i].as_py()!r}: the prompt has "
+                                f"{lengths[i]} tokens, more than model.max_prompt_tokens ({max_prompt_tokens}); "
+                                "raise model.max_prompt_tokens or lower data.max_history",
+                                file=f"{samples_dir}/{split}", row=start + i + 1, column="prompt")
+            most = max(most, lengths[i])
+        titles = sorted({t for ts in table.column("candidate_titles").to_pylist() for t in ts})
+        answers = [len(ids) + 1 for ids in tokenizer(titles, add_special_tokens=False)["input_ids"]] if titles else []
+        for title, n in zip(titles, answers):
+            if n > max_answer_tokens:
+                raise DataError(f"the title {title[:80]!r} has {n} tokens as an answer (EOS included), more than "
+                                f"model.max_answer_tokens ({max_answer_tokens}); raise model.max_answer_tokens",
+                                file=f"{samples_dir}/{split}", column="candidate_titles")
+        longest[split] = {"prompt_tokens": most, "answer_tokens": max(answers, default=0)}
+    return longest

@@ -33,7 +33,7 @@ from torch import nn
 
 from rosepo.config import OracleConfig
 from rosepo.data.samples import SPLITS, read_split
-from rosepo.errors import ConfigError, DataError
+from rosepo.errors import DataError
 from rosepo.storage import atomic_dir, write_manifest
 
 WEIGHTS = "model.safetensors"
@@ -321,35 +321,14 @@ def evaluate_oracle(oracle, samples_dir: str | Path, split: str) -> dict:
     return ranking_metrics(scores, targets, ks=(1, 5, 10)) | {"n": len(targets)}
 
 
-def check_config(cfg: OracleConfig) -> None:
-    """Refuse an impossible `OracleConfig` before any work starts (`ConfigError` with the key)."""
-    checks = [
-        (cfg.hidden_size >= 1 and cfg.hidden_size % max(cfg.num_heads, 1) == 0, "oracle.hidden_size",
-         f"must be a positive multiple of oracle.num_heads ({cfg.num_heads})"),
-        (cfg.num_heads >= 1, "oracle.num_heads", "must be >= 1"),
-        (cfg.num_layers >= 1, "oracle.num_layers", "must be >= 1"),
-        (0 <= cfg.dropout < 1, "oracle.dropout", "must be in [0, 1)"),
-        (cfg.max_len >= 1, "oracle.max_len", "must be >= 1"),
-        (cfg.epochs >= 1, "oracle.epochs", "must be >= 1"),
-        (cfg.num_workers >= 1, "oracle.num_workers", "must be >= 1"),
-        (cfg.batch_size >= cfg.num_workers, "oracle.batch_size",
-         f"must be >= oracle.num_workers ({cfg.num_workers}): each worker takes batch_size // num_workers"),
-        (cfg.learning_rate > 0, "oracle.learning_rate", "must be > 0"),
-        (cfg.weight_decay >= 0, "oracle.weight_decay", "must be >= 0"),
-        (cfg.max_samples >= 0, "oracle.max_samples", "must be >= 0 (0 = all)"),
-    ]
-    for ok, key, message in checks:
-        if not ok:
-            raise ConfigError(f"config key {key!r} {message}")
-
-
 def train_oracle(samples_dir: str | Path, cfg: OracleConfig, out_dir: str | Path) -> dict:
     """Train the oracle on the train split of ``samples_dir`` with Ray Train; return its manifest.
 
     ``out_dir`` gets (atomically) ``model.safetensors``, ``config.json`` (OracleConfig fields
     plus ``vocab_size``), ``vocab.json`` and ``manifest.json`` with the loss per epoch and the
-    valid/test metrics. Raises `ConfigError` for an impossible ``cfg`` and `DataError` for a
-    train split with fewer samples than workers, before Ray starts. Starts a local Ray if none
+    valid/test metrics. ``cfg`` is checked when the run's config is loaded
+    (`rosepo.config.RunConfig.validate`). Raises `DataError` for a train split with fewer
+    samples than workers, before Ray starts. Starts a local Ray if none
     is connected. Workers read the samples by path and the run's Ray storage lies inside the
     output's temporary folder, so on a multi-node cluster both must be on shared storage.
     """
@@ -359,7 +338,6 @@ def train_oracle(samples_dir: str | Path, cfg: OracleConfig, out_dir: str | Path
     from rosepo.train.raysetup import init_ray
 
     t0 = time.perf_counter()
-    check_config(cfg)
     samples_dir = str(Path(samples_dir).resolve())
     n_train = len(read_split(samples_dir, "train"))
     if n_train < cfg.num_workers:

@@ -3,7 +3,9 @@
 Every reader of `rosepo.data.readers` gets random malformed input: CSV/TSV text built from
 hostile fields (quotes, delimiters, NaN/inf, huge and negative numbers, empty fields, ragged
 rows, several line endings, non-UTF-8 bytes), random JSON values, and random Parquet tables
-(odd column names and types, nulls, lists, binary) plus corrupted Parquet bytes. Each file is
+(odd column names and types, nulls, lists, binary) plus corrupted Parquet bytes, text with
+byte-order marks (UTF-8, UTF-16, UTF-32), integers near and above 2^53 and 2^63 as text, ints,
+floats and decimals, and tiny interaction logs (degenerate sample sizes). Each file is
 drawn either from the fuzzer or as a known-good file, so the second file of a pair (the
 catalog) is reached too. The only accepted outcomes:
 
@@ -99,7 +101,9 @@ def files(**contents: bytes) -> Iterator[dict[str, Path]]:
 HOSTILE = ["", " ", "  x  ", "007", "nan", "NaN", "inf", "-inf", "Infinity", "1e400", "-1e400",
            "99999999999999999999", "9223372036854775808", "-9223372036854775809", "-1.5", "3.0", "1e3", "0x10",
            '"', '""', '"a,b"', 'a"b', '"unterminated', "Usual Suspects, The (1995)", "(1995)", " (1995) ", "::",
-           "a::b", "\\N", "null", "NULL", "é", "\u00a0", "\u2028", "\x00", "\t", ",", "|", ";", "\ufeff"]
+           "a::b", "\\N", "null", "NULL", "é", "\u00a0", "\u2028", "\x00", "\t", ",", "|", ";", "\ufeff",
+           str(2**53 + 1), str(-(2**53) - 1), "1700000000000000001", "1.7e18", "2024-01-31", "2024-01-31T12:00:00Z",
+           "2024-13-01", "9007199254740993.0"]
 PLAIN = st.one_of(st.integers(-3, 30).map(str), st.sampled_from(["Heat", "Kolya", "Babe (1995)", "Fargo, The"]))
 HOSTILE_FIELD = st.one_of(st.sampled_from(HOSTILE), st.integers(-2**70, 2**70).map(str),
                           st.floats().map(repr), st.text(max_size=6))
@@ -152,7 +156,8 @@ def delimited(draw, header: list[str] | None, width: int, delimiter: str | None 
                                                                      st.lists(field(), max_size=5))))
     eol = draw(st.sampled_from(["\n", "\r\n", "\r"]))
     text = eol.join(delim.join(line) for line in lines) + draw(st.sampled_from(["", eol]))
-    encoding = "utf-8" if often(draw, 8) else draw(st.sampled_from(["utf-16", "latin-1", "cp1252"]))
+    encoding = "utf-8" if often(draw, 7) else draw(st.sampled_from(["utf-8-sig", "utf-16", "utf-16-le", "utf-32",
+                                                                     "latin-1", "cp1252"]))
     return draw(corrupted(text.encode(encoding, errors="replace")))
 
 
@@ -235,13 +240,13 @@ def test_read_ml100k_raw_fuzz(data):
 
 # --- Parquet ------------------------------------------------------------------------------------
 
-_I64 = st.integers(-2**63, 2**63 - 1)
+_I64 = st.one_of(st.integers(-2**63, 2**63 - 1), st.integers(2**53 - 4, 2**53 + 4), st.integers(2**63 - 4, 2**63 - 1))
 _SAFE_TS = st.integers(-2**40, 2**40)
 COLUMN_KINDS = {
     "int64": (pa.int64(), _I64),
     "uint64": (pa.uint64(), st.integers(0, 2**64 - 1)),
     "int8": (pa.int8(), st.integers(-128, 127)),
-    "float64": (pa.float64(), st.floats()),
+    "float64": (pa.float64(), st.one_of(st.floats(), st.sampled_from([2.0**53, 2.0**53 + 2, -(2.0**53), 1.7e18]))),
     "float32": (pa.float32(), st.floats(width=32)),
     "string": (pa.string(), field()),
     "large_string": (pa.large_string(), field()),
@@ -373,7 +378,7 @@ def title(draw) -> str:
 @st.composite
 def llara_record(draw):
     """A sample that is often valid and otherwise wrong in one or a few fields."""
-    cands = draw(st.lists(title(), max_size=4, unique=often(draw, 8)))
+    cands = draw(st.lists(title(), max_size=6, unique=often(draw, 8)))
     target = draw(st.sampled_from(cands)) if cands and often(draw, 8) else draw(title())
     rec = {"historyList": HISTORY_SEP.join(draw(st.lists(title(), min_size=1, max_size=3))), "itemList": cands,
            "trueSelection": target}
@@ -394,13 +399,14 @@ def llara_file(draw) -> bytes:
 
 
 @FUZZ
-@given(data=llara_file())
-def test_read_llara_json_fuzz(data):
+@given(data=llara_file(), num_candidates=st.integers(0, 3))
+def test_read_llara_json_fuzz(data, num_candidates):
     with files(**{"train.json": data}) as p:
-        rows = outcome(lambda: readers.read_llara_json(p["train.json"], "train"), p["train.json"])
+        rows = outcome(lambda: readers.read_llara_json(p["train.json"], "train", num_candidates), p["train.json"])
     if rows is not None:
         assert rows and len({r["sample_id"] for r in rows}) == len(rows)
         for r in rows:
+            assert len(r["candidate_titles"]) >= max(2, num_candidates)  # a wrong title to reject, at least
             assert r["target_title"] in r["candidate_titles"]
             assert all(isinstance(t, str) and t.strip() for t in r["candidate_titles"] + r["history_titles"])
             assert len(set(r["candidate_titles"])) == len(r["candidate_titles"])
@@ -535,3 +541,162 @@ def test_build_samples_refuses_and_leaves_nothing(tmp_path, inter, items, match)
     assert not fresh.exists()
     assert [p.name for p in kept.iterdir()] == ["manifest.json"]
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["kept"]
+
+
+# --- issue 19: byte-order marks, integers past 2^53, degenerate sizes, bad data config values ---
+
+SAFE_ID = st.text(alphabet="abcxyz0123456789", min_size=1, max_size=4)
+#: Integers where float64 stops being exact (2^53) and where int64 ends (2^63), and ordinary ones.
+BIG_INT = st.one_of(st.integers(-10**12, 10**12), st.integers(2**53 - 3, 2**53 + 3), st.integers(-(2**53) - 3, -(2**53)),
+                    st.integers(1_700_000_000_000_000_000, 1_700_000_000_000_000_300), st.integers(2**63 - 3, 2**63 + 3),
+                    st.integers(-(2**63) - 2, -(2**63) + 2))
+IN_INT64 = range(-2**63, 2**63)
+
+
+@FUZZ
+@given(rows=st.lists(st.tuples(SAFE_ID, SAFE_ID, st.integers(-2**62, 2**62)), min_size=1, max_size=6),
+       delimiter=st.sampled_from(DELIMITERS), eol=st.sampled_from(["\n", "\r\n"]))
+def test_utf8_bom_reads_like_no_bom_and_utf16_32_refused_fuzz(rows, delimiter, eol):
+    """The same CSV/TSV with and without a UTF-8 BOM reads to the same tables; as UTF-16 or
+    UTF-32 (with or without a mark) it is refused naming the file and the remedy."""
+    items = sorted({r[1] for r in rows})
+    inter_text = eol.join(delimiter.join(map(str, r)) for r in [INTER_HEADER, *rows]) + eol
+    item_text = eol.join(delimiter.join(r) for r in [ITEM_HEADER, *[[i, f"T {i}"] for i in items]]) + eol
+    results = []
+    for encoding in ("utf-8", "utf-8-sig"):
+        with files(**{"i.csv": inter_text.encode(encoding), "c.csv": item_text.encode(encoding)}) as p:
+            results.append(readers.read_csv_files(p["i.csv"], p["c.csv"], delimiter=delimiter))
+    assert results[0][0].equals(results[1][0]) and results[0][1].equals(results[1][1])
+    assert results[0][0].column("timestamp").to_pylist() == [r[2] for r in rows]
+    for encoding in ("utf-16", "utf-16-le", "utf-16-be", "utf-32", "utf-32-le"):
+        with files(**{"i.csv": inter_text.encode(encoding), "c.csv": item_text.encode()}) as p:
+            with pytest.raises(DataError, match=r"i\.csv: .*(UTF-16|UTF-32).*re-encode it as UTF-8"):
+                readers.read_csv_files(p["i.csv"], p["c.csv"], delimiter=delimiter)
+
+
+@FUZZ
+@given(values=st.one_of(st.lists(BIG_INT, min_size=1, max_size=5),
+                        st.lists(st.integers(-2**53, 2**53), min_size=1, max_size=5)),
+       kind=st.sampled_from(["csv", "string", "int64", "uint64", "decimal", "float64", "float32"]))
+def test_integer_timestamps_near_and_past_2_53_fuzz(values, kind):
+    """Whatever the column kind, a timestamp is read exactly or its row is refused: never rounded.
+    Text, ints and decimals hold any int64 exactly; floats only up to 2^53 (float32: 2^24), past
+    which the value may already be a rounding of another and is refused."""
+    n = len(values)
+    if kind == "csv":
+        text = "user_id,item_id,timestamp\n" + "".join(f"u,i{k},{v}\n" for k, v in enumerate(values))
+        contents = {"i.csv": text.encode(), "c.csv": good_csv(ITEM_HEADER, [[f"i{k}", f"T{k}"] for k in range(n)])}
+        expected = values if all(v in IN_INT64 for v in values) else None
+    else:
+        if kind in ("int64", "uint64"):
+            lo = 0 if kind == "uint64" else -2**63
+            values = [min(max(v, lo), 2**63 - 1 if kind == "int64" else 2**64 - 1) for v in values]
+        typ = {"string": pa.string(), "int64": pa.int64(), "uint64": pa.uint64(), "decimal": pa.decimal128(38, 0),
+               "float64": pa.float64(), "float32": pa.float32()}[kind]
+        cells = ([str(v) for v in values] if kind == "string" else [Decimal(v) for v in values] if kind == "decimal"
+                 else [float(v) for v in values] if kind.startswith("float") else values)
+        column = pa.array(cells, typ)
+        exact = column.to_pylist()
+        if kind.startswith("float"):
+            limit = 2**53 if kind == "float64" else 2**24
+            expected = [int(v) for v in exact] if all(abs(v) <= limit for v in exact) else None
+        else:
+            expected = [int(v) for v in exact] if all(int(v) in IN_INT64 for v in exact) else None
+        table = pa.table({"user_id": ["u"] * n, "item_id": [f"i{k}" for k in range(n)], "timestamp": column})
+        contents = {"i.parquet": parquet_bytes(table),
+                    "c.parquet": parquet_bytes(pa.table({"item_id": [f"i{k}" for k in range(n)],
+                                                         "title": [f"T{k}" for k in range(n)]}))}
+    with files(**contents) as p:
+        names = sorted(p)
+        read = readers.read_csv_files if kind == "csv" else readers.read_parquet_files
+        c_path, i_path = p[names[0]], p[names[1]]
+        if expected is None:
+            with pytest.raises(DataError, match=r"row \d+, column 'timestamp': expected an integer timestamp"):
+                read(i_path, c_path)
+            event(f"{kind}: refused")
+        else:
+            inter, _ = read(i_path, c_path)
+            assert inter.column("timestamp").to_pylist() == expected
+            event(f"{kind}: exact")
+
+
+def _windows(seq: list[str], cfg: DataConfig, split: str) -> int:
+    """Reference count of a user's samples (the rule of `user_rows`, written again plainly)."""
+    n = sum(1 for t in range(cfg.min_history, len(seq)) if seq[t] not in seq[max(0, t - cfg.max_history):t])
+    keep = cfg.max_train_windows_per_user if split == "train" else cfg.eval_windows_per_user
+    return min(n, keep) if keep else n
+
+
+@FUZZ
+@given(events=st.lists(st.lists(st.sampled_from("abcdefgh"), max_size=7), min_size=1, max_size=4),
+       min_history=st.integers(1, 4), extra_history=st.integers(0, 2), num_candidates=st.integers(2, 4),
+       catalog_size=st.integers(3, 12), train_keep=st.integers(0, 2), eval_keep=st.integers(0, 2))
+def test_degenerate_sample_sizes_fuzz(events, min_history, extra_history, num_candidates, catalog_size,
+                                      train_keep, eval_keep):
+    """Tiny logs: users with no, few or repeated events, a catalog barely large enough, window
+    limits. Either `load_source` refuses for the right reason (no events, too few titles, no
+    user with min_history + 1 events), or every user gives exactly the windows of the rule and
+    the users without any are the ones `build_samples` counts as dropped. No Ray: the Ray task's
+    function is called directly."""
+    from rosepo.data.samples import assign_splits, load_source, user_blocks, write_user_windows
+
+    items = "abcdefghijkl"[:catalog_size]
+    rows = [(f"u{u}", item, t) for u, seq in enumerate(events) for t, item in enumerate(seq) if item in items]
+    text = "user_id,item_id,timestamp\n" + "".join(f"{u},{i},{t}\n" for u, i, t in rows)
+    cfg = DataConfig(format="csv", min_history=min_history, max_history=min_history + extra_history,
+                     num_candidates=num_candidates, max_train_windows_per_user=train_keep,
+                     eval_windows_per_user=eval_keep)
+    with files(**{"i.csv": text.encode(), "c.csv": good_csv(ITEM_HEADER, [[i, f"T {i}"] for i in items])}) as p:
+        cfg = DataConfig(**{**cfg.__dict__, "interactions": str(p["i.csv"]), "catalog": str(p["c.csv"])})
+        result = outcome(lambda: load_source(cfg), p["i.csv"], p["c.csv"])
+        per_user = {}
+        for u, i, t in rows:
+            per_user.setdefault(u, []).append(i)
+        if result is None:
+            longest = max((len(s) for s in per_user.values()), default=0)
+            assert (not rows or catalog_size < cfg.max_history + num_candidates or longest < min_history + 1)
+            return
+        inter, catalog, _ = result
+        assert rows and max(len(s) for s in per_user.values()) >= min_history + 1
+        titles = dict(zip(catalog.column("item_id").to_pylist(), catalog.column("title").to_pylist()))
+        split_of = assign_splits(sorted(per_user), cfg.split, cfg.seed)
+        out = Path(p["i.csv"]).parent / "out"
+        for split in ("train", "valid", "test"):
+            (out / split).mkdir(parents=True)
+        got = pa.concat_tables([write_user_windows(b, out_dir=str(out), titles=titles, item_ids=sorted(titles),
+                                                   split_of=split_of, cfg=cfg) for b in user_blocks(inter, 2)])
+        counts = dict(zip(got.column("user_id").to_pylist(), got.column("samples").to_pylist()))
+        expected = {u: _windows(s, cfg, split_of[u]) for u, s in per_user.items()}
+        assert counts == {u: n for u, n in expected.items() if n}
+        event("no samples: build_samples refuses" if not counts else "samples")
+
+
+DATA_KEYS = ["data.max_history", "data.min_history", "data.num_candidates", "data.max_train_windows_per_user",
+             "data.eval_windows_per_user", "data.num_partitions", "data.seed", "data.format", "data.delimiter",
+             "data.split", "data.columns", "data.llara"]
+DATA_VALUES = st.one_of(st.integers(-3, 25).map(str), st.sampled_from(
+    ["-1", "0", "1e3", "2.5", "''", "'\\t'", "'::'", "xlsx", "csv", "llara-json", "[0.8, 0.1, 0.1]", "[1, 0]",
+     "{user_id: uid}", "{user: uid}", "{train: t.json}", "{tst: t.json}", "null", "true", str(2**63)]))
+
+
+@FUZZ
+@given(items=st.dictionaries(st.sampled_from(DATA_KEYS), DATA_VALUES, max_size=4))
+def test_data_config_values_fuzz(items):
+    """Random values of the data keys: a ConfigError naming a data key, or a config whose
+    sample builder can rely on its ranges (nothing negative, history bounds ordered)."""
+    from rosepo.config import load_config
+    from rosepo.errors import ConfigError
+
+    overrides = [f"{k}={v}" for k, v in items.items()]
+    if items.get("data.format") in ("csv",):
+        overrides += ["data.interactions=i.csv", "data.catalog=c.csv"]
+    try:
+        cfg = load_config(None, overrides).data
+    except ConfigError as e:
+        assert "'data." in str(e), str(e)
+        event("ConfigError")
+        return
+    event("valid")
+    assert 1 <= cfg.min_history <= cfg.max_history and cfg.num_candidates >= 2 and cfg.num_partitions >= 1
+    assert cfg.max_train_windows_per_user >= 0 and cfg.eval_windows_per_user >= 0 and 0 <= cfg.seed < 2**63
+    assert len(cfg.delimiter) == 1 and cfg.format in ("movielens-100k", "csv")

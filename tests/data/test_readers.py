@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from decimal import Decimal
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -168,3 +169,141 @@ def test_llara_json_errors(tmp_path):
     p.write_text("[{\"historyList\": ")
     with pytest.raises(DataError, match="not valid JSON"):
         readers.read_llara_json(p)
+
+
+# --- issue 19: encodings, integers past 2^53, directories, JSON lines ---------------------------
+
+
+@pytest.mark.parametrize("delimiter", [",", "\t"])
+def test_utf8_bom_is_read(tmp_path, delimiter):
+    """A CSV/TSV saved by Excel or pandas ``encoding="utf-8-sig"`` starts with a BOM: read as if
+    it had none (it once made the first column '\\ufeffuser_id')."""
+    d = delimiter
+    inter = write(tmp_path / "i.csv", f"user_id{d}item_id{d}timestamp\n1{d}10{d}5\n", encoding="utf-8-sig")
+    items = write(tmp_path / "c.csv", f"item_id{d}title\n10{d}Kolya\n", encoding="utf-8-sig")
+    i, c = readers.read_csv_files(inter, items, delimiter=d)
+    assert i.to_pylist() == [{"user_id": "1", "item_id": "10", "timestamp": 5}]
+    assert c.to_pylist() == [{"item_id": "10", "title": "Kolya"}]
+
+
+def test_utf8_bom_in_every_text_format(tmp_path):
+    """RecBole and headerless ML-100K files (whose first field would be '\\ufeff196'), a latin-1
+    u.item re-saved as UTF-8 with a BOM, LLaRA JSON, and Parquet column names with a BOM."""
+    inter = write(tmp_path / "x.inter", "user_id:token\titem_id:token\ttimestamp:float\n196\t242\t5\n", "utf-8-sig")
+    items = write(tmp_path / "x.item", "item_id:token\tmovie_title:token_seq\n242\tKolya\n", "utf-8-sig")
+    assert readers.read_recbole(inter, items)[0].column("user_id").to_pylist() == ["196"]
+    data = write(tmp_path / "u.data", "196\t242\t3\t881250949\n", "utf-8-sig")
+    genres = "|".join(["0"] * 19)
+    uitem = write(tmp_path / "u.item", f"242|Misérables, Les (1995)|01-Jan-1995||http://y|{genres}\n", "utf-8-sig")
+    i, c = readers.read_ml100k_raw(data, uitem)
+    assert i.column("user_id").to_pylist() == ["196"] and c.column("title").to_pylist() == ["Misérables, Les"]
+    js = write(tmp_path / "s.json", json.dumps([{"historyList": "A::B", "itemList": ["C", "D"],
+                                                  "trueSelection": "C"}]), "utf-8-sig")
+    assert readers.read_llara_json(js)[0]["target_title"] == "C"
+    pq.write_table(pa.table({"\ufeffuser_id": ["u"], "item_id": ["a"], "timestamp": [1]}), tmp_path / "i.parquet")
+    pq.write_table(pa.table({"\ufeffitem_id": ["a"], "title": ["A"]}), tmp_path / "c.parquet")
+    assert len(readers.read_parquet_files(tmp_path / "i.parquet", tmp_path / "c.parquet")[0]) == 1
+
+
+@pytest.mark.parametrize("encoding,match", [
+    ("utf-16", "UTF-16 text"), ("utf-16-be", "UTF-16 or UTF-32"), ("utf-16-le", "UTF-16 or UTF-32"),
+    ("utf-32", "UTF-32 text"),
+])
+def test_utf16_and_utf32_refused_with_the_remedy(tmp_path, encoding, match):
+    for name in ("i.csv", "s.json"):
+        path = write(tmp_path / name, "user_id,item_id,timestamp\n1,10,5\n", encoding)
+        with pytest.raises(DataError, match=f"{name}: .*{match}.*re-encode it as UTF-8"):
+            if name == "i.csv":
+                readers.read_csv_files(path, write(tmp_path / "c.csv", "item_id,title\n10,A\n"))
+            else:
+                readers.read_llara_json(path)
+
+
+NS = 1_700_000_000_000_000_000  # nanoseconds: far above 2^53
+
+
+def test_integer_timestamps_above_2_53_are_exact(tmp_path):
+    """Nanosecond timestamps 1 ns apart once went through float() and became equal: events were
+    reordered and the same item 99 ns later was refused as a duplicate."""
+    inter = write(tmp_path / "i.csv", f"user_id,item_id,timestamp\n1,10,{NS + 100}\n1,11,{NS + 1}\n1,10,{NS + 199}\n")
+    items = write(tmp_path / "c.csv", "item_id,title\n10,Heat\n11,Ran\n")
+    i, c = readers.read_csv_files(inter, items)
+    assert i.column("timestamp").to_pylist() == [NS + 100, NS + 1, NS + 199]
+    out, stats = readers.check_consistency(i, c, "i.csv", drop_duplicates=False, drop_unknown_items=False)
+    assert len(out) == 3 and stats["duplicates_dropped"] == 0
+
+
+@pytest.mark.parametrize("column,expected", [
+    (pa.array([str(NS + 1), str(NS + 100)]), [NS + 1, NS + 100]),                  # string column
+    (pa.array([f" {NS + 1} ", "1e3"]), [NS + 1, 1000]),                            # the exact slow path
+    (pa.array([NS + 1, NS + 100], pa.uint64()), [NS + 1, NS + 100]),
+    (pa.array([Decimal(NS + 1), Decimal(5)], pa.decimal128(38, 0)), [NS + 1, 5]),  # once through float()
+    (pa.array([2.0**53, -(2.0**53)]), [2**53, -(2**53)]),                        # float64: exact up to 2^53
+    (pa.array(["2024-01-31T12:00:00+01:00", "2024-01-31"]), [1706698800, 1706659200]),  # ISO-8601, seconds
+])
+def test_parquet_timestamps_exact(tmp_path, column, expected):
+    pq.write_table(pa.table({"user_id": ["u", "u"], "item_id": ["a", "b"], "timestamp": column}),
+                   tmp_path / "i.parquet")
+    pq.write_table(pa.table({"item_id": ["a", "b"], "title": ["A", "B"]}), tmp_path / "c.parquet")
+    inter, _ = readers.read_parquet_files(tmp_path / "i.parquet", tmp_path / "c.parquet")
+    assert inter.column("timestamp").to_pylist() == expected
+
+
+@pytest.mark.parametrize("column,match", [
+    (pa.array([1.0, 2.0**53 + 2]), "expected an integer timestamp.*holds integers exactly only up to 9007199254740992"),
+    (pa.array([1.0, 2.0**24 + 2], pa.float32()), "expected an integer timestamp.*exactly only up to 16777216"),
+    (pa.array(["5", "5.5"]), "expected an integer timestamp or an ISO-8601 time, found '5.5'"),
+    (pa.array(["5", "2024-01-31"]), "expected an integer timestamp like row 1, found '2024-01-31'"),
+    (pa.array(["2024-01-31", "5"]), "expected an ISO-8601 time like row 1, found '5'"),
+    (pa.array([True, False]), "expected an integer timestamp"),                        # once read as 1 and 0
+    (pa.array(["5", str(2**63)]), "expected an integer timestamp.*found .9223372036854775808."),
+])
+def test_parquet_timestamps_refused_by_row(tmp_path, column, match):
+    pq.write_table(pa.table({"user_id": ["u", "u"], "item_id": ["a", "b"], "timestamp": column}),
+                   tmp_path / "i.parquet")
+    pq.write_table(pa.table({"item_id": ["a", "b"], "title": ["A", "B"]}), tmp_path / "c.parquet")
+    with pytest.raises(DataError, match=r"i\.parquet, row (1|2), column 'timestamp': " + match):
+        readers.read_parquet_files(tmp_path / "i.parquet", tmp_path / "c.parquet")
+
+
+def test_integer_ids_above_2_53_exact_and_float_ids_past_it_refused(tmp_path):
+    pq.write_table(pa.table({"user_id": pa.array([2**53 + 1, 2**63 - 1]), "item_id": ["a", "a"],
+                             "timestamp": [1, 2]}), tmp_path / "i.parquet")
+    pq.write_table(pa.table({"item_id": ["a"], "title": ["A"]}), tmp_path / "c.parquet")
+    inter, _ = readers.read_parquet_files(tmp_path / "i.parquet", tmp_path / "c.parquet")
+    assert inter.column("user_id").to_pylist() == [str(2**53 + 1), str(2**63 - 1)]
+    pq.write_table(pa.table({"user_id": pa.array([1.0, 2.0**53 + 2]), "item_id": ["a", "a"], "timestamp": [1, 2]}),
+                   tmp_path / "i.parquet")
+    with pytest.raises(DataError, match=r"row 2, column 'user_id': expected an integer or string id.*store ids"):
+        readers.read_parquet_files(tmp_path / "i.parquet", tmp_path / "c.parquet")
+
+
+def test_directory_given_as_a_file(tmp_path):
+    """It once said "file does not exist"."""
+    items = write(tmp_path / "c.csv", "item_id,title\n10,A\n")
+    with pytest.raises(DataError, match=f"file {tmp_path}: is a directory; expected a file"):
+        readers.read_csv_files(tmp_path, items)
+    with pytest.raises(DataError, match="is a directory"):
+        readers.read_llara_json(tmp_path)
+
+
+def test_truncated_json_says_line_not_row(tmp_path):
+    """The JSON parser's position is a line of the file, not a sample (once "row 40" for a file of 3 samples)."""
+    good = [{"historyList": "A::B", "itemList": ["C", "D"], "trueSelection": "C"}] * 3
+    text = json.dumps(good, indent=1)
+    p = write(tmp_path / "s.json", text[: len(text) - 10])
+    with pytest.raises(DataError) as e:
+        readers.read_llara_json(p)
+    assert e.value.row is None and e.value.line == text[: len(text) - 10].count("\n") + 1
+    assert f"s.json, line {e.value.line}: not valid JSON" in str(e.value) and "row" not in str(e.value)
+
+
+@pytest.mark.parametrize("candidates,num_candidates", [(["C"], 2), (["C", "D", "E"], 4), ([], 2)])
+def test_llara_sample_with_too_few_candidates_refused(tmp_path, candidates, num_candidates):
+    """One candidate (once accepted: strategies then raised inside Ray or made no rejected item),
+    or fewer than data.num_candidates: refused with the file and the sample's index."""
+    ok = {"historyList": "A::B", "itemList": ["C", "D", "E", "F"], "trueSelection": "C"}
+    bad = {"historyList": "A::B", "itemList": candidates, "trueSelection": "C"}
+    p = write(tmp_path / "s.json", json.dumps([ok, bad]))
+    with pytest.raises(DataError, match=r"s\.json, row 2, column '(itemList|trueSelection)'"):
+        readers.read_llara_json(p, "train", num_candidates)

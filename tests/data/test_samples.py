@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 import subprocess
 import sys
@@ -22,6 +23,7 @@ def test_manifest_counts(ml100k_samples):
     assert (m["users"], m["items"], m["interactions"]) == (943, 1682, 100000)
     assert m["samples"]["train"] > 50_000 and m["samples"]["valid"] > 400 and m["samples"]["test"] > 400
     assert m["policies"] == {"duplicates_dropped": 0, "unknown_items_dropped": 0}
+    assert m["users_dropped"] == {"too_short": 0, "no_new_target": 0}
 
 
 def test_sample_invariants(ml100k_samples):
@@ -94,6 +96,62 @@ def test_cli_bad_input_exit_code_and_no_output(tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert "i.csv, row 2, column 'timestamp'" in proc.stderr and "Traceback" not in proc.stderr
     assert not list(tmp_path.rglob("*.parquet")) and not list(tmp_path.rglob("manifest.json"))
+    # The input is validated before Ray starts (each refusal once cost a Ray start and its log lines),
+    # and a refused first stage leaves no run folder.
+    assert "Ray" not in proc.stderr, proc.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def _csv(tmp_path, events: list[tuple], n_items: int = 12) -> DataConfig:
+    (tmp_path / "i.csv").write_text("user_id,item_id,timestamp\n" + "".join(f"{u},{i},{t}\n" for u, i, t in events))
+    (tmp_path / "c.csv").write_text("item_id,title\n" + "".join(f"{k},T{k}\n" for k in range(n_items)))
+    return DataConfig(format="csv", interactions=str(tmp_path / "i.csv"), catalog=str(tmp_path / "c.csv"),
+                      max_history=3, num_candidates=4)
+
+
+def test_no_user_long_enough_refused_with_counts_before_ray(tmp_path):
+    """Every user has fewer than min_history + 1 events: once an empty build that exited 0.
+    Refused while reading (no Ray needed), naming the counts; nothing is written."""
+    cfg = _csv(tmp_path, [(u, k, k) for u in "abc" for k in range(3)])
+    out = tmp_path / "runs" / "run" / "samples"
+    with pytest.raises(DataError, match=r"i\.csv: no samples to build: 3 user\(s\) with 9 events, the longest "
+                                        r"with 3, but a sample needs data.min_history \+ 1 = 4"):
+        build_samples(cfg, out)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_no_window_with_a_new_target_refused(tmp_path, ray_session):
+    """Long enough, but every target is already in its history (one item watched again and again):
+    still 0 samples, refused with the counts, nothing written."""
+    cfg = _csv(tmp_path, [("a", 1, t) for t in range(6)] + [("b", 2, t) for t in range(2)])
+    with pytest.raises(DataError, match=r"no samples: all 2 users were dropped \(1 with fewer than "
+                                        r"data.min_history \+ 1 = 4 events, 1 whose every target"):
+        build_samples(cfg, tmp_path / "out")
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".tmp-*"))
+
+
+def test_dropped_users_counted_in_the_manifest(tmp_path, ray_session):
+    events = [(u, k, k) for u in ("u1", "u2", "u3") for k in range(8)] + [("short", 1, 1), ("short", 2, 2)]
+    events += [("again", 5, t) for t in range(6)]
+    m = build_samples(_csv(tmp_path, events), tmp_path / "out")
+    assert m["users"] == 5 and m["users_dropped"] == {"too_short": 1, "no_new_target": 1}
+    assert sum(m["samples"].values()) == 3 * 5
+
+
+def test_llara_with_one_candidate_refused_and_no_run_folder_left(tmp_path):
+    """A sample with one candidate (no wrong title to reject) is refused with the file and the
+    sample's index, before anything is written: no run folder is left behind."""
+    from rosepo.config import RunConfig
+    from rosepo.pipeline import run_stage
+
+    good = {"historyList": "A::B", "itemList": [f"C{k}" for k in range(20)], "trueSelection": "C1"}
+    (tmp_path / "train.json").write_text(json.dumps([good, {**good, "itemList": ["C1"]}]))
+    (tmp_path / "valid.json").write_text(json.dumps([good]))
+    cfg = RunConfig(storage=str(tmp_path / "runs"), data=DataConfig(
+        format="llara-json", llara={"valid": str(tmp_path / "valid.json"), "train": str(tmp_path / "train.json")}))
+    with pytest.raises(DataError, match=r"train\.json, row 2, column 'itemList': the sample has 1 candidate"):
+        run_stage(cfg, "samples", log=lambda _: None)
+    assert not (tmp_path / "runs").exists()
 
 
 def test_block_digests_equal_the_folder_hash_for_any_block_size(tmp_path):

@@ -164,10 +164,14 @@ def test_evaluate_oracle_hand_computed(tmp_path):
 
 
 def test_impossible_config_or_data_refused_before_ray_starts(tmp_path):
+    """An impossible oracle config is refused when the run's config loads (issue 19: once only at
+    the oracle stage, after the whole SFT); too little data before Ray starts."""
+    from rosepo.config import load_config
+
     with pytest.raises(ConfigError, match="oracle.hidden_size"):
-        train_oracle(tmp_path, OracleConfig(hidden_size=30, num_heads=4), tmp_path / "out")
+        load_config(None, ["oracle.hidden_size=30", "oracle.num_heads=4"])
     with pytest.raises(ConfigError, match="oracle.batch_size"):
-        train_oracle(tmp_path, OracleConfig(batch_size=1, num_workers=2), tmp_path / "out")
+        load_config(None, ["oracle.batch_size=1", "oracle.num_workers=2"])
     write_samples(tmp_path / "s", {"train": [("u1:000003", ["1"], "2", ["2", "3"])]})
     with pytest.raises(DataError, match="1 train samples"):
         train_oracle(tmp_path / "s", OracleConfig(num_workers=2), tmp_path / "out")
