@@ -16,8 +16,8 @@ import yaml
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
-from rosepo.config import (COLUMN_NAMES, STRATEGY_NAMES, DataFormat, Domain, Dtype, Embedder, Loss, PromptStyle, Range,
-                           RunConfig, Split, config_hash, load_config, set_dotted)
+from rosepo.config import (COLUMN_NAMES, STRATEGY_NAMES, DataFormat, Domain, Dtype, Embedder, Loss, PromptStyle,
+                           Range, RunConfig, Split, config_hash, load_config, set_dotted)
 from rosepo.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
