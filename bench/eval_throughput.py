@@ -11,7 +11,7 @@ Variants, timed in turn (A B C ... per round) on batches cycled from the same pr
 - ranking, ``rank``: `rosepo.model.logprobs.answer_logps` with prefix sharing, as `EvalScorer`
   calls it: one row per prompt holding the prompt once and its 20 candidates;
   ``rank-plain``: the same function, one right-padded row per (prompt, candidate);
-- generation at ``N`` new tokens, ``gen``: `rosepo.eval.generate.greedy_ids`, the batch
+- generation at ``N`` new tokens, ``gen``: `rosepo.model.generate.greedy_ids`, the batch
   left-padded, KV cache; ``gen-nocache``: the same batch, the whole sequence run again at every
   step; ``gen-batch1``: ``greedy_ids`` one prompt at a time (KV cache);
 - ``scorer``: `rosepo.eval.evaluate.EvalScorer` on a batch (tokenise + rank + greedy answer at
@@ -34,7 +34,7 @@ from bench.common import alternate, bench_config, machine, markdown, ml100k_samp
 
 def greedy_no_cache(model, prompt_ids: list[list[int]], max_new_tokens: int, *, eos_id: int, pad_id: int):
     """Greedy decoding without a KV cache: every step runs the whole left-padded batch again.
-    Same stopping rule and outputs as `rosepo.eval.generate.greedy_ids` (the naive baseline)."""
+    Same stopping rule and outputs as `rosepo.model.generate.greedy_ids` (the naive baseline)."""
     import torch
 
     seqs = [list(p) for p in prompt_ids]
@@ -77,7 +77,7 @@ def run(argv: list[str]) -> int:
     import torch
 
     from rosepo.eval.evaluate import EvalScorer
-    from rosepo.eval.generate import greedy_ids
+    from rosepo.model.generate import greedy_ids
     from rosepo.model.factory import load_model, load_tokenizer
     from rosepo.model.logprobs import answer_logps
     from rosepo.model.tokenize import encode_answer, encode_prompt

@@ -18,6 +18,14 @@ from typing import Any
 
 from rosepo.errors import ConfigError
 
+#: Names of the rejected-sampling strategies (`rosepo.pairs.strategies.STRATEGIES`) and of the
+#: trained methods of ``rosepo compare`` (`rosepo.experiments.methods.METHODS`), in their order:
+#: config checks them at load time without importing the layers above it (tests/test_layering.py
+#: keeps the lists equal).
+STRATEGY_NAMES = ("self_hard", "semantic", "popularity", "random")
+METHOD_NAMES = ("dpo", "cdpo", "sdpo", "rosepo", "rosepo-self_hard", "rosepo-semantic", "rosepo-popularity",
+                "rosepo-no-smoothing", "rosepo-constant-eps")
+
 
 @dataclass
 class DataConfig:
@@ -116,8 +124,6 @@ class TrainConfig:
     #: Checkpoint every N optimiser steps (0 = only at the end).
     checkpoint_every: int = 0
     max_failures: int = 0
-    #: Slice of train samples used (0 = all).
-    max_samples: int = 0
     seed: int = 0
     #: Log to TensorBoard under the run's storage path.
     tensorboard: bool = True
@@ -130,6 +136,9 @@ class TrainConfig:
 @dataclass
 class SFTConfig(TrainConfig):
     """Supervised fine-tuning on the true next item."""
+
+    #: Train samples used: a seeded random slice (``seed``) of the users' windows (0 = all).
+    max_samples: int = 0
 
 
 @dataclass
@@ -211,6 +220,9 @@ class AlignConfig(TrainConfig):
     #: answer log-likelihood) and, below ZeRO-3, ``eval/hr@1`` / ``eval/valid_ratio`` of greedy
     #: answers. 0 = off. Cost: one scoring pass and one greedy decoding of the slice.
     eval_rec_samples: int = 32
+    #: Longest greedy answer of that evaluation, in tokens (the eval stage's ``eval.max_new_tokens``
+    #: for its own evaluation).
+    eval_max_new_tokens: int = 32
     #: Train only on the pairs of these rejected-sampling strategies (empty = all pairs). With
     #: ``pairs.mix: all`` every sample has one pair per strategy, so Tune can search the mix
     #: without rebuilding pairs.
@@ -234,13 +246,13 @@ class CompareConfig:
     """`rosepo compare`: which methods run, over how many seeds, for how many alignment steps.
 
     Hyperparameters (β, learning rate, ε_max, ...) are not here: every method trains with the
-    run's ``align`` section, chosen on the valid split; see `rosepo.compare`.
+    run's ``align`` section, chosen on the valid split; see `rosepo.experiments.compare`.
     """
 
     #: Alignment seeds per trained method: ``align.seed``, ``align.seed + 1``, ... (the LoRA
     #: initialisation and the data order; the pairs are the same for every seed).
     seeds: int = 3
-    #: Trained methods to run, names of `rosepo.compare.METHODS` (empty = all). The baselines
+    #: Trained methods to run, names of `METHOD_NAMES` (empty = all). The baselines
     #: (random, most_popular, sasrec, sft) always run, once: they are deterministic.
     methods: tuple = ()
     #: Optimiser steps of every alignment run (``align.max_steps``), the same for every method;
@@ -300,17 +312,14 @@ class RunConfig:
         _check(self.align.reference in ("precomputed", "online"), "align.reference",
                "must be 'precomputed' or 'online'")
         _check(self.align.eval_rec_samples >= 0, "align.eval_rec_samples", "must be >= 0 (0 = off)")
-        from rosepo.pairs.strategies import STRATEGIES
-
-        _check(all(isinstance(s, str) and s in STRATEGIES for s in self.align.strategies), "align.strategies",
-               f"must list strategies among {', '.join(STRATEGIES)} (empty = all pairs)")
-        from rosepo.compare import METHODS
-
+        _check(self.align.eval_max_new_tokens >= 1, "align.eval_max_new_tokens", "must be >= 1")
+        _check(all(isinstance(s, str) and s in STRATEGY_NAMES for s in self.align.strategies), "align.strategies",
+               f"must list strategies among {', '.join(STRATEGY_NAMES)} (empty = all pairs)")
         _check(self.compare.seeds >= 1, "compare.seeds", "must be >= 1")
         _check(self.compare.align_steps >= 0, "compare.align_steps", "must be >= 0 (0 = one epoch)")
-        unknown = [m for m in self.compare.methods if not isinstance(m, str) or m not in METHODS]
+        unknown = [m for m in self.compare.methods if not isinstance(m, str) or m not in METHOD_NAMES]
         _check(not unknown, "compare.methods", f"names unknown method(s) {', '.join(map(repr, unknown))}; "
-               f"methods: {', '.join(METHODS)} (empty = all)")
+               f"methods: {', '.join(METHOD_NAMES)} (empty = all)")
         _check(len(set(self.compare.methods)) == len(self.compare.methods), "compare.methods",
                "names a method twice")
         return self
@@ -438,3 +447,15 @@ def config_hash(*parts: Any) -> str:
     norm = [dataclasses.asdict(p) if dataclasses.is_dataclass(p) else p for p in parts]
     blob = json.dumps(norm, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def apply_values(cfg: RunConfig, values: dict) -> RunConfig:
+    """``cfg`` with dotted-key ``values`` set (keys a `RunConfig` does not have are refused),
+    type-checked and validated like a loaded config; `ConfigError` names a bad key."""
+    data = cfg.to_dict()
+    for key, value in values.items():
+        try:
+            set_dotted(data, key, value, create=False)
+        except ConfigError as e:
+            raise ConfigError(f"config key {key!r}: {e}") from None
+    return _build(RunConfig, data).validate()

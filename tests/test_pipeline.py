@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import pytest
 
@@ -29,15 +30,15 @@ def fake_runners(monkeypatch):
     return calls
 
 
-def test_rerun_skips_finished_stages_and_force_redoes_one(tmp_path, fake_runners):
+def test_rerun_skips_finished_stages_and_force_redoes_one(tmp_path, fake_runners, caplog):
     cfg = RunConfig(storage=str(tmp_path))
-    logs: list[str] = []
-    outs = pipeline.run_pipeline(cfg, log=logs.append)
+    caplog.set_level(logging.INFO, logger="rosepo")
+    outs = pipeline.run_pipeline(cfg)
     assert fake_runners == list(pipeline.GRAPH) and all((p / "manifest.json").is_file() for p in outs.values())
-    pipeline.run_pipeline(cfg, log=logs.append)
+    pipeline.run_pipeline(cfg)
     assert fake_runners == list(pipeline.GRAPH)  # nothing ran again
-    assert sum("done earlier" in line for line in logs) == len(pipeline.GRAPH)  # one line per stage
-    pipeline.run_pipeline(cfg, force=("pairs",), log=logs.append)
+    assert sum("done earlier" in line for line in caplog.messages) == len(pipeline.GRAPH)  # one line per stage
+    pipeline.run_pipeline(cfg, force=("pairs",))
     assert fake_runners[len(pipeline.GRAPH):] == ["pairs"]
     with pytest.raises(ConfigError, match="unknown stage"):
         pipeline.run_pipeline(cfg, force=("nope",))
@@ -56,7 +57,7 @@ def test_stage_addresses_follow_their_config(tmp_path):
 
 
 def test_until_stops_after_the_stage(tmp_path, fake_runners):
-    outs = pipeline.run_pipeline(RunConfig(storage=str(tmp_path)), until="sft", log=lambda _: None)
+    outs = pipeline.run_pipeline(RunConfig(storage=str(tmp_path)), until="sft")
     assert list(outs) == ["samples", "model", "sft"] and fake_runners == ["samples", "model", "sft"]
 
 

@@ -30,6 +30,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from rosepo.config import DataConfig
+from rosepo.data import readers
+from rosepo.data.fetch import fetch
 from rosepo.data.prompts import choose_template, render_prompt, stable_int
 from rosepo.errors import DataError
 from rosepo.schema import SAMPLES
@@ -43,12 +45,8 @@ MAX_BLOCK_ROWS = 100_000
 
 def load_source(cfg: DataConfig) -> tuple[pa.Table, pa.Table, dict]:
     """Read and validate interactions and catalog per ``cfg.format``; returns (inter, catalog, stats)."""
-    from rosepo.data import readers
-
     fmt = cfg.format
     if fmt == "movielens-100k":
-        from rosepo.data.fetch import fetch
-
         folder = fetch("movielens-100k", cfg.data_dir)
         inter_path, item_path = folder / "ml-100k.inter", folder / "ml-100k.item"
         inter, catalog = readers.read_recbole(inter_path, item_path)
@@ -286,15 +284,13 @@ def import_llara(cfg: DataConfig, out_dir: str | Path) -> dict:
     """
     import pyarrow.parquet as pq
 
-    from rosepo.data.readers import read_llara_json
-
     if not cfg.llara or set(cfg.llara) - set(SPLITS):
         raise DataError(f"data.format=llara-json needs data.llara mapping splits {SPLITS} to JSON files, "
                         f"got {cfg.llara!r}")
     with atomic_dir(Path(out_dir), overwrite=True) as tmp:
         counts = {}
         for split in SPLITS:
-            rows = read_llara_json(cfg.llara[split], split) if split in cfg.llara else []
+            rows = readers.read_llara_json(cfg.llara[split], split) if split in cfg.llara else []
             for r in rows:
                 r["template_id"] = choose_template(r["sample_id"], cfg.seed)
                 r["prompt"] = render_prompt(r["template_id"], r["history_titles"], r["candidate_titles"])

@@ -46,19 +46,3 @@ def encode_sft(tokenizer, prompt: str, answer: str, max_prompt_tokens: int,
     p = encode_prompt(tokenizer, prompt, max_prompt_tokens)
     a = encode_answer(tokenizer, answer, max_answer_tokens)
     return {"input_ids": p + a, "labels": [IGNORE] * len(p) + a}
-
-
-def pad_sft_batch(rows: list[dict], pad_id: int) -> dict:
-    """Right-pad SFT rows into long tensors ``input_ids``, ``labels`` (-100 on pads), ``attention_mask``."""
-    import torch
-
-    width = max(len(r["input_ids"]) for r in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        n = len(r["input_ids"])
-        input_ids[i, :n] = torch.tensor(r["input_ids"], dtype=torch.long)
-        labels[i, :n] = torch.tensor(r["labels"], dtype=torch.long)
-        attention_mask[i, :n] = 1
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}

@@ -1,22 +1,31 @@
-"""Supervised fine-tuning on the true next item: the ``sft`` task of `rosepo.train.loop`.
+"""The sft stage: supervised fine-tuning on the true next item, the `SFTTask` of `rosepo.train.loop`.
 
 The loss is the mean token cross-entropy over the labelled tokens of a micro-batch: the answer
 (the target title) and EOS; prompt and padding tokens are labelled -100 by
-`rosepo.model.tokenize.encode_sft` / `pad_sft_batch` and do not count.
+`rosepo.model.tokenize.encode_sft` and do not count.
 
 Tokenisation runs in the Ray Data pipeline (`sft_dataset`), once, before training; the loop
-only pads. ``sft.max_samples`` keeps the first N samples by ``sample_id`` (sorted), so a slice is the
-same whatever order the samples were written in.
+only pads. The stage (`build_sft`) trains on a seeded random slice of ``sft.max_samples`` train
+samples (`rosepo.data.samples.select_samples`: the first sample ids would be a few users only);
+`sft_dataset` then orders the rows by ``sample_id``, so the training order is the same whatever
+order the samples were written in.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import shutil
 from pathlib import Path
 from typing import Any
 
-#: Column that orders the training rows (see the data order in `rosepo.train.loop`).
-KEY = "sample_id"
+from rosepo.config import SFTConfig
+from rosepo.data.samples import read_split, select_samples
+from rosepo.layout import SFT_MODEL_DIR
+from rosepo.model.factory import load_tokenizer
+from rosepo.model.tokenize import IGNORE, encode_sft
+from rosepo.storage import atomic_dir, write_manifest
+from rosepo.train.loop import TrainingTask, fit
 
 
 def collate(rows: list[dict], pad_id: int) -> dict:
@@ -29,8 +38,6 @@ def collate(rows: list[dict], pad_id: int) -> dict:
     ~300-token prompt (``logits_to_keep``); the loss is the same as with right padding.
     """
     import torch
-
-    from rosepo.model.tokenize import IGNORE
 
     width = max(len(r["input_ids"]) for r in rows)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
@@ -62,24 +69,36 @@ def token_cross_entropy(logits, labels):
     return loss, accuracy
 
 
-def compute_loss(model, batch: dict, cfg: dict) -> tuple[Any, dict]:
-    """SFT loss of a micro-batch and its metrics (``sft/token_accuracy``)."""
-    keep = int(batch["keep"])
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                   position_ids=batch["position_ids"], logits_to_keep=keep).logits
-    loss, accuracy = token_cross_entropy(logits, batch["labels"][:, -keep:])
-    return loss, {"sft/token_accuracy": accuracy.detach()}
+@dataclasses.dataclass
+class SFTTask(TrainingTask):
+    """The SFT training task: rows ``sample_id, input_ids, labels`` (`sft_dataset`). The stage
+    trains without an eval set; given one, `fit` evaluates before and after training and every
+    ``eval_every`` steps."""
 
+    cfg: SFTConfig
+    eval_every: int = 0
+    name = "sft"
+    key = "sample_id"
 
-def num_tokens(batch: dict) -> int:
-    """Non-padding tokens of a micro-batch."""
-    return int(batch["attention_mask"].sum())
+    def collate(self, rows: list[dict], pad_id: int) -> dict:
+        """See the module function `collate`."""
+        return collate(rows, pad_id)
+
+    def compute_loss(self, model, batch: dict) -> tuple[Any, dict]:
+        """SFT loss of a micro-batch and its metrics (``sft/token_accuracy``)."""
+        keep = int(batch["keep"])
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       position_ids=batch["position_ids"], logits_to_keep=keep).logits
+        loss, accuracy = token_cross_entropy(logits, batch["labels"][:, -keep:])
+        return loss, {"sft/token_accuracy": accuracy.detach()}
+
+    def num_tokens(self, batch: dict) -> int:
+        """Non-padding tokens of a micro-batch."""
+        return int(batch["attention_mask"].sum())
 
 
 @functools.lru_cache(maxsize=2)
 def _tokenizer(path: str):
-    from rosepo.model.factory import load_tokenizer
-
     return load_tokenizer(path)
 
 
@@ -87,8 +106,6 @@ def tokenize_batch(batch, model_path: str, max_prompt_tokens: int, max_answer_to
     """Ray Data UDF (pandas batches): ``sample_id, prompt, answer`` -> ``sample_id, input_ids,
     labels``. The tokenizer is loaded once per Ray worker process."""
     import pandas as pd
-
-    from rosepo.model.tokenize import encode_sft
 
     tok = _tokenizer(model_path)
     enc = [encode_sft(tok, p, a, max_prompt_tokens, max_answer_tokens)
@@ -101,9 +118,11 @@ def tokenize_batch(batch, model_path: str, max_prompt_tokens: int, max_answer_to
 def sft_dataset(run_cfg: Any, samples_ds, base_model: str):
     """The tokenised, materialised SFT training set: ``sample_id, input_ids, labels``.
 
-    ``samples_ds`` is a Ray Dataset with the SAMPLES columns (``sample_id``, ``prompt`` and
-    ``answer`` are used); ``sft.max_samples`` keeps the first N by ``sample_id``. Materialised
-    once here so the workers, which each read the whole set, do not tokenise it again.
+    ``run_cfg`` holds the ``sft`` and ``model`` sections. ``samples_ds`` is a Ray Dataset with the
+    SAMPLES columns (``sample_id``, ``prompt`` and ``answer`` are used); a non-zero
+    ``sft.max_samples`` keeps the first N by ``sample_id`` (the stage passes a slice of that
+    size already). Materialised once here so the workers, which each read the whole set, do not
+    tokenise it again.
     """
     mcfg = run_cfg.model
     ds = samples_ds.select_columns(["sample_id", "prompt", "answer"])
@@ -118,20 +137,32 @@ def sft_dataset(run_cfg: Any, samples_ds, base_model: str):
 def run_sft(run_cfg: Any, samples_ds, base_model: str, output_dir: str, run_name: str) -> dict:
     """Fine-tune ``base_model`` on the samples (`sft_dataset`) with `rosepo.train.loop.fit`,
     then copy the final HF export (the LoRA adapter, or the full model) atomically to
-    ``<output_dir>/model``.
+    ``<output_dir>/model``. ``run_cfg`` holds the ``sft`` and ``model`` sections.
 
     Returns fit's result plus ``model_path``. The Ray run (checkpoints, TensorBoard) lives in
     ``<output_dir>/<run_name>``; re-running with the same ``run_name`` resumes an interrupted run.
     """
-    import shutil
-
-    from rosepo.storage import atomic_dir
-    from rosepo.train.loop import fit
-
-    result = fit("sft", run_cfg, run_cfg.sft, model_path=str(base_model), adapter=None,
+    result = fit(SFTTask(run_cfg.sft), run_cfg.model, model_path=str(base_model), adapter=None,
                  datasets={"train": sft_dataset(run_cfg, samples_ds, base_model)},
                  output_dir=output_dir, run_name=run_name)
-    final = Path(output_dir) / "model"
+    final = Path(output_dir) / SFT_MODEL_DIR
     with atomic_dir(final, overwrite=True) as tmp:
         shutil.copytree(result["final_model"], tmp, dirs_exist_ok=True)
     return {**result, "model_path": str(final.resolve())}
+
+
+def build_sft(cfg: Any, samples_dir: Path, base_model: str, work: Path, out: Path) -> dict:
+    """The sft stage: `run_sft` on a seeded random slice of the train samples (``sft.max_samples``,
+    ``sft.seed``; the first ids would be a few users only), its Ray run under ``work``; the model
+    into ``out/model`` with a manifest (history, last metrics), atomically. ``cfg`` holds the
+    ``sft`` and ``model`` sections."""
+    import ray
+
+    train = select_samples(read_split(samples_dir, "train"), cfg.sft.max_samples, cfg.sft.seed)
+    result = run_sft(cfg, ray.data.from_arrow(train), base_model, str(work), "sft")
+    with atomic_dir(out, overwrite=True) as tmp:
+        shutil.copytree(result["model_path"], tmp / SFT_MODEL_DIR)
+        manifest = {"stage": "sft", "metrics": result["metrics"], "history": result["history"],
+                    "resumed_from_step": result["resumed_from_step"]}
+        write_manifest(tmp, manifest)
+    return manifest

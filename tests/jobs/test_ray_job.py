@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from rosepo.train.raysetup import free_port
+from rosepo.runtime import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 RAY = str(Path(sys.executable).parent / "ray")
