@@ -92,7 +92,8 @@ def run(argv: list[str]) -> int:
     picked = samples[:: max(1, len(samples) // (batch * args.batches))][: batch * args.batches]
     prompts = [encode_prompt(tok, r["prompt"], mc.max_prompt_tokens) for r in picked]
     cands = [[encode_answer(tok, t, mc.max_answer_tokens) for t in r["candidate_titles"]] for r in picked]
-    tables = [pa.Table.from_pylist(picked[b * batch:(b + 1) * batch]).select(["sample_id", "prompt", "candidate_titles"])
+    columns = ["sample_id", "prompt", "candidate_titles"]
+    tables = [pa.Table.from_pylist(picked[b * batch:(b + 1) * batch]).select(columns)
               for b in range(args.batches)]
     model = load_model(str(path), dtype=torch.float32).eval()
     scorer = EvalScorer(run_cfg, str(path), None)  # sets torch threads to 1, as an actor does
@@ -145,8 +146,9 @@ def run(argv: list[str]) -> int:
     print(markdown(["variant", "ms per batch, median (min–max)", "prompts/s"], rows))
     ratios = [["ranking: prefix sharing vs plain rows", *paired_ratio(times["rank-plain"], times["rank"])]]
     for n in args.new_tokens:
-        ratios.append([f"generation @{n}: KV cache vs none", *paired_ratio(times[f"gen-nocache@{n}"], times[f"gen@{n}"])])
-        ratios.append([f"generation @{n}: batch {batch} vs 1", *paired_ratio(times[f"gen-batch1@{n}"], times[f"gen@{n}"])])
+        gen = times[f"gen@{n}"]
+        ratios.append([f"generation @{n}: KV cache vs none", *paired_ratio(times[f"gen-nocache@{n}"], gen)])
+        ratios.append([f"generation @{n}: batch {batch} vs 1", *paired_ratio(times[f"gen-batch1@{n}"], gen)])
     print(markdown(["speed-up (prompts/s)", "ratio of medians", "per-round min", "per-round max"],
                    [[r[0], f"{r[1]:.2f}×", f"{r[2]:.2f}", f"{r[3]:.2f}"] for r in ratios]))
     print(f"machine at the end: {la}")

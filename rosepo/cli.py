@@ -160,7 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="every method x seeds in one protocol: table.md, results.json, plots")
     _config_args(p)
     p.add_argument("--seeds", type=int, help="alignment seeds per trained method (default: compare.seeds, 3)")
-    p.add_argument("--methods", help="comma-separated trained methods (default: all; see rosepo/experiments/methods.py)")
+    p.add_argument("--methods",
+                   help="comma-separated trained methods (default: all; see rosepo/experiments/methods.py)")
     p.set_defaults(func=cmd_compare)
     p = sub.add_parser("bench", help="run a benchmark (data, ...; see BENCHMARKS.md)")
     p.add_argument("name", help="benchmark name, or 'all'")

@@ -108,7 +108,7 @@ class TrainConfig:
     use_gpu: bool = False
     #: CPUs per Ray Train worker.
     cpus_per_worker: float = 1.0
-    #: Path of a DeepSpeed JSON under configs/deepspeed, or "" for the built-in one.
+    #: Path of a DeepSpeed JSON template, or "" for the package's ``rosepo/train/deepspeed/zero{stage}.json``.
     deepspeed_config: str = ""
     zero_stage: int = 2
     offload: bool = False

@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 
 from rosepo import pipeline
-from rosepo.eval.evaluate import BASELINES
-from rosepo.experiments import compare, methods, report
 from rosepo.config import RunConfig, load_config
 from rosepo.errors import ConfigError
+from rosepo.eval.evaluate import BASELINES
+from rosepo.experiments import compare, methods, report
 from rosepo.storage import atomic_dir, is_complete, read_manifest, write_manifest
 
 REPO = Path(__file__).resolve().parents[1]

@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tools.cluster_check import LOOPBACK, check_cluster_security
 from rosepo.errors import ConfigError
 from rosepo.storage import confined
+from tools.cluster_check import LOOPBACK, check_cluster_security
 
 REPO = Path(__file__).resolve().parents[1]
 SCANNED = [REPO / d for d in ("rosepo", "jobs", "bench", "tests") if (REPO / d).is_dir()]

@@ -38,7 +38,15 @@ from pathlib import Path
 from rosepo import runtime
 from rosepo.config import RunConfig, apply_values, config_hash, load_config
 from rosepo.eval.evaluate import BASELINES, evaluate_baselines, evaluate_model, nan_to_none
-from rosepo.experiments.methods import METHODS, PAIR_BUILDS, align_steps, cell_config, pairs_config, seeds, selected_methods
+from rosepo.experiments.methods import (
+    METHODS,
+    PAIR_BUILDS,
+    align_steps,
+    cell_config,
+    pairs_config,
+    seeds,
+    selected_methods,
+)
 from rosepo.experiments.report import write_summary
 from rosepo.layout import aligned_adapter, base_model_path, sft_model_and_adapter
 from rosepo.pipeline import run_folder, run_pipeline, run_stage, stage_key

@@ -119,7 +119,7 @@ def plot_eps(cfg: RunConfig, pairs: dict[str, Path], path: Path) -> None:
     a = cfg.align
     fig, ax = plt.subplots(figsize=(6, 3.5))
     bins = np.linspace(0, max(a.eps_max, 1e-3), 31)
-    for build, folder in pairs.items():
+    for folder in pairs.values():
         t = read_pairs(folder, "train")
         strategy = np.array(t.column("strategy").to_pylist())
         chosen = np.array(t.column("oracle_chosen").to_pylist())

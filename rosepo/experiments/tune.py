@@ -9,8 +9,8 @@ failure budget. `run_tune`:
    on the same pairs and precomputed reference log-probs (ε is computed from the pairs' oracle
    scores at training time, and ``align.strategies`` selects pairs, so smoothing and the strategy
    mix are searchable without rebuilding pairs; keys outside ``align`` are refused);
-2. runs one Tune trial per sampled config: `rosepo.experiments.trial.tune_trial` applies the values to the run config and
-   calls `rosepo.train.loop.fit` (a Ray Train V2 TorchTrainer + DeepSpeed) under the trial's
+2. runs one Tune trial per sampled config: `rosepo.experiments.trial.tune_trial` applies the values to
+   the run config and calls `rosepo.train.loop.fit` (a Ray Train V2 TorchTrainer + DeepSpeed) under the trial's
    folder; every evaluation is reported to Tune, which is one Tune iteration, so ASHA's
    ``max_t`` / ``grace_period`` count evaluations. A trial that raises is restarted up to
    ``max_failures`` times (its ``fit`` resumes from its last align checkpoint, if any);
@@ -40,8 +40,14 @@ from rosepo import runtime
 from rosepo.config import RunConfig, load_config
 from rosepo.errors import ConfigError
 from rosepo.experiments.results import write_results
-from rosepo.experiments.search import check_search, eval_reports, load_search, search_algorithm, search_space, \
-    validate_search
+from rosepo.experiments.search import (
+    check_search,
+    eval_reports,
+    load_search,
+    search_algorithm,
+    search_space,
+    validate_search,
+)
 from rosepo.experiments.trial import FAULT_ENV, TRIAL_RESOURCES, tune_trial
 from rosepo.layout import base_model_path, read_pairs, sft_model_and_adapter
 from rosepo.model.factory import load_tokenizer

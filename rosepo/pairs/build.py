@@ -35,7 +35,6 @@ from rosepo.schema import PAIRS
 from rosepo.storage import atomic_dir, rows_hash, write_manifest
 
 
-
 class PairScorer:
     """Ray Data actor: SFT model + oracle + embeddings → pair rows for a batch of samples."""
 

@@ -63,8 +63,10 @@ TRAINER_STATE = "trainer_state.json"
 HF_EXPORT = "hf"
 DS_SUBDIR = "deepspeed"
 DS_TAG = "state"
-#: DeepSpeed's private registry of op builders, and the op we mark incompatible in it.
+#: The op `skip_shm_comm_build` marks incompatible in DeepSpeed's private ``ops.__compatible_ops__``,
+#: and the DeepSpeed releases that layout was checked on.
 SHM_COMM_OP = "deepspeed_shm_comm"
+SHM_COMM_CHECKED = ("0.19.",)
 
 
 class TrainingTask(abc.ABC):
@@ -117,12 +119,16 @@ def skip_shm_comm_build() -> bool:
     release renames it or the op, nothing is written and the compile merely costs its time
     (tests/train/test_deepspeed.py fails on the DeepSpeed version that does it).
     """
+    import deepspeed
     import deepspeed.ops
 
+    version = getattr(deepspeed, "__version__", "?")
     ops = getattr(deepspeed.ops, "__compatible_ops__", None)
+    if not version.startswith(SHM_COMM_CHECKED):
+        log.debug("deepspeed %s: ops.__compatible_ops__ was checked on %s only", version, SHM_COMM_CHECKED)
     if not isinstance(ops, dict) or SHM_COMM_OP not in ops:
         log.warning("deepspeed %s has no ops.__compatible_ops__[%r]: its shared-memory op may be "
-                    "compiled at initialize", getattr(deepspeed, "__version__", "?"), SHM_COMM_OP)
+                    "compiled at initialize", version, SHM_COMM_OP)
         return False
     ops[SHM_COMM_OP] = False
     return True

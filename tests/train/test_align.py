@@ -47,8 +47,8 @@ def ml100k_pairs(ml100k_samples, tmp_path_factory):
 def _fit(cfg, model, pairs, out, run_name, **kw):
     import ray
 
-    from rosepo.model.factory import load_tokenizer
     from rosepo.layout import read_pairs
+    from rosepo.model.factory import load_tokenizer
     from rosepo.train.align import AlignTask
     from rosepo.train.loop import fit
 
@@ -83,13 +83,13 @@ def test_strategies_pick_their_argmax(ml100k_pairs, ml100k_samples):
     equal a direct computation with the reference model."""
     import torch
 
+    from rosepo.data.popularity import train_popularity
+    from rosepo.data.samples import read_split
+    from rosepo.layout import read_pairs
     from rosepo.model.factory import load_model, load_tokenizer
     from rosepo.model.logprobs import answer_logps
     from rosepo.model.tokenize import encode_answer, encode_prompt
-    from rosepo.data.popularity import train_popularity
-    from rosepo.layout import read_pairs
     from rosepo.pairs.embed import history_similarity, tfidf_embed
-    from rosepo.data.samples import read_split
 
     model_dir, pairs = ml100k_pairs
     tok = load_tokenizer(str(model_dir))
@@ -146,8 +146,8 @@ def test_online_reference_equals_precomputed(ml100k_pairs):
     the precomputed ones in the pair rows, so the first-step losses agree."""
     import torch
 
-    from rosepo.model.factory import apply_lora, load_model
     from rosepo.layout import read_pairs
+    from rosepo.model.factory import apply_lora, load_model
     from rosepo.train import align
 
     model_dir, pairs = ml100k_pairs

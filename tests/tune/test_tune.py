@@ -21,9 +21,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rosepo.config import AlignConfig, ModelConfig, PairsConfig, RunConfig, load_config
+from rosepo.config import AlignConfig, ModelConfig, PairsConfig, RunConfig, apply_values, load_config
 from rosepo.errors import ConfigError
-from rosepo.config import apply_values
 from rosepo.experiments.search import check_search, eval_reports, load_search, validate_search
 
 REPO = Path(__file__).resolve().parents[2]
@@ -175,11 +174,11 @@ def test_align_recommendation_metrics_equal_the_eval_stage(tune_inputs, ml100k_s
     import pyarrow as pa
     import pyarrow.compute as pc
 
+    from rosepo.data.popularity import train_popularity
     from rosepo.data.samples import read_split
     from rosepo.eval.evaluate import EvalScorer, catalog_titles, score_metrics
-    from rosepo.model.factory import load_tokenizer
-    from rosepo.data.popularity import train_popularity
     from rosepo.layout import read_pairs
+    from rosepo.model.factory import load_tokenizer
     from rosepo.train import align
 
     cfg = _cfg(eval_rec_samples=6, micro_batch_size=8)  # one batch, as EvalScorer scores it
