@@ -14,7 +14,7 @@ from rosepo.errors import ConfigError
 from rosepo.experiments.plotting import pyplot, save_figure
 from rosepo.experiments.trial import STARTS
 from rosepo.storage import atomic_write_text
-from rosepo.train.loop import finished_state
+from rosepo.train.schedule import finished_state
 
 #: Files written into the experiment folder.
 BEST, TRIALS_CSV, TRIALS_MD, PLOT = "best.yaml", "trials.csv", "trials.md", "trials.png"

@@ -11,7 +11,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from rosepo.config import AlignConfig, RunConfig, apply_values
 from rosepo.train.align import fit_align
-from rosepo.train.loop import finished_state
+from rosepo.train.schedule import finished_state
 
 #: Per-trial resource of the trial function itself (it only waits on its TorchTrainer, whose
 #: workers ask for the CPUs). ``{"CPU": 0}`` is refused by Tune, hence a small memory request.

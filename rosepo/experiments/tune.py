@@ -53,7 +53,7 @@ from rosepo.layout import base_model_path, read_pairs, sft_model_and_adapter
 from rosepo.model.factory import load_tokenizer
 from rosepo.pipeline import run_folder, run_stage, stage_dir
 from rosepo.storage import confined
-from rosepo.train.loop import total_steps
+from rosepo.train.schedule import total_steps
 
 log = logging.getLogger(__name__)
 

@@ -7,13 +7,10 @@ checkpoint fields of `rosepo.config.TrainConfig`, and the stage's own); it is pi
 workers as it is. See `TrainingTask` for the methods.
 
 Evaluation (optional): with an ``eval`` dataset, all its rows (sorted by the task's ``key``) are
-scored with the task's ``compute_loss`` under ``no_grad`` before training, every
-``task.eval_every`` steps and at the end;
-the means, and the task's ``eval_metrics``, are reported as ``eval/<name>`` and returned as
-``eval_history``. Every rank scores all eval rows: ZeRO-3 needs the same forward passes on every
+scored with the task's ``compute_loss`` under ``no_grad`` before training, every ``task.eval_every``
+steps and at the end; the means, and the task's ``eval_metrics``, are reported as ``eval/<name>``
+and returned as ``eval_history``. Every rank scores all eval rows: ZeRO-3 needs the same forward passes on every
 rank, and the set is small.
-
-Life cycle of a worker: setup (seed, model, LoRA, DeepSpeed, resume) → train → checkpoint.
 
 Data order. Every worker receives the whole ``train`` dataset (no streaming split), sorts it by
 the task's ``key`` and reads it through one stream of per-epoch permutations seeded by ``(seed, epoch)``.
@@ -31,44 +28,31 @@ every rank reports the folder and Ray merges them under ``<output_dir>/<run_name
 the same `fit` again with the same ``run_name`` resumes from the checkpoint with the highest
 global step, and refuses when the data size or batch geometry changed.
 
-DeepSpeed config: ``deepspeed_config`` (or the package's ``rosepo/train/deepspeed/zero{stage}.json``)
-is a template; the batch sizes, clipping, precision, ZeRO stage and offload always come from
-the rosepo config, everything else (bucket sizes, offload device, ...) from the file.
+The data order and schedule are pure functions in `rosepo.train.schedule`; the DeepSpeed config
+comes from a template (`rosepo.train.zero_config`).
 
 Not supported: datasets other than ``train`` and ``eval`` (ignored), more rows than fit in each
-worker's memory (the training set is token ids, small).
-"""
+worker's memory (the training set is token ids, small)."""
 
 from __future__ import annotations
 
 import abc
 import functools
 import json
-import logging
 import math
 from pathlib import Path
 from typing import Any
 
 from rosepo.config import ModelConfig, TrainConfig
-from rosepo.errors import ConfigError, RosepoError
+from rosepo.errors import ConfigError
 from rosepo.model.factory import apply_lora, export_model, load_model, load_tokenizer, resolve_dtype
+from rosepo.train.schedule import (TRAINER_STATE, check_resumable, find_latest_checkpoint, lr_factor, step_rows,
+                                   total_steps, worker_micro_batches)
+from rosepo.train.zero_config import deepspeed_config, skip_shm_comm_build
 
-log = logging.getLogger(__name__)
-
-#: The DeepSpeed config templates shipped with the package (``zero0.json`` ... ``zero3_offload.json``).
-DEEPSPEED_DIR = Path(__file__).resolve().parent / "deepspeed"
-#: Where the templates lived before they became package data; a ``deepspeed_config`` naming one still works.
-_OLD_DEEPSPEED_DIR = Path("configs") / "deepspeed"
-TRAINER_STATE = "trainer_state.json"
 HF_EXPORT = "hf"
 DS_SUBDIR = "deepspeed"
 DS_TAG = "state"
-#: The op `skip_shm_comm_build` marks incompatible in DeepSpeed's private ``ops.__compatible_ops__``,
-#: and the DeepSpeed releases that layout was checked on.
-SHM_COMM_OP = "deepspeed_shm_comm"
-SHM_COMM_CHECKED = ("0.19.",)
-
-
 class TrainingTask(abc.ABC):
     """What a stage trains through `fit`: its rows, batches, loss and optional evaluation.
 
@@ -111,152 +95,22 @@ class TrainingTask(abc.ABC):
         return {}
 
 
-def skip_shm_comm_build() -> bool:
-    """Mark DeepSpeed's shared-memory comm op incompatible so ``deepspeed.initialize`` does not
-    JIT-compile it (~31 s on 2 CPU cores; ZeRO here never uses it). True when it was marked.
-
-    ``deepspeed.ops.__compatible_ops__`` is private (DeepSpeed 0.19: ``{op name: bool}``); when a
-    release renames it or the op, nothing is written and the compile merely costs its time
-    (tests/train/test_deepspeed.py fails on the DeepSpeed version that does it).
-    """
-    import deepspeed
-    import deepspeed.ops
-
-    version = getattr(deepspeed, "__version__", "?")
-    ops = getattr(deepspeed.ops, "__compatible_ops__", None)
-    if not version.startswith(SHM_COMM_CHECKED):
-        log.debug("deepspeed %s: ops.__compatible_ops__ was checked on %s only", version, SHM_COMM_CHECKED)
-    if not isinstance(ops, dict) or SHM_COMM_OP not in ops:
-        log.warning("deepspeed %s has no ops.__compatible_ops__[%r]: its shared-memory op may be "
-                    "compiled at initialize", version, SHM_COMM_OP)
-        return False
-    ops[SHM_COMM_OP] = False
-    return True
-
-
-# ---------------------------------------------------------------- pure helpers (driver + worker)
-
-def deepspeed_config(train_cfg: TrainConfig, *, bf16: bool) -> dict:
-    """The DeepSpeed config: the template file with rosepo's training fields written over it."""
-    path = Path(train_cfg.deepspeed_config) if train_cfg.deepspeed_config \
-        else DEEPSPEED_DIR / f"zero{train_cfg.zero_stage}.json"
-    if not path.is_file() and not path.is_absolute() and path.parent == _OLD_DEEPSPEED_DIR:
-        path = DEEPSPEED_DIR / path.name  # configs/deepspeed/zeroN.json: now package data
-    if not path.is_file():
-        raise ConfigError(f"DeepSpeed config {path} does not exist; set deepspeed_config to a "
-                          f"JSON file such as {DEEPSPEED_DIR / 'zero2.json'} or to \"\"")
-    try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"DeepSpeed config {path} is not valid JSON: {e}") from None
-    if train_cfg.offload and train_cfg.zero_stage == 0:
-        raise ConfigError("offload needs zero_stage 1, 2 or 3 (ZeRO-Offload partitions the optimizer)")
-    cfg.pop("train_batch_size", None)  # derived by DeepSpeed from the two fields below
-    cfg["train_micro_batch_size_per_gpu"] = train_cfg.micro_batch_size
-    cfg["gradient_accumulation_steps"] = train_cfg.grad_accum
-    cfg["gradient_clipping"] = train_cfg.max_grad_norm
-    cfg["bf16"] = {**cfg.get("bf16", {}), "enabled": bf16}
-    cfg["fp16"] = {"enabled": False}
-    zero = cfg.setdefault("zero_optimization", {})
-    zero["stage"] = train_cfg.zero_stage
-    offload_keys = ["offload_optimizer"] + (["offload_param"] if train_cfg.zero_stage == 3 else [])
-    for key in ("offload_optimizer", "offload_param"):
-        section = zero.pop(key, None)
-        if train_cfg.offload and key in offload_keys:
-            section = {"device": "cpu", **(section or {})}
-            section["pin_memory"] = bool(section.get("pin_memory", True) and train_cfg.use_gpu)
-            zero[key] = section
-    if train_cfg.offload:
-        # The client optimizer is torch's AdamW (no compiled op); DeepSpeed would insist on
-        # DeepSpeedCPUAdam, which compiles for ~50 s, unless told otherwise.
-        cfg["zero_force_ds_cpu_optimizer"] = False
-    return cfg
-
-
-def total_steps(num_rows: int, global_batch: int, epochs: float, max_steps: int) -> int:
-    """Optimiser steps of a run: ``max_steps`` when set, else ``ceil(epochs * N / G)``."""
-    if num_rows == 0:
-        raise RosepoError("the training set is empty")
-    return max_steps if max_steps > 0 else max(1, math.ceil(epochs * num_rows / global_batch))
-
-
-def lr_factor(step: int, total: int, warmup: int) -> float:
-    """Linear warmup over ``warmup`` steps, then cosine decay to 0 at ``total`` (as HF's
-    ``get_cosine_schedule_with_warmup``): the multiplier of the peak learning rate at ``step``."""
-    if step < warmup:
-        return step / max(1, warmup)
-    progress = (step - warmup) / max(1, total - warmup)
-    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
-
-
-@functools.lru_cache(maxsize=4)
-def _permutation(num_rows: int, seed: int, epoch: int):
-    import numpy as np
-
-    return np.random.default_rng([seed, epoch]).permutation(num_rows)
-
-
-def step_rows(step: int, num_rows: int, global_batch: int, seed: int) -> list[int]:
-    """Indices (into the key-sorted rows) of the ``global_batch`` rows of optimiser step ``step``."""
-    out = []
-    for i in range(step * global_batch, (step + 1) * global_batch):
-        out.append(int(_permutation(num_rows, seed, i // num_rows)[i % num_rows]))
-    return out
-
-
-def worker_micro_batches(rows: list[int], rank: int, micro_batch: int, grad_accum: int) -> list[list[int]]:
-    """Worker ``rank``'s micro-batches of a step: its contiguous block of the step's rows, cut in
-    ``grad_accum`` pieces of ``micro_batch``."""
-    block = rows[rank * micro_batch * grad_accum:(rank + 1) * micro_batch * grad_accum]
-    return [block[i:i + micro_batch] for i in range(0, len(block), micro_batch)]
-
-
-def find_latest_checkpoint(ray_run_dir: str | Path) -> Path | None:
-    """The ``checkpoint_*`` folder of a Ray run folder whose ``trainer_state.json`` has the
-    highest global step (folders without one are unfinished and ignored); None when none."""
-    best, best_step = None, -1
-    for d in sorted(Path(ray_run_dir).glob("checkpoint_*")):
-        state = d / TRAINER_STATE
-        if state.is_file():
-            step = json.loads(state.read_text(encoding="utf-8"))["global_step"]
-            if step > best_step:
-                best, best_step = d, step
-    return best
-
-
-def finished_state(ray_run_dir: str | Path, train_cfg: TrainConfig) -> dict | None:
-    """The trainer state of the latest checkpoint of a Ray run folder when the run trained all
-    its steps (``train_cfg``'s ``epochs`` / ``max_steps``), else None."""
-    checkpoint = find_latest_checkpoint(ray_run_dir)
-    if checkpoint is None:
-        return None
-    state = json.loads((checkpoint / TRAINER_STATE).read_text(encoding="utf-8"))
-    total = total_steps(state["num_rows"], state["global_batch"], train_cfg.epochs, train_cfg.max_steps)
-    return state if state["global_step"] >= total else None
-
-
 # ---------------------------------------------------------------- driver
 
 def fit(task: TrainingTask, model_cfg: ModelConfig, *, model_path: str, adapter: str | None,
         datasets: dict, output_dir: str, run_name: str, stop_at_step: int = 0,
         callbacks: list | None = None) -> dict:
-    """Train ``task`` (its batch geometry, optimiser and checkpoints from ``task.cfg``) on
-    ``datasets["train"]`` with Ray Train + DeepSpeed; resume if ``<output_dir>/<run_name>`` holds
-    a checkpoint of an interrupted run. ``model_cfg`` gives the dtype, gradient checkpointing and
-    the LoRA settings (with ``task.cfg.finetune``).
+    """Train ``task`` (batch geometry, optimiser, checkpoints from ``task.cfg``; dtype, gradient
+    checkpointing and LoRA from ``model_cfg``) on ``datasets["train"]`` with Ray Train + DeepSpeed;
+    resume if ``<output_dir>/<run_name>`` holds a checkpoint of an interrupted run.
 
-    ``stop_at_step`` (> 0) pauses the run: train up to that global step, checkpoint and return;
-    the learning-rate schedule still spans the whole run, so a later `fit` without it continues
-    exactly as if never stopped (time-boxed jobs; the resume tests). Changing ``max_steps``
-    between runs instead changes the schedule.
+    ``stop_at_step`` (> 0) pauses the run at that global step (checkpointed); the learning-rate
+    schedule still spans the whole run, so a later `fit` without it continues exactly as if never
+    stopped. ``callbacks``: Ray Train callbacks for the run's controller (Tune's, in a trial).
 
-    ``callbacks``: Ray Train callbacks (``ray.train.UserCallback``) for the run's controller,
-    e.g. Tune's report callback when the run is a Tune trial.
-
-    Returns ``metrics`` (the last step's), ``history`` (``[{"step", "loss"}]`` for every step of
-    the run, resumed ones included), ``eval_history`` (``[{"step", "eval/...": ...}]``),
-    ``resumed_from_step``, ``checkpoint_path`` (the latest
-    checkpoint folder) and ``final_model`` (its HF export).
+    Returns ``metrics`` (the last step's), ``history`` (``[{"step", "loss"}]``, resumed steps
+    included), ``eval_history`` (``[{"step", "eval/...": ...}]``), ``resumed_from_step``,
+    ``checkpoint_path`` (the latest checkpoint folder) and ``final_model`` (its HF export).
     """
     import ray.train
     import torch
@@ -271,7 +125,7 @@ def fit(task: TrainingTask, model_cfg: ModelConfig, *, model_path: str, adapter:
     ray_run_dir = Path(output_dir).resolve() / run_name
     resume_from = find_latest_checkpoint(ray_run_dir)
     if resume_from is not None:
-        _check_resumable(resume_from, datasets["train"].count(),
+        check_resumable(resume_from, datasets["train"].count(),
                          tcfg.num_workers * tcfg.micro_batch_size * tcfg.grad_accum)
     resources = {"CPU": tcfg.cpus_per_worker, **({"GPU": 1} if tcfg.use_gpu else {})}
     trainer = TorchTrainer(
@@ -515,22 +369,10 @@ def _resume(engine, resume_from: str | None, num_rows: int,
     if checkpoint is None:
         return 0, [], []
     with checkpoint.as_directory() as d:
-        state = _check_resumable(Path(d), num_rows, global_batch)
+        state = check_resumable(Path(d), num_rows, global_batch)
         # Frozen base weights are not in the checkpoint: they come from the base model.
         engine.load_checkpoint(str(Path(d) / DS_SUBDIR), tag=DS_TAG, load_module_strict=False)
     return state["global_step"], list(state["history"]), list(state.get("eval_history", []))
-
-
-def _check_resumable(checkpoint: Path, num_rows: int, global_batch: int) -> dict:
-    """The checkpoint's trainer state; `ConfigError` when its data position means something
-    else in this run (another number of rows or global batch)."""
-    state = json.loads((checkpoint / TRAINER_STATE).read_text(encoding="utf-8"))
-    if (state["num_rows"], state["global_batch"]) != (num_rows, global_batch):
-        raise ConfigError(
-            f"cannot resume from {checkpoint}: it was trained on {state['num_rows']} rows with "
-            f"global batch {state['global_batch']}, this run has {num_rows} and {global_batch}; "
-            "use a new run_name (or delete the old run folder)")
-    return state
 
 
 def _save_checkpoint(engine, tokenizer, state: dict, metrics: dict, rank: int, finetune: str) -> None:
@@ -555,3 +397,4 @@ def _save_checkpoint(engine, tokenizer, state: dict, metrics: dict, rank: int, f
         if rank == 0:
             (Path(tmp) / TRAINER_STATE).write_text(json.dumps(state, indent=2), encoding="utf-8")
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+

@@ -7,7 +7,7 @@ import importlib.resources
 import pytest
 
 from rosepo.config import SFTConfig
-from rosepo.train import loop
+from rosepo.train import zero_config
 
 
 def test_shm_comm_op_is_where_skip_shm_comm_build_marks_it():
@@ -17,14 +17,14 @@ def test_shm_comm_op_is_where_skip_shm_comm_build_marks_it():
     import deepspeed.ops
 
     ops = getattr(deepspeed.ops, "__compatible_ops__", None)
-    assert isinstance(ops, dict) and loop.SHM_COMM_OP in ops, (
-        f"DeepSpeed {deepspeed.__version__} has no ops.__compatible_ops__[{loop.SHM_COMM_OP!r}]: "
-        "update rosepo.train.loop.skip_shm_comm_build")
-    saved = ops[loop.SHM_COMM_OP]
+    assert isinstance(ops, dict) and zero_config.SHM_COMM_OP in ops, (
+        f"DeepSpeed {deepspeed.__version__} has no ops.__compatible_ops__[{zero_config.SHM_COMM_OP!r}]: "
+        "update rosepo.train.zero_config.skip_shm_comm_build")
+    saved = ops[zero_config.SHM_COMM_OP]
     try:
-        assert loop.skip_shm_comm_build() is True and ops[loop.SHM_COMM_OP] is False
+        assert zero_config.skip_shm_comm_build() is True and ops[zero_config.SHM_COMM_OP] is False
     finally:
-        ops[loop.SHM_COMM_OP] = saved
+        ops[zero_config.SHM_COMM_OP] = saved
 
 
 def test_deepspeed_templates_are_package_data():
@@ -32,7 +32,8 @@ def test_deepspeed_templates_are_package_data():
     names = sorted(p.name for p in shipped.iterdir() if p.name.endswith(".json"))
     assert names == ["zero0.json", "zero1.json", "zero2.json", "zero3.json", "zero3_offload.json"]
     # The path configs used before the templates moved into the package still names them.
-    old = loop.deepspeed_config(SFTConfig(deepspeed_config="configs/deepspeed/zero3.json", zero_stage=3), bf16=False)
+    old_path = SFTConfig(deepspeed_config="configs/deepspeed/zero3.json", zero_stage=3)
+    old = zero_config.deepspeed_config(old_path, bf16=False)
     assert old["zero_optimization"]["stage3_prefetch_bucket_size"] == 50000000
     with pytest.raises(Exception, match="does not exist"):
-        loop.deepspeed_config(SFTConfig(deepspeed_config="configs/deepspeed/zero9.json"), bf16=False)
+        zero_config.deepspeed_config(SFTConfig(deepspeed_config="configs/deepspeed/zero9.json"), bf16=False)

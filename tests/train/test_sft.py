@@ -17,7 +17,7 @@ import pytest
 
 from rosepo.config import ModelConfig, RunConfig, SFTConfig
 from rosepo.errors import ConfigError
-from rosepo.train import loop
+from rosepo.train import loop, zero_config
 from rosepo.train.sft import SFTTask
 
 # ---------------------------------------------------------------- pure helpers
@@ -72,7 +72,7 @@ def test_deepspeed_config_fills_training_fields_over_the_template():
 
 
 def test_deepspeed_config_offload_follows_the_config_not_the_template():
-    template = str(loop.DEEPSPEED_DIR / "zero3_offload.json")
+    template = str(zero_config.DEEPSPEED_DIR / "zero3_offload.json")
     off = loop.deepspeed_config(SFTConfig(deepspeed_config=template, zero_stage=2), bf16=False)
     assert "offload_optimizer" not in off["zero_optimization"]
     assert off["zero_optimization"]["stage"] == 2
