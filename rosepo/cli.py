@@ -4,6 +4,11 @@ builds configs, starts or joins Ray and calls the package; no logic of its own.
 Progress goes to the ``rosepo`` logger (configured here: ``[rosepo] ...`` lines on stderr); what
 a command produces (folders, manifest summaries) is printed on stdout. Every rosepo error ends
 as one line on stderr and exit code 2.
+
+The pipeline and the experiments import torch and Ray at module level, so each command imports
+its module when it runs: ``rosepo --help`` and a refused config answer in about a second. These
+are the only imports between rosepo modules inside functions (tests/test_layering.py checks them
+like the others).
 """
 
 from __future__ import annotations
@@ -18,10 +23,10 @@ from rosepo import runtime
 from rosepo.config import load_config
 from rosepo.data.fetch import fetch
 from rosepo.errors import RosepoError
-from rosepo.experiments.compare import compare_command
-from rosepo.experiments.tune import tune_command
-from rosepo.pipeline import GRAPH, run_folder, run_pipeline, run_stage
 from rosepo.storage import read_manifest
+
+#: The stages of `rosepo.pipeline.GRAPH` (a test keeps the two equal), for the parser.
+STAGES = ("samples", "model", "sft", "oracle", "pairs", "align", "eval")
 
 
 class _StderrHandler(logging.StreamHandler):
@@ -65,6 +70,8 @@ def cmd_data_fetch(args) -> None:
 
 
 def cmd_data_build(args) -> None:
+    from rosepo.pipeline import run_stage
+
     cfg = _load(args)
     runtime.init_ray(cfg.ray_address)
     out = run_stage(cfg, "samples", force=args.force)
@@ -75,6 +82,8 @@ def cmd_data_build(args) -> None:
 
 def cmd_stage(args) -> None:
     """Run one pipeline stage (and any unfinished stage before it); print its manifest summary."""
+    from rosepo.pipeline import run_stage
+
     cfg = _load(args)
     runtime.init_ray(cfg.ray_address)
     out = run_stage(cfg, args.stage, force=args.force)
@@ -85,6 +94,8 @@ def cmd_stage(args) -> None:
 
 def cmd_run(args) -> None:
     """Run the whole pipeline (up to ``--until``); print the run folder and every stage's folder."""
+    from rosepo.pipeline import run_folder, run_pipeline
+
     cfg = _load(args)
     runtime.init_ray(cfg.ray_address)
     outs = run_pipeline(cfg, until=args.until, force=tuple(args.force))
@@ -107,12 +118,16 @@ def cmd_bench(args) -> None:
 
 def cmd_tune(args) -> None:
     """Run (or resume) a Ray Tune search over the align stage (rosepo/experiments/tune.py)."""
+    from rosepo.experiments.tune import tune_command
+
     tune_command(args.config, args.search, args.overrides, name=args.name, resume=args.resume)
 
 
 def cmd_compare(args) -> None:
     """Baselines, DPO, cDPO, S-DPO, RosePO and ablations over seeds: table, JSON, plots
     (rosepo/experiments/compare.py)."""
+    from rosepo.experiments.compare import compare_command
+
     compare_command(args.config, args.overrides, seeds_arg=args.seeds, methods_arg=args.methods)
 
 
@@ -132,8 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="the whole pipeline: samples → model → sft → oracle → pairs → align → eval")
     _config_args(p)
-    p.add_argument("--force", action="append", default=[], choices=list(GRAPH), help="redo a stage (repeatable)")
-    p.add_argument("--until", choices=list(GRAPH), help="stop after this stage")
+    p.add_argument("--force", action="append", default=[], choices=STAGES, help="redo a stage (repeatable)")
+    p.add_argument("--until", choices=STAGES, help="stop after this stage")
     p.set_defaults(func=cmd_run)
 
     data = sub.add_parser("data", help="fetch data sets and build samples").add_subparsers(dest="data_cmd",

@@ -1,7 +1,7 @@
 """The package's layering (docs/architecture.md): every import between rosepo modules, at the
 top of a file or inside a function, points down the layers; stages import no other stage; no
-import cycle; ``jobs/*.py`` go through the CLI only; names config checks at load time match the
-code that defines them."""
+import cycle; ``jobs/*.py`` go through the CLI only; names that config and the CLI check without
+importing the layers above match the code that defines them."""
 
 from __future__ import annotations
 
@@ -121,10 +121,13 @@ def test_every_module_has_a_layer():
         layer_of(module)
 
 
-def test_names_checked_by_config_match_their_definitions():
+def test_names_checked_below_match_their_definitions():
+    from rosepo.cli import STAGES
     from rosepo.config import METHOD_NAMES, STRATEGY_NAMES
     from rosepo.experiments.methods import METHODS
     from rosepo.pairs.strategies import STRATEGIES
+    from rosepo.pipeline import GRAPH
 
     assert tuple(STRATEGIES) == STRATEGY_NAMES
     assert tuple(METHODS) == METHOD_NAMES
+    assert tuple(GRAPH) == STAGES

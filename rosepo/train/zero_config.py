@@ -61,18 +61,18 @@ def deepspeed_config(train_cfg: TrainConfig, *, bf16: bool) -> dict:
         raise ConfigError(f"DeepSpeed config {path} does not exist; set deepspeed_config to a "
                           f"JSON file such as {DEEPSPEED_DIR / 'zero2.json'} or to \"\"")
     try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
+        ds = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise ConfigError(f"DeepSpeed config {path} is not valid JSON: {e}") from None
     if train_cfg.offload and train_cfg.zero_stage == 0:
         raise ConfigError("offload needs zero_stage 1, 2 or 3 (ZeRO-Offload partitions the optimizer)")
-    cfg.pop("train_batch_size", None)  # derived by DeepSpeed from the two fields below
-    cfg["train_micro_batch_size_per_gpu"] = train_cfg.micro_batch_size
-    cfg["gradient_accumulation_steps"] = train_cfg.grad_accum
-    cfg["gradient_clipping"] = train_cfg.max_grad_norm
-    cfg["bf16"] = {**cfg.get("bf16", {}), "enabled": bf16}
-    cfg["fp16"] = {"enabled": False}
-    zero = cfg.setdefault("zero_optimization", {})
+    ds.pop("train_batch_size", None)  # derived by DeepSpeed from the two fields below
+    ds["train_micro_batch_size_per_gpu"] = train_cfg.micro_batch_size
+    ds["gradient_accumulation_steps"] = train_cfg.grad_accum
+    ds["gradient_clipping"] = train_cfg.max_grad_norm
+    ds["bf16"] = {**ds.get("bf16", {}), "enabled": bf16}
+    ds["fp16"] = {"enabled": False}
+    zero = ds.setdefault("zero_optimization", {})
     zero["stage"] = train_cfg.zero_stage
     offload_keys = ["offload_optimizer"] + (["offload_param"] if train_cfg.zero_stage == 3 else [])
     for key in ("offload_optimizer", "offload_param"):
@@ -84,5 +84,5 @@ def deepspeed_config(train_cfg: TrainConfig, *, bf16: bool) -> dict:
     if train_cfg.offload:
         # The client optimizer is torch's AdamW (no compiled op); DeepSpeed would insist on
         # DeepSpeedCPUAdam, which compiles for ~50 s, unless told otherwise.
-        cfg["zero_force_ds_cpu_optimizer"] = False
-    return cfg
+        ds["zero_force_ds_cpu_optimizer"] = False
+    return ds
