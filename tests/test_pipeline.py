@@ -77,3 +77,12 @@ def test_atomic_path_replaces_on_success_and_leaves_nothing_on_error(tmp_path):
         tmp.write_text("new")
     assert target.read_text() == "new"
     assert sorted(p.name for p in target.parent.iterdir()) == ["trials.png"]
+
+
+def test_a_run_name_leading_outside_storage_is_refused(tmp_path):
+    """The run name is a path under ``storage`` (`rosepo.storage.confined`): ``..`` or an
+    absolute path would put every stage folder elsewhere."""
+    for name in ("../elsewhere", "/tmp/elsewhere"):
+        with pytest.raises(ConfigError, match="outside"):
+            pipeline.stage_dir(RunConfig(storage=str(tmp_path), name=name), "samples")
+    assert pipeline.run_folder(RunConfig(storage=str(tmp_path), name="a")) == (tmp_path / "a").resolve()
