@@ -26,7 +26,7 @@ from rosepo.errors import RosepoError
 from rosepo.storage import read_manifest
 
 #: The stages of `rosepo.pipeline.GRAPH` (a test keeps the two equal), for the parser.
-STAGES = ("samples", "model", "sft", "oracle", "pairs", "align", "eval")
+STAGES = ("samples", "oracle", "model", "sft", "pairs", "align", "eval")
 
 
 class _StderrHandler(logging.StreamHandler):
@@ -145,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rosepo", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("run", help="the whole pipeline: samples → model → sft → oracle → pairs → align → eval")
+    p = sub.add_parser("run", help="the whole pipeline: samples → oracle → model → sft → pairs → align → eval")
     _config_args(p)
     p.add_argument("--force", action="append", default=[], choices=STAGES, help="redo a stage (repeatable)")
     p.add_argument("--until", choices=STAGES, help="stop after this stage")

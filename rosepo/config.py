@@ -56,6 +56,9 @@ class DataConfig:
     max_train_windows_per_user: int = 0
     #: Windows kept per valid/test user (the last ones).
     eval_windows_per_user: int = 5
+    #: Prompt wording (`rosepo.data.prompts`): ``paraphrase`` (three quoted-list sentences) or
+    #: ``list`` (one title per line; the shortest prompt, the tiny default's choice).
+    prompt_style: str = "paraphrase"
     #: ``llara-json`` input: split name -> JSON file of prepared samples.
     llara: dict = field(default_factory=dict)
     #: Policies that are choices, off by default, counted in the manifest when used.
@@ -93,6 +96,10 @@ class ModelConfig:
     #: so the model answers by choosing one token (item tokens, as in ID-based LLM recommenders)
     #: instead of copying a title token by token. A pretrained model's tokenizer is used as is.
     title_tokens: bool = False
+    #: Built-in tiny model with title tokens: ``random`` embeddings, or ``sasrec``: the oracle's
+    #: item vectors added to the title tokens' embeddings (a hybrid item token; the oracle then
+    #: trains before the model is built).
+    title_init: str = "random"
     #: Longest prompt in tokens; longer prompts are refused at tokenisation.
     max_prompt_tokens: int = 512
     max_answer_tokens: int = 48
@@ -139,6 +146,9 @@ class SFTConfig(TrainConfig):
 
     #: Train samples used: a seeded random slice (``seed``) of the users' windows (0 = all).
     max_samples: int = 0
+    #: Weight of the candidate-set term: -log of the probability mass that the answer's first
+    #: token puts on the candidates' first tokens (`rosepo.train.sft`). 0 = plain SFT.
+    candidate_weight: float = 0.0
 
 
 @dataclass
@@ -288,7 +298,13 @@ class RunConfig:
                and abs(sum(self.data.split) - 1) < 1e-6
                and all(x >= 0 for x in self.data.split), "data.split",
                "must be three non-negative fractions summing to 1, e.g. [0.8, 0.1, 0.1]")
+        _check(self.data.prompt_style in ("paraphrase", "list"), "data.prompt_style",
+               "must be 'paraphrase' or 'list'")
         _check(self.model.finetune in ("lora", "full"), "model.finetune", "must be 'lora' or 'full'")
+        _check(self.model.title_init in ("random", "sasrec"), "model.title_init", "must be 'random' or 'sasrec'")
+        _check(self.model.title_init == "random" or (self.model.name_or_path == "tiny" and self.model.title_tokens),
+               "model.title_init", "'sasrec' needs the built-in tiny model with model.title_tokens: true")
+        _check(self.sft.candidate_weight >= 0, "sft.candidate_weight", "must be >= 0 (0 = plain SFT)")
         for name in ("sft", "align"):
             t = getattr(self, name)
             _check(t.zero_stage in (0, 1, 2, 3), f"{name}.zero_stage", "must be 0, 1, 2 or 3")

@@ -35,9 +35,9 @@ log = logging.getLogger(__name__)
 #: name -> (config sections it depends on, upstream stages). Order = execution order.
 GRAPH: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "samples": (("data",), ()),
-    "model": (("model",), ("samples",)),
-    "sft": (("sft", "model"), ("samples", "model")),
     "oracle": (("oracle",), ("samples",)),
+    "model": (("model",), ("samples", "oracle")),  # model.title_init: sasrec reads the oracle
+    "sft": (("sft", "model"), ("samples", "model")),
     "pairs": (("pairs", "model"), ("samples", "model", "sft", "oracle")),
     "align": (("align", "model"), ("pairs", "model", "sft")),
     # data: the random baseline's seed; align: the aligned method's name in the table.
@@ -79,7 +79,7 @@ def _samples(c: SimpleNamespace, out: Path, inputs: dict[str, Path]) -> dict:
 
 
 def _model(c: SimpleNamespace, out: Path, inputs: dict[str, Path]) -> dict:
-    return build_base_model(c.model, inputs["samples"], out)
+    return build_base_model(c.model, inputs["samples"], inputs["oracle"], out)
 
 
 def _sft(c: SimpleNamespace, out: Path, inputs: dict[str, Path]) -> dict:

@@ -1,7 +1,13 @@
-"""Prompt templates: several paraphrases, one chosen deterministically per sample.
+"""Prompt templates, in two styles; within a style, one template chosen deterministically per sample.
 
-Every template ends with "Answer:"; the answer is the exact target title, tokenised after a
-space (see `rosepo.model.tokenize`).
+``paraphrase`` (the default): three paraphrased sentences with quoted, comma-separated titles,
+for pretrained LLMs, which should not learn one fixed wording. ``list``: one title per line under
+``History:`` and ``Candidates:``, no quotes; 37% fewer tokens than ``paraphrase`` with the tiny
+model's title tokens (67 against 107 on ML-100K), and unambiguous for any tokenizer, since no
+title holds a newline.
+
+Every template ends with "Answer:"; the answer is the exact target title, tokenised after it
+(see `rosepo.model.tokenize`).
 """
 
 from __future__ import annotations
@@ -17,19 +23,28 @@ TEMPLATES = (
     "From the candidates {candidates}, recommend the single next movie. Answer:",
 )
 
+LIST_TEMPLATE = "History:\n{history}\nCandidates:\n{candidates}\nAnswer:"
+
+#: ``data.prompt_style`` -> its templates.
+STYLES = {"paraphrase": TEMPLATES, "list": (LIST_TEMPLATE,)}
+
 
 def stable_int(*parts: object) -> int:
     """A 64-bit integer from the sha256 of the parts; stable across processes and Python versions."""
     return int.from_bytes(hashlib.sha256("\x1f".join(map(str, parts)).encode()).digest()[:8], "little")
 
 
-def choose_template(sample_id: str, seed: int) -> int:
-    """Index of the template for a sample, from its id and the seed."""
-    return stable_int("template", seed, sample_id) % len(TEMPLATES)
+def choose_template(sample_id: str, seed: int, style: str = "paraphrase") -> int:
+    """Index of the template of ``style`` for a sample, from its id and the seed."""
+    return stable_int("template", seed, sample_id) % len(STYLES[style])
 
 
-def render_prompt(template_id: int, history_titles: list[str], candidate_titles: list[str]) -> str:
-    """Render a template with quoted titles (quotes keep commas inside titles unambiguous)."""
+def render_prompt(template_id: int, history_titles: list[str], candidate_titles: list[str],
+                  style: str = "paraphrase") -> str:
+    """Render a template: quoted titles for ``paraphrase`` (quotes keep commas inside titles
+    unambiguous), one title per line for ``list``."""
+    if style == "list":
+        return LIST_TEMPLATE.format(history="\n".join(history_titles), candidates="\n".join(candidate_titles))
     return TEMPLATES[template_id].format(
         history=", ".join(f'"{t}"' for t in history_titles),
         candidates=", ".join(f'"{t}"' for t in candidate_titles),

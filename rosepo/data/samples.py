@@ -128,11 +128,11 @@ def user_rows(user: str, seq: list[str], split: str, *, titles: dict[str, str], 
         history, target = seq[max(0, t - cfg.max_history):t], seq[t]
         sid = f"{user}:{t:06d}"
         cands = draw_candidates(sid, target, history, item_ids, titles, cfg.num_candidates, cfg.seed)
-        tid = choose_template(sid, cfg.seed)
+        tid = choose_template(sid, cfg.seed, cfg.prompt_style)
         h_titles = [titles[i] for i in history]
         c_titles = [titles[i] for i in cands]
         rows.append((sid, user, split, history, h_titles, target, titles[target], cands, c_titles, tid,
-                     render_prompt(tid, h_titles, c_titles), titles[target]))
+                     render_prompt(tid, h_titles, c_titles, cfg.prompt_style), titles[target]))
     return rows
 
 
@@ -292,8 +292,9 @@ def import_llara(cfg: DataConfig, out_dir: str | Path) -> dict:
         for split in SPLITS:
             rows = readers.read_llara_json(cfg.llara[split], split) if split in cfg.llara else []
             for r in rows:
-                r["template_id"] = choose_template(r["sample_id"], cfg.seed)
-                r["prompt"] = render_prompt(r["template_id"], r["history_titles"], r["candidate_titles"])
+                r["template_id"] = choose_template(r["sample_id"], cfg.seed, cfg.prompt_style)
+                r["prompt"] = render_prompt(r["template_id"], r["history_titles"], r["candidate_titles"],
+                                            cfg.prompt_style)
                 r["answer"] = r["target_title"]
             (tmp / split).mkdir()
             pq.write_table(pa.Table.from_pylist(rows, schema=SAMPLES), tmp / split / "part-0.parquet")

@@ -1,25 +1,31 @@
 """The model stage: the run's base model, the built-in tiny Llama (its tokenizer trained on the
-samples' text) or the configured pretrained model, named in the stage's manifest."""
+samples' text, its title tokens optionally initialised from the oracle) or the configured
+pretrained model, named in the stage's manifest."""
 
 from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
 
+import numpy as np
+
 from rosepo.config import ModelConfig
-from rosepo.data.samples import read_split
+from rosepo.data.samples import SPLITS, read_split
 from rosepo.layout import MODEL_PATH_KEY, TINY_MODEL_DIR
 from rosepo.model.factory import build_tiny_model
+from rosepo.pairs.sasrec import load_oracle
 from rosepo.storage import atomic_dir, write_manifest
 
 
-def build_base_model(cfg: ModelConfig, samples_dir: Path, out: Path) -> dict:
+def build_base_model(cfg: ModelConfig, samples_dir: Path, oracle_dir: Path, out: Path) -> dict:
     """Build (``name_or_path: tiny``) or name the base model into ``out``, atomically; return the
-    manifest (``model_path``: ``out/hf``, or ``name_or_path`` as configured)."""
+    manifest (``model_path``: ``out/hf``, or ``name_or_path`` as configured). With
+    ``title_init: sasrec`` the title tokens start from the oracle's item vectors (`title_vectors`)."""
     with atomic_dir(out, overwrite=True) as tmp:
         if cfg.name_or_path == "tiny":
             texts, titles = tokenizer_texts(cfg, samples_dir)
-            build_tiny_model(cfg, texts, tmp / TINY_MODEL_DIR, titles=titles)
+            vectors = title_vectors(samples_dir, oracle_dir) if cfg.title_init == "sasrec" else None
+            build_tiny_model(cfg, texts, tmp / TINY_MODEL_DIR, titles=titles, title_vectors=vectors)
             path = str(out / TINY_MODEL_DIR)
         else:
             path = cfg.name_or_path
@@ -43,3 +49,17 @@ def tokenizer_texts(cfg: ModelConfig, samples_dir: Path) -> tuple[list[str], lis
                 titles.update(t for ts in table.column(column).to_pylist() for t in ts)
         titles.update(t for ts in train.column("history_titles").to_pylist() for t in ts)
     return texts, sorted(titles)
+
+
+def title_vectors(samples_dir: Path, oracle_dir: Path) -> dict:
+    """Title -> the oracle's item vector (the mean, for a title two items share)."""
+    item_vectors = load_oracle(oracle_dir).item_vectors()
+    by_title: dict[str, dict[str, np.ndarray]] = {}
+    for split in SPLITS:
+        table = read_split(samples_dir, split)
+        for ids_col, titles_col in (("history_item_ids", "history_titles"),
+                                    ("candidate_item_ids", "candidate_titles")):
+            for ids, names in zip(table.column(ids_col).to_pylist(), table.column(titles_col).to_pylist()):
+                for i, t in zip(ids, names):
+                    by_title.setdefault(t, {})[i] = item_vectors[i]
+    return {t: np.mean(list(v.values()), axis=0) for t, v in by_title.items()}

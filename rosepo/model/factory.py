@@ -48,10 +48,12 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, titles: Iterable[str]
 
 
 def build_tiny_model(cfg: ModelConfig, texts: Iterable[str], out_dir: str | Path,
-                     titles: Iterable[str] = ()) -> Path:
+                     titles: Iterable[str] = (), title_vectors: dict | None = None) -> Path:
     """Build the tiny Llama of ``cfg`` with a tokenizer trained on ``texts``; save it to ``out_dir``.
 
-    With ``cfg.title_tokens``, every one of ``titles`` is a single token (`train_tokenizer`).
+    With ``cfg.title_tokens``, every one of ``titles`` is a single token (`train_tokenizer`), and
+    ``title_vectors`` (title -> a collaborative item vector, e.g. SASRec's) are added to those
+    tokens' embeddings (`add_title_vectors`).
 
     The vocabulary is the tokenizer's actual size (at most ``cfg.vocab_size``: small corpora
     run out of merges). Weights are initialised under ``torch.manual_seed(0)``, embeddings tied,
@@ -76,11 +78,47 @@ def build_tiny_model(cfg: ModelConfig, texts: Iterable[str], out_dir: str | Path
     )
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)
+    if title_vectors:
+        add_title_vectors(model, tokenizer, title_vectors, config.initializer_range)
     out_dir = Path(out_dir)
     with atomic_dir(out_dir, overwrite=True) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     return out_dir
+
+
+def title_projection(hidden_size: int, dim: int):
+    """The fixed map of ``dim``-dimensional item vectors into the hidden space: a (hidden, dim)
+    matrix with orthonormal columns, from a seeded Gaussian (QR), so distances are kept."""
+    import torch
+
+    gaussian = torch.randn(hidden_size, dim, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    return torch.linalg.qr(gaussian)[0].float()
+
+
+def add_title_vectors(model, tokenizer, title_vectors: dict, initializer_range: float) -> None:
+    """Add each title token's collaborative vector to its (tied) embedding row, in place.
+
+    The hybrid item token: the random row keeps the tokens distinguishable (the model copies a
+    candidate by its identity), the added part carries what the sequential recommender learned,
+    so similar items start close and the answer logits h·e start out as SASRec's scores h·v.
+    Vectors are scaled to a mean norm equal to a random row's expected norm,
+    ``initializer_range · sqrt(hidden)``, then mapped by `title_projection`.
+    """
+    import numpy as np
+    import torch
+
+    titles = sorted(title_vectors)
+    ids = tokenizer.convert_tokens_to_ids(titles)
+    if tokenizer.unk_token_id in ids:
+        missing = [t for t, i in zip(titles, ids) if i == tokenizer.unk_token_id][:3]
+        raise ConfigError(f"title vectors given for titles that are not tokens, e.g. {missing}; "
+                          "they need model.title_tokens: true")
+    vectors = torch.from_numpy(np.stack([np.asarray(title_vectors[t], dtype=np.float32) for t in titles]))
+    emb = model.get_input_embeddings().weight
+    scale = initializer_range * emb.shape[1] ** 0.5 / vectors.norm(dim=1).mean().clamp(min=1e-12)
+    with torch.no_grad():
+        emb[torch.tensor(ids)] += scale * vectors @ title_projection(emb.shape[1], vectors.shape[1]).T
 
 
 def resolve_dtype(name: str, use_gpu: bool):

@@ -58,11 +58,17 @@ class PairScorer:
         rows = batch.to_pylist()
         prompt_ids = [encode_prompt(self.tok, r["prompt"], mc.max_prompt_tokens) for r in rows]
         cand_ids = [[encode_answer(self.tok, t, mc.max_answer_tokens) for t in r["candidate_titles"]] for r in rows]
+        # One sample per forward. Batched, a sample's scores move in the last bits with the rows it
+        # shares a batch with (the matmul shapes follow the batch size and padding width, and BLAS
+        # blocks, hence sums, by shape: 1.9e-6 apart here, other digits on another CPU), and
+        # with them the content hash and, on near-ties, the self-hard argmax. Alone, a sample's
+        # scores depend on the sample only, whatever the Ray batch size or actor count.
         with torch.no_grad():
-            logps, _ = answer_logps(self.model, prompt_ids, cand_ids, prefix_sharing=True,
-                                    pad_id=self.tok.pad_token_id)
-        logps = logps.double().numpy()
-        oracle = self.oracle.score([r["history_item_ids"] for r in rows], [r["candidate_item_ids"] for r in rows])
+            logps = np.stack([answer_logps(self.model, [p], [c], prefix_sharing=True,
+                                           pad_id=self.tok.pad_token_id)[0][0].double().numpy()
+                              for p, c in zip(prompt_ids, cand_ids)])
+        oracle = np.concatenate([self.oracle.score([r["history_item_ids"]], [r["candidate_item_ids"]])
+                                 for r in rows])
         greedy = self._greedy(rows, prompt_ids) if pc.self_hard_greedy else [-1] * len(rows)
         names = sorted(pc.strategies) if pc.mix == "all" else None
         out = []
@@ -73,7 +79,8 @@ class PairScorer:
             ctx = SampleContext(target=target, model_scores=logps[b], similarity=history_similarity(hist, cands),
                                 popularity=np.array([self.popularity.get(i, 0) for i in r["candidate_item_ids"]]),
                                 greedy=greedy[b], popularity_alpha=pc.popularity_alpha)
-            chosen_names = names or [assign_strategy(pc.strategies, stable_int("strategy", pc.seed, r["sample_id"]) / 2**64)]
+            u = stable_int("strategy", pc.seed, r["sample_id"]) / 2**64
+            chosen_names = names or [assign_strategy(pc.strategies, u)]
             for name in chosen_names:
                 rng = np.random.default_rng(stable_int("rejected", pc.seed, name, r["sample_id"]))
                 rej = STRATEGIES[name](ctx, pc.num_negatives, rng)
@@ -92,7 +99,8 @@ class PairScorer:
 
     def _greedy(self, rows: list[dict], prompt_ids: list[list[int]]) -> list[int]:
         """Index of the candidate the model's greedy answer names when exactly one is named, else -1."""
-        answers = greedy_answers(self.model, self.tok, prompt_ids, self.cfg.model.max_answer_tokens)
+        answers = [greedy_answers(self.model, self.tok, [p], self.cfg.model.max_answer_tokens)[0]
+                   for p in prompt_ids]  # one at a time, as the scores above
         return [parse_answer(a, r["candidate_titles"], 0)["named_index"] for a, r in zip(answers, rows)]
 
 

@@ -172,6 +172,11 @@ class Oracle:
     def __init__(self, model, vocab: ItemVocab, cfg: OracleConfig):
         self.model, self.vocab, self.cfg = model.eval(), vocab, cfg
 
+    def item_vectors(self) -> dict[str, np.ndarray]:
+        """Item id -> its learned embedding row (float32), padding excluded."""
+        weight = self.model.item_emb.weight.detach().numpy()
+        return {item: weight[k].copy() for item, k in self.vocab.index.items()}
+
     def score(self, histories: list[list[str]], candidates: list[list[str]]) -> np.ndarray:
         """Scores (B, C) float32 of each row's C candidates for its history, batched.
 

@@ -206,3 +206,39 @@ def test_export_and_reload_give_identical_logits(tiny_dir, tmp_path):
 def test_load_model_refuses_a_folder_without_adapter(tiny_dir):
     with pytest.raises(ConfigError, match="adapter_config.json"):
         factory.load_model(str(tiny_dir), dtype=torch.float32, adapter=str(tiny_dir))
+
+
+def test_title_vectors_are_added_to_the_title_rows_only(tmp_path):
+    """model.title_init: sasrec. Each title token's (tied) embedding is its random row plus its
+    item vector times s, mapped by the orthonormal `title_projection`, s scaling the vectors' mean
+    norm to a random row's expected norm (0.02 · sqrt(32)); every other row is the random one."""
+    import dataclasses
+
+    import numpy as np
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    titles = ["Heat", "Star Wars", "Toy Story"]
+    rng = np.random.default_rng(0)
+    vectors = {t: rng.normal(size=8).astype(np.float32) for t in titles}
+    cfg = dataclasses.replace(SMALL, title_tokens=True, title_init="sasrec")
+    plain = AutoModelForCausalLM.from_pretrained(factory.build_tiny_model(cfg, TITLES, tmp_path / "a", titles))
+    hybrid_dir = factory.build_tiny_model(cfg, TITLES, tmp_path / "b", titles, title_vectors=vectors)
+    hybrid = AutoModelForCausalLM.from_pretrained(hybrid_dir)
+    tok = AutoTokenizer.from_pretrained(hybrid_dir)
+    e0, e1 = plain.get_input_embeddings().weight, hybrid.get_input_embeddings().weight
+    proj = factory.title_projection(32, 8)
+    assert torch.allclose(proj.T @ proj, torch.eye(8), atol=1e-5)
+    stacked = torch.from_numpy(np.stack([vectors[t] for t in titles]))
+    scale = 0.02 * 32 ** 0.5 / stacked.norm(dim=1).mean()
+    ids = tok.convert_tokens_to_ids(titles)
+    for t, i in zip(titles, ids):
+        want = e0[i] + scale * proj @ torch.from_numpy(vectors[t])
+        assert torch.allclose(e1[i], want, atol=1e-6), t
+    others = [i for i in range(len(tok)) if i not in ids]
+    assert torch.equal(e0[others], e1[others])
+    assert hybrid.lm_head.weight.data_ptr() == hybrid.model.embed_tokens.weight.data_ptr()
+
+
+def test_title_vectors_for_non_tokens_are_refused(tmp_path):
+    with pytest.raises(ConfigError, match="title_tokens"):
+        factory.build_tiny_model(SMALL, TITLES, tmp_path / "m", (), title_vectors={"Heat": [1.0, 2.0]})

@@ -342,6 +342,47 @@ def test_left_padded_collate_with_logits_to_keep_equals_the_full_right_padded_lo
     assert float(metrics["sft/token_accuracy"]) == pytest.approx(float(accuracy))
 
 
+def test_candidate_mass_logp_hand_computed():
+    """Logits [0, ln3, 0, ln2] have softmax weights 1, 3, 1, 2 (sum 7). Candidates starting with
+    tokens 1, 3, 3 (token 3 shared by two candidates, counted once) hold mass (3 + 2) / 7."""
+    import torch
+
+    from rosepo.train.sft import candidate_mass_logp
+
+    logits = torch.tensor([[0.0, math.log(3), 0.0, math.log(2)]])
+    got = candidate_mass_logp(logits, torch.tensor([[1, 3, 3]]))
+    assert float(got) == pytest.approx(math.log(5 / 7), abs=1e-6)
+
+
+def test_candidate_weight_adds_the_candidate_mass_term():
+    """With candidate_weight w the loss is the SFT cross-entropy − w · mean log m, m read at the
+    logit that predicts each row's first answer token: checked against the right-padded forward
+    over every position, on rows whose answers differ in length (so the positions differ)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from rosepo.train import sft
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2)).eval()
+    rows = [{"input_ids": [5, 6, 7, 8, 9, 10, 11], "labels": [-100] * 4 + [9, 10, 11],
+             "candidate_first_ids": [9, 20, 21]},
+            {"input_ids": [5, 6, 7, 12, 13], "labels": [-100] * 3 + [12, 13], "candidate_first_ids": [30, 12, 30]}]
+    batch = sft.collate(rows, 0)
+    assert batch["first_pos"].tolist() == [0, 1]  # keep 4: row 0 answer of 3 tokens, row 1 of 2
+    task = sft.SFTTask(SFTConfig(candidate_weight=0.5))
+    with torch.no_grad():
+        loss, metrics = task.compute_loss(model, batch)
+        right = _right_pad(rows, 0)
+        logits = model(input_ids=right["input_ids"], attention_mask=right["attention_mask"]).logits
+        ce, _ = sft.token_cross_entropy(logits, right["labels"])
+        # Row 0's first answer token (index 4) is predicted at position 3, row 1's (index 3) at 2.
+        first = torch.stack([logits[0, 3], logits[1, 2]])
+        log_m = sft.candidate_mass_logp(first, torch.tensor([r["candidate_first_ids"] for r in rows]))
+    assert float(loss) == pytest.approx(float(ce - 0.5 * log_m.mean()), abs=1e-5)
+    assert float(metrics["sft/candidate_mass"]) == pytest.approx(float(log_m.exp().mean()), abs=1e-6)
+
 
 def _right_pad(rows: list[dict], pad_id: int) -> dict:
     """The plain right-padded batch the left-padded `collate` must agree with."""
