@@ -62,10 +62,10 @@ def compare_dir(cfg: RunConfig) -> Path:
 
 
 def prepare(cfg: RunConfig, methods: list[str]) -> dict:
-    """Upstream stages (samples, model, sft, oracle) and the pair builds the methods need,
+    """Upstream stages (samples, oracle, model, sft) and the pair builds the methods need,
     through the pipeline (each reused when finished). Returns the stage folders, ``pairs``
     (build -> folder) and ``steps`` (align steps of every cell)."""
-    upstream = run_pipeline(cfg, until="oracle")
+    upstream = run_pipeline(cfg, until="sft")  # GRAPH runs the oracle and the model before sft
     builds = [b for b in PAIR_BUILDS if any(METHODS[m].pairs == b for m in methods)]
     pairs = {b: run_stage(pairs_config(cfg, b), "pairs") for b in builds}
     train_samples = read_manifest(pairs[builds[0]])["splits"]["train"]["samples"]
