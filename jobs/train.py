@@ -3,7 +3,7 @@
     python jobs/train.py --config configs/ml100k-tiny.yaml            # embedded local Ray
     ray job submit --working-dir . -- python jobs/train.py --config configs/ml100k-tiny.yaml
 
-Stages (rosepo/pipeline.py): samples → model → sft → oracle → pairs → align → eval. Each
+Stages (rosepo/pipeline.py): samples → oracle → model → sft → pairs → align → eval. Each
 stage's output is addressed by a hash of the config it depends on, so a rerun — or a
 resubmitted job with the same run name — skips finished stages and resumes an interrupted one.
 """
