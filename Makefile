@@ -1,4 +1,4 @@
-# The two set-up commands of the README: `make run` and `make test`. Both create .venv and install
+# The two set-up commands of the README: `make run` and `make test` (ruff, then pytest). Both create .venv and install
 # everything on a fresh machine. torch is installed first from requirements.txt's pin, so pip takes the
 # CPU wheel where one is on disk and never resolves a CUDA build on a CPU box.
 PY      ?= python3
@@ -24,9 +24,10 @@ $(STAMP): requirements.txt requirements-test.txt pyproject.toml
 install: $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/python jobs/train.py --config $(CONFIG)
+	$(BIN)/rosepo run --config $(CONFIG)
 
 test: $(STAMP)
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -ra --durations=15 tests
 
 test-fast: $(STAMP)

@@ -16,7 +16,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "align": ("bench.align_step", "RosePO step time with vs without prefix sharing, and MFU"),
     "trl": ("bench.trl_align", "RosePO step vs TRL's DPOTrainer (online and precomputed reference), and MFU"),
     "eval": ("bench.eval_throughput", "ranking and generation evaluation, prompts/s, vs naive variants"),
-    "sft-probe": ("bench.sft_probe", "SFT learning curves of the tiny model (ValidRatio, rank HR@1 per step) for #14's levers"),
+    "sft-probe": ("bench.sft_probe", "SFT learning curves of the tiny model: ValidRatio, rank HR@1 per step (#14)"),
     "gpu": ("bench.gpu_step", "RosePO step of a ~1B Llama on one GPU (bf16; LoRA and full; prefix sharing on/off)"),
 }
 

@@ -1,7 +1,7 @@
 """RosePO alignment step with and without prefix sharing, its model-FLOPs utilisation, and the
 cost of a second intra-op thread on this 2-core machine.
 
-The step is rosepo's own (`rosepo.train.align.collate` + `compute_loss` + backward + gradient
+The step is rosepo's own (`rosepo.train.align.AlignTask`: `collate` + `compute_loss` + backward + gradient
 clipping + AdamW), on the default tiny model (``configs/ml100k-tiny.yaml``: title tokens, a new
 LoRA over the fully fine-tuned SFT model, here random weights, fp32), with real ML-100K prompts
 (target = chosen, another candidate = rejected) and reference log-probs precomputed, as the
@@ -90,11 +90,12 @@ def rosepo_step(model, rows: list[dict], batch: int, align_cfg, pad_id: int, *, 
     collate, loss (``align_cfg.loss``, precomputed reference), backward, clipping, AdamW."""
     import torch
 
-    from rosepo.train.align import collate, compute_loss
+    from rosepo.config import ModelConfig
+    from rosepo.train.align import AlignTask
 
     trainable = [q for q in model.parameters() if q.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=align_cfg.learning_rate, weight_decay=0.0)
-    cfg = {**dataclasses.asdict(align_cfg), "pad_id": pad_id, "prefix_sharing": prefix_sharing}
+    task = AlignTask(dataclasses.replace(align_cfg, prefix_sharing=prefix_sharing), ModelConfig(), pad_id)
     n_batches = len(rows) // batch
 
     def step(i: int) -> None:
@@ -102,7 +103,7 @@ def rosepo_step(model, rows: list[dict], batch: int, align_cfg, pad_id: int, *, 
         if threads:
             torch.set_num_threads(threads)
         try:
-            loss, _ = compute_loss(model, collate(rows[(i % n_batches) * batch:][:batch], pad_id), cfg)
+            loss, _ = task.compute_loss(model, task.collate(rows[(i % n_batches) * batch:][:batch], pad_id))
             loss.backward()
             torch.nn.utils.clip_grad_norm_(trainable, align_cfg.max_grad_norm)
             opt.step()

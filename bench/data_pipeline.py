@@ -439,7 +439,8 @@ def summarise(results: list[dict]) -> str:
         for a, b in zip(sizes, sizes[1:]):
             ka, kb = (a, impl), (b, impl)
             growth.append(f"| {impl} | {a:,} → {b:,} (×{b / a:g}) | ×{med(kb, 'seconds') / med(ka, 'seconds'):.1f} | "
-                          f"×{med(kb, 'cpu_s') / med(ka, 'cpu_s'):.1f} | ×{med(kb, 'peak_rss') / med(ka, 'peak_rss'):.2f} |")
+                          f"×{med(kb, 'cpu_s') / med(ka, 'cpu_s'):.1f} | "
+                          f"×{med(kb, 'peak_rss') / med(ka, 'peak_rss'):.2f} |")
     if growth:
         lines += ["", "| impl | size | wall time | CPU time | peak RSS |", "|---|---|---|---|---|"] + growth
     stepped = [k for k in keys if ok[k] and ok[k][0].get("phases")]

@@ -11,7 +11,7 @@ Variants, timed in turn (A B C ... per round) on batches cycled from the same pr
 - ranking, ``rank``: `rosepo.model.logprobs.answer_logps` with prefix sharing, as `EvalScorer`
   calls it: one row per prompt holding the prompt once and its 20 candidates;
   ``rank-plain``: the same function, one right-padded row per (prompt, candidate);
-- generation at ``N`` new tokens, ``gen``: `rosepo.eval.generate.greedy_ids`, the batch
+- generation at ``N`` new tokens, ``gen``: `rosepo.model.generate.greedy_ids`, the batch
   left-padded, KV cache; ``gen-nocache``: the same batch, the whole sequence run again at every
   step; ``gen-batch1``: ``greedy_ids`` one prompt at a time (KV cache);
 - ``scorer``: `rosepo.eval.evaluate.EvalScorer` on a batch (tokenise + rank + greedy answer at
@@ -34,7 +34,7 @@ from bench.common import alternate, bench_config, machine, markdown, ml100k_samp
 
 def greedy_no_cache(model, prompt_ids: list[list[int]], max_new_tokens: int, *, eos_id: int, pad_id: int):
     """Greedy decoding without a KV cache: every step runs the whole left-padded batch again.
-    Same stopping rule and outputs as `rosepo.eval.generate.greedy_ids` (the naive baseline)."""
+    Same stopping rule and outputs as `rosepo.model.generate.greedy_ids` (the naive baseline)."""
     import torch
 
     seqs = [list(p) for p in prompt_ids]
@@ -77,7 +77,7 @@ def run(argv: list[str]) -> int:
     import torch
 
     from rosepo.eval.evaluate import EvalScorer
-    from rosepo.eval.generate import greedy_ids
+    from rosepo.model.generate import greedy_ids
     from rosepo.model.factory import load_model, load_tokenizer
     from rosepo.model.logprobs import answer_logps
     from rosepo.model.tokenize import encode_answer, encode_prompt
@@ -92,7 +92,8 @@ def run(argv: list[str]) -> int:
     picked = samples[:: max(1, len(samples) // (batch * args.batches))][: batch * args.batches]
     prompts = [encode_prompt(tok, r["prompt"], mc.max_prompt_tokens) for r in picked]
     cands = [[encode_answer(tok, t, mc.max_answer_tokens) for t in r["candidate_titles"]] for r in picked]
-    tables = [pa.Table.from_pylist(picked[b * batch:(b + 1) * batch]).select(["sample_id", "prompt", "candidate_titles"])
+    columns = ["sample_id", "prompt", "candidate_titles"]
+    tables = [pa.Table.from_pylist(picked[b * batch:(b + 1) * batch]).select(columns)
               for b in range(args.batches)]
     model = load_model(str(path), dtype=torch.float32).eval()
     scorer = EvalScorer(run_cfg, str(path), None)  # sets torch threads to 1, as an actor does
@@ -145,8 +146,9 @@ def run(argv: list[str]) -> int:
     print(markdown(["variant", "ms per batch, median (min–max)", "prompts/s"], rows))
     ratios = [["ranking: prefix sharing vs plain rows", *paired_ratio(times["rank-plain"], times["rank"])]]
     for n in args.new_tokens:
-        ratios.append([f"generation @{n}: KV cache vs none", *paired_ratio(times[f"gen-nocache@{n}"], times[f"gen@{n}"])])
-        ratios.append([f"generation @{n}: batch {batch} vs 1", *paired_ratio(times[f"gen-batch1@{n}"], times[f"gen@{n}"])])
+        gen = times[f"gen@{n}"]
+        ratios.append([f"generation @{n}: KV cache vs none", *paired_ratio(times[f"gen-nocache@{n}"], gen)])
+        ratios.append([f"generation @{n}: batch {batch} vs 1", *paired_ratio(times[f"gen-batch1@{n}"], gen)])
     print(markdown(["speed-up (prompts/s)", "ratio of medians", "per-round min", "per-round max"],
                    [[r[0], f"{r[1]:.2f}×", f"{r[2]:.2f}", f"{r[3]:.2f}"] for r in ratios]))
     print(f"machine at the end: {la}")

@@ -68,7 +68,6 @@ def run(argv: list[str]) -> int:
         with torch.no_grad():
             plain, _ = answer_logps(model, prompts[:4], answers[:4], prefix_sharing=False, pad_id=0)
             shared, _ = answer_logps(model, prompts[:4], answers[:4], prefix_sharing=True, pad_id=0)
-            ref = plain.detach()
         max_diff = float((plain - shared).abs().max())
 
         def step(shared_prefix: bool) -> float:

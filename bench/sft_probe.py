@@ -16,7 +16,6 @@ log-likelihood (rank HR@1). One JSON line per evaluation; ``--out`` keeps the wh
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import time
 
@@ -46,19 +45,19 @@ def run(argv: list[str] | None = None) -> int:
 def probe(cfg, steps: int, eval_every: int, eval_samples: int, threads: int) -> list[dict]:
     """Train the config's model for ``steps`` global batches; the evaluations, as dicts."""
     import numpy as np
-    import pandas as pd
     import torch
 
     from rosepo.data.samples import read_split
+    from rosepo.layout import base_model_path
     from rosepo.model.factory import load_model, load_tokenizer
-    from rosepo.pipeline import base_model_path, run_stage
+    from rosepo.pipeline import run_stage
+    from rosepo.runtime import init_ray
     from rosepo.train import sft
-    from rosepo.train.loop import lr_factor
-    from rosepo.train.raysetup import init_ray
+    from rosepo.train.schedule import lr_factor
 
     init_ray(cfg.ray_address)
-    model_stage = run_stage(cfg, "model", log=lambda _: None)
-    samples = run_stage(cfg, "samples", log=lambda _: None)
+    model_stage = run_stage(cfg, "model")
+    samples = run_stage(cfg, "samples")
     path = base_model_path(model_stage)
     torch.set_num_threads(threads)
     train = read_split(samples, "train").to_pandas()
@@ -72,7 +71,7 @@ def probe(cfg, steps: int, eval_every: int, eval_samples: int, threads: int) -> 
     warmup = int(cfg.sft.warmup_ratio * steps)
     order = np.random.default_rng(cfg.sft.seed)
     queue: list[int] = []
-    loss_cfg = dataclasses.asdict(cfg.sft)
+    task = sft.SFTTask(cfg.sft)
     curve, t0 = [], time.perf_counter()
     for step in range(steps):
         while len(queue) < batch_size:
@@ -80,7 +79,7 @@ def probe(cfg, steps: int, eval_every: int, eval_samples: int, threads: int) -> 
         idx, queue = queue[:batch_size], queue[batch_size:]
         for group in optimizer.param_groups:
             group["lr"] = cfg.sft.learning_rate * lr_factor(step, steps, warmup)
-        loss, _ = sft.compute_loss(model, sft.collate([rows[i] for i in idx], tok.pad_token_id), loss_cfg)
+        loss, _ = task.compute_loss(model, task.collate([rows[i] for i in idx], tok.pad_token_id))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.sft.max_grad_norm)
@@ -109,7 +108,7 @@ def _evaluate(model, tok, samples: list[dict], cfg) -> dict:
     import numpy as np
     import torch
 
-    from rosepo.eval.generate import greedy_answers
+    from rosepo.model.generate import greedy_answers
     from rosepo.eval.metrics import parse_answer, ranking_metrics
     from rosepo.model.logprobs import answer_logps
     from rosepo.model.tokenize import encode_answer, encode_prompt

@@ -8,19 +8,11 @@ is aligned and evaluated once (a resubmitted job skips finished cells). Results 
 ``<storage>/<run name>/compare-<hash>``: table.md, results.json, metrics.png, eps.png.
 """
 
-from __future__ import annotations
-
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a plain checkout too
-
-
-def main(argv: list[str] | None = None) -> int:
-    from rosepo.cli import main as cli_main
-
-    return cli_main(["compare", *(sys.argv[1:] if argv is None else argv)])
-
+from rosepo.cli import main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["compare", *sys.argv[1:]]))

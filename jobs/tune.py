@@ -5,23 +5,15 @@
     ray job submit --working-dir . -- python jobs/tune.py --config ... --search ...
 
 The pairs (and the stages before them) are built once, or reused, through the pipeline; every
-trial aligns on them (rosepo/tune.py). Results go to ``<storage>/<run name>/tune``: best.yaml,
+trial aligns on them (rosepo/experiments/tune.py). Results go to ``<storage>/<run name>/tune``: best.yaml,
 trials.csv, trials.md, trials.png, and each trial's TensorBoard logs.
 """
-
-from __future__ import annotations
 
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a plain checkout too
-
-
-def main(argv: list[str] | None = None) -> int:
-    from rosepo.cli import main as cli_main
-
-    return cli_main(["tune", *(sys.argv[1:] if argv is None else argv)])
-
+from rosepo.cli import main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["tune", *sys.argv[1:]]))

@@ -1,15 +1,55 @@
-"""The ``rosepo`` command line. Parses, builds configs and calls the package; no logic of its own.
+"""The ``rosepo`` command line, the one entry point (``jobs/*.py`` delegate here). Parses,
+builds configs, starts or joins Ray and calls the package; no logic of its own.
 
-Every rosepo error ends as one line on stderr and exit code 2.
+Progress goes to the ``rosepo`` logger (configured here: ``[rosepo] ...`` lines on stderr); what
+a command produces (folders, manifest summaries) is printed on stdout. Every rosepo error ends
+as one line on stderr and exit code 2.
+
+The pipeline and the experiments import torch and Ray at module level, so each command imports
+its module when it runs: ``rosepo --help`` and a refused config answer in about a second. These
+are the only imports between rosepo modules inside functions (tests/test_layering.py checks them
+like the others).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
+from pathlib import Path
 
+from rosepo import runtime
+from rosepo.config import load_config
+from rosepo.data.fetch import fetch
 from rosepo.errors import RosepoError
+from rosepo.storage import read_manifest
+
+#: The stages of `rosepo.pipeline.GRAPH` (a test keeps the two equal), for the parser.
+STAGES = ("samples", "oracle", "model", "sft", "pairs", "align", "eval")
+
+
+class _StderrHandler(logging.StreamHandler):
+    """A handler writing to whatever ``sys.stderr`` is when a record is emitted (as logging's
+    last-resort handler does), so a replaced stderr (pytest's capture) is honoured."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value):
+        pass
+
+
+def configure_logging(level: int = logging.INFO) -> None:
+    """Send the ``rosepo`` logger's records at ``level`` and above to stderr as ``[rosepo] ...``."""
+    logger = logging.getLogger("rosepo")
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("[rosepo] %(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(level)
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -18,8 +58,6 @@ def _config_args(p: argparse.ArgumentParser) -> None:
 
 
 def _load(args):
-    from rosepo.config import load_config
-
     return load_config(args.config, args.overrides)
 
 
@@ -28,8 +66,6 @@ def _print(obj) -> None:
 
 
 def cmd_data_fetch(args) -> None:
-    from rosepo.data.fetch import fetch
-
     print(fetch(args.name, args.data_dir))
 
 
@@ -48,7 +84,6 @@ def cmd_model_import_gguf(args) -> None:
 def cmd_data_build(args) -> None:
     """Build the samples; Ray starts only once the input has been read and found valid."""
     from rosepo.pipeline import run_stage
-    from rosepo.storage import read_manifest
 
     cfg = _load(args)
     out = run_stage(cfg, "samples", force=args.force)
@@ -61,21 +96,29 @@ def cmd_data_build(args) -> None:
 def cmd_stage(args) -> None:
     """Run one pipeline stage (and any unfinished stage before it); print its manifest summary."""
     from rosepo.pipeline import run_stage
-    from rosepo.storage import read_manifest
-    from rosepo.train.raysetup import init_ray
 
     cfg = _load(args)
-    init_ray(cfg.ray_address)
+    runtime.init_ray(cfg.ray_address)
     out = run_stage(cfg, args.stage, force=args.force)
     m = read_manifest(out)
     _print({k: v for k, v in m.items() if k not in ("history", "config", "eval_history")})
     print(out)
 
 
+def cmd_run(args) -> None:
+    """Run the whole pipeline (up to ``--until``); print the run folder and every stage's folder."""
+    from rosepo.pipeline import run_folder, run_pipeline
+
+    cfg = _load(args)
+    runtime.init_ray(cfg.ray_address)
+    outs = run_pipeline(cfg, until=args.until, force=tuple(args.force))
+    print(f"[rosepo] run folder: {run_folder(cfg)}")
+    for stage, path in outs.items():
+        print(f"[rosepo]   {stage:8s} {path}")
+
+
 def cmd_bench(args) -> None:
     """Run a benchmark of the checkout's bench/ (not installed with the package): ``python -m bench``."""
-    from pathlib import Path
-
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     try:
         from bench.__main__ import main as bench_main
@@ -87,15 +130,16 @@ def cmd_bench(args) -> None:
 
 
 def cmd_tune(args) -> None:
-    """Run (or resume) a Ray Tune search over the align stage (rosepo/tune.py)."""
-    from rosepo.tune import tune_command
+    """Run (or resume) a Ray Tune search over the align stage (rosepo/experiments/tune.py)."""
+    from rosepo.experiments.tune import tune_command
 
     tune_command(args.config, args.search, args.overrides, name=args.name, resume=args.resume)
 
 
 def cmd_compare(args) -> None:
-    """Baselines, DPO, cDPO, S-DPO, RosePO and ablations over seeds: table, JSON, plots (rosepo/compare.py)."""
-    from rosepo.compare import compare_command
+    """Baselines, DPO, cDPO, S-DPO, RosePO and ablations over seeds: table, JSON, plots
+    (rosepo/experiments/compare.py)."""
+    from rosepo.experiments.compare import compare_command
 
     compare_command(args.config, args.overrides, seeds_arg=args.seeds, methods_arg=args.methods)
 
@@ -113,6 +157,12 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``rosepo``."""
     parser = argparse.ArgumentParser(prog="rosepo", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="the whole pipeline: samples → oracle → model → sft → pairs → align → eval")
+    _config_args(p)
+    p.add_argument("--force", action="append", default=[], choices=STAGES, help="redo a stage (repeatable)")
+    p.add_argument("--until", choices=STAGES, help="stop after this stage")
+    p.set_defaults(func=cmd_run)
 
     data = sub.add_parser("data", help="fetch data sets and build samples").add_subparsers(dest="data_cmd",
                                                                                           required=True)
@@ -148,7 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="every method x seeds in one protocol: table.md, results.json, plots")
     _config_args(p)
     p.add_argument("--seeds", type=int, help="alignment seeds per trained method (default: compare.seeds, 3)")
-    p.add_argument("--methods", help="comma-separated trained methods (default: all; see rosepo/compare.py)")
+    p.add_argument("--methods",
+                   help="comma-separated trained methods (default: all; see rosepo/experiments/methods.py)")
     p.set_defaults(func=cmd_compare)
     p = sub.add_parser("bench", help="run a benchmark (data, ...; see BENCHMARKS.md)")
     p.add_argument("name", help="benchmark name, or 'all'")
@@ -160,6 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``rosepo`` console script."""
     args = build_parser().parse_args(argv)
+    configure_logging()
     try:
         args.func(args)
     except RosepoError as e:

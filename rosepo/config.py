@@ -43,6 +43,9 @@ Embedder = Literal["minilm", "tfidf"]
 Loss = Literal["rosepo", "dpo", "cdpo", "sdpo", "sdpo_smoothed", "ipo"]
 #: Rejected-sampling strategies (`rosepo.pairs.strategies.STRATEGIES`).
 STRATEGY_NAMES = ("self_hard", "semantic", "popularity", "random")
+#: Trained methods of ``rosepo compare`` (`rosepo.experiments.methods.METHODS`), in their order.
+METHOD_NAMES = ("dpo", "cdpo", "sdpo", "rosepo", "rosepo-self_hard", "rosepo-semantic", "rosepo-popularity",
+                "rosepo-no-smoothing", "rosepo-constant-eps")
 #: Canonical column names ``data.columns`` may map (`rosepo.schema`).
 COLUMN_NAMES = ("user_id", "item_id", "timestamp", "title")
 
@@ -174,7 +177,7 @@ class TrainConfig:
     use_gpu: bool = False
     #: CPUs per Ray Train worker.
     cpus_per_worker: PositiveFloat = 1.0
-    #: Path of a DeepSpeed JSON under configs/deepspeed, or "" for the built-in one.
+    #: Path of a DeepSpeed JSON template, or "" for the package's ``rosepo/train/deepspeed/zero{stage}.json``.
     deepspeed_config: str = ""
     zero_stage: Literal[0, 1, 2, 3] = 2
     #: ZeRO-Offload of the optimizer (and, at ZeRO-3, the parameters) to CPU; needs zero_stage >= 1.
@@ -193,8 +196,6 @@ class TrainConfig:
     checkpoint_every: Annotated[int, Range(ge=0, note="0 = only at the end")] = 0
     #: Worker-group restarts after a failure (-1 = no limit, as Ray's FailureConfig).
     max_failures: Annotated[int, Range(ge=-1, note="-1 = no limit")] = 0
-    #: Slice of train samples used (0 = all).
-    max_samples: AllOrCount = 0
     seed: Seed = 0
     #: Log to TensorBoard under the run's storage path.
     tensorboard: bool = True
@@ -208,6 +209,8 @@ class TrainConfig:
 class SFTConfig(TrainConfig):
     """Supervised fine-tuning on the true next item."""
 
+    #: Train samples used: a seeded random slice (``seed``) of the users' windows (0 = all).
+    max_samples: AllOrCount = 0
     #: Weight of the candidate-set term: -log of the probability mass that the answer's first
     #: token puts on the candidates' first tokens (`rosepo.train.sft`). 0 = plain SFT.
     candidate_weight: Annotated[float, Range(ge=0, note="0 = plain SFT")] = 0.0
@@ -300,6 +303,9 @@ class AlignConfig(TrainConfig):
     #: answer log-likelihood) and, below ZeRO-3, ``eval/hr@1`` / ``eval/valid_ratio`` of greedy
     #: answers. 0 = off. Cost: one scoring pass and one greedy decoding of the slice.
     eval_rec_samples: Annotated[int, Range(ge=0, note="0 = off")] = 32
+    #: Longest greedy answer of that evaluation, in tokens (the eval stage's ``eval.max_new_tokens``
+    #: for its own evaluation).
+    eval_max_new_tokens: Positive = 32
     #: Train only on the pairs of these rejected-sampling strategies (empty = all pairs). With
     #: ``pairs.mix: all`` every sample has one pair per strategy, so Tune can search the mix
     #: without rebuilding pairs.
@@ -324,13 +330,13 @@ class CompareConfig:
     """`rosepo compare`: which methods run, over how many seeds, for how many alignment steps.
 
     Hyperparameters (β, learning rate, ε_max, ...) are not here: every method trains with the
-    run's ``align`` section, chosen on the valid split; see `rosepo.compare`.
+    run's ``align`` section, chosen on the valid split; see `rosepo.experiments.compare`.
     """
 
     #: Alignment seeds per trained method: ``align.seed``, ``align.seed + 1``, ... (the LoRA
     #: initialisation and the data order; the pairs are the same for every seed).
     seeds: Positive = 3
-    #: Trained methods to run, names of `rosepo.compare.METHODS` (empty = all). The baselines
+    #: Trained methods to run, names of `METHOD_NAMES` (empty = all). The baselines
     #: (random, most_popular, sasrec, sft) always run, once: they are deterministic.
     methods: tuple = ()
     #: Optimiser steps of every alignment run (``align.max_steps``), the same for every method;
@@ -422,11 +428,9 @@ class RunConfig:
         _check(o.batch_size >= o.num_workers, "oracle.batch_size",
                f"must be >= oracle.num_workers ({o.num_workers}): each worker takes batch_size // num_workers",
                o.batch_size)
-        from rosepo.compare import METHODS
-
-        unknown = [m for m in self.compare.methods if not isinstance(m, str) or m not in METHODS]
+        unknown = [m for m in self.compare.methods if not isinstance(m, str) or m not in METHOD_NAMES]
         _check(not unknown, "compare.methods", f"names unknown method(s) {', '.join(map(repr, unknown))}; "
-               f"methods: {', '.join(METHODS)} (empty = all)")
+               f"methods: {', '.join(METHOD_NAMES)} (empty = all)")
         _check(len(set(self.compare.methods)) == len(self.compare.methods), "compare.methods",
                "names a method twice")
         return self
@@ -597,3 +601,15 @@ def config_hash(*parts: Any) -> str:
     norm = [dataclasses.asdict(p) if dataclasses.is_dataclass(p) else p for p in parts]
     blob = json.dumps(norm, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def apply_values(cfg: RunConfig, values: dict) -> RunConfig:
+    """``cfg`` with dotted-key ``values`` set (keys a `RunConfig` does not have are refused),
+    type-checked and validated like a loaded config; `ConfigError` names a bad key."""
+    data = cfg.to_dict()
+    for key, value in values.items():
+        try:
+            set_dotted(data, key, value, create=False)
+        except ConfigError as e:
+            raise ConfigError(f"config key {key!r}: {e}") from None
+    return _build(RunConfig, data).validate()

@@ -38,3 +38,27 @@ SAMPLES = pa.schema([
 
 #: Separator of history titles in the LLaRA / S-DPO JSON format; titles may not contain it.
 HISTORY_SEP = "::"
+
+#: One preference pair (`rosepo.pairs.build`): a sample's prompt, the chosen answer (the target) and
+#: K rejected candidates, with the oracle's and the SFT model's (reference) scores of each and the
+#: token ids the alignment trainer feeds.
+PAIRS = pa.schema([
+    ("pair_id", pa.string()),
+    ("sample_id", pa.string()),
+    ("user_id", pa.string()),
+    ("split", pa.string()),
+    ("strategy", pa.string()),
+    ("prompt", pa.string()),
+    ("chosen", pa.string()),
+    ("rejected", pa.list_(pa.string())),
+    ("chosen_index", pa.int32()),
+    ("rejected_index", pa.list_(pa.int32())),
+    ("candidate_titles", pa.list_(pa.string())),
+    ("oracle_chosen", pa.float64()),
+    ("oracle_rejected", pa.list_(pa.float64())),
+    ("ref_chosen_logp", pa.float64()),
+    ("ref_rejected_logp", pa.list_(pa.float64())),
+    ("prompt_ids", pa.list_(pa.int32())),
+    ("chosen_ids", pa.list_(pa.int32())),
+    ("rejected_ids", pa.list_(pa.list_(pa.int32()))),
+])

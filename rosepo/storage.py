@@ -16,6 +16,8 @@ import uuid
 from pathlib import Path
 from typing import Iterator
 
+from rosepo.errors import ConfigError
+
 MANIFEST = "manifest.json"
 
 
@@ -118,8 +120,6 @@ def confined(root: str | Path, path: str | Path) -> Path:
     Symlinks and ``..`` are resolved first, so a link inside ``root`` that points elsewhere
     escapes as surely as ``../x`` or an absolute path does. Raises `ConfigError` naming both.
     """
-    from rosepo.errors import ConfigError
-
     try:
         base = Path(root).resolve()
         target = (base / path).resolve()

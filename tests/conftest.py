@@ -59,7 +59,7 @@ def ray_session():
     """One local Ray (2 CPUs) for the test session."""
     import ray
 
-    from rosepo.train.raysetup import init_ray
+    from rosepo.runtime import init_ray
 
     init_ray(num_cpus=2)
     yield ray

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import shutil
 from pathlib import Path
@@ -12,9 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rosepo import compare, pipeline
+from rosepo import pipeline
 from rosepo.config import RunConfig, load_config
 from rosepo.errors import ConfigError
+from rosepo.eval.evaluate import BASELINES
+from rosepo.experiments import compare, methods, report
 from rosepo.storage import atomic_dir, is_complete, read_manifest, write_manifest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,15 +33,15 @@ def test_aggregate_mean_and_sample_std_by_hand():
     per_seed = [{"eval/hr@1": 0.1, "eval/pop/percentile_rec": math.nan, "eval/x": None},
                 {"eval/hr@1": 0.2, "eval/pop/percentile_rec": 0.5, "eval/x": None},
                 {"eval/hr@1": 0.6, "eval/pop/percentile_rec": None, "eval/x": math.nan}]
-    agg = compare.aggregate(per_seed, ("eval/hr@1", "eval/pop/percentile_rec", "eval/x"))
+    agg = report.aggregate(per_seed, ("eval/hr@1", "eval/pop/percentile_rec", "eval/x"))
     assert agg["eval/hr@1"]["mean"] == pytest.approx(0.3)
     assert agg["eval/hr@1"]["std"] == pytest.approx(0.2645751311)
     assert agg["eval/hr@1"]["n"] == 3
     assert agg["eval/pop/percentile_rec"] == {"mean": 0.5, "std": 0.0, "n": 1}
     assert agg["eval/x"] == {"mean": None, "std": None, "n": 0}
-    assert compare.format_cell(agg["eval/hr@1"], 3) == "0.300 ± 0.265"
-    assert compare.format_cell(agg["eval/pop/percentile_rec"], 3) == "0.500 ± 0.000 (n=1)"
-    assert compare.format_cell(agg["eval/x"], 3) == "n/a"
+    assert report.format_cell(agg["eval/hr@1"], 3) == "0.300 ± 0.265"
+    assert report.format_cell(agg["eval/pop/percentile_rec"], 3) == "0.500 ± 0.000 (n=1)"
+    assert report.format_cell(agg["eval/x"], 3) == "n/a"
 
 
 def test_table_has_seed_counts_baselines_as_values_and_methods_as_mean_std():
@@ -46,7 +49,7 @@ def test_table_has_seed_counts_baselines_as_values_and_methods_as_mean_std():
 
     base = {m: 0.25 for m in TABLE_METRICS}
     seeds = [{m: 0.5 for m in TABLE_METRICS}, {m: 0.7 for m in TABLE_METRICS}]  # mean 0.6, std 0.1414
-    table = markdown_table(compare.table_rows({"sasrec": base}, {"rosepo": seeds}), ("seeds", *TABLE_METRICS))
+    table = markdown_table(report.table_rows({"sasrec": base}, {"rosepo": seeds}), ("seeds", *TABLE_METRICS))
     head, rule, sasrec, rosepo = table.splitlines()
     assert head.startswith("| method | seeds | hr@1 | valid_ratio |")
     assert sasrec == "| sasrec | 1 (deterministic) | " + " | ".join(["0.250"] * len(TABLE_METRICS)) + " |"
@@ -79,7 +82,7 @@ EPS = {"dpo": [0, 0, 0], "cdpo": [0.1] * 3, "sdpo": [0, 0, 0], "rosepo": PERSONA
 
 
 def test_every_method_is_mapped_by_hand():
-    assert set(EXPECTED) == set(compare.METHODS) == set(EPS)
+    assert set(EXPECTED) == set(methods.METHODS) == set(EPS)
 
 
 @pytest.mark.parametrize("method", list(EXPECTED))
@@ -92,7 +95,7 @@ def test_method_yields_its_pairs_and_align_config_and_eps(method, tmp_path):
     from rosepo.train.align import pair_eps
 
     cfg = RunConfig(storage=str(tmp_path)).validate()
-    cell = compare.cell_config(cfg, method, seed=7, steps=11)
+    cell = methods.cell_config(cfg, method, seed=7, steps=11)
     strategies, k, loss, align_strategies = EXPECTED[method]
     assert (cell.pairs.mix, cell.pairs.strategies, cell.pairs.num_negatives) == ("all", strategies, k)
     assert (cell.align.loss, cell.align.strategies) == (loss, align_strategies)
@@ -100,7 +103,7 @@ def test_method_yields_its_pairs_and_align_config_and_eps(method, tmp_path):
     # Hyperparameters are the run's, for every method.
     for key in ("beta", "learning_rate", "eps_max", "eps_constant", "micro_batch_size", "num_workers"):
         assert getattr(cell.align, key) == getattr(cfg.align, key), key
-    eps = pair_eps(torch.tensor(ORACLE), dataclasses.asdict(cell.align)).numpy()
+    eps = pair_eps(torch.tensor(ORACLE), cell.align).numpy()
     assert eps == pytest.approx(EPS[method], abs=1e-6)
 
 
@@ -109,10 +112,10 @@ def test_one_mix_pair_build_serves_every_method_but_sdpo(tmp_path):
     its own; every method x seed has its own align stage; the compare folder does not depend on
     the methods or seeds chosen, but does on the hyperparameters and the steps."""
     cfg = RunConfig(storage=str(tmp_path)).validate()
-    cells = [compare.cell_config(cfg, m, s, 5) for m in compare.METHODS for s in (0, 1, 2)]
+    cells = [methods.cell_config(cfg, m, s, 5) for m in methods.METHODS for s in (0, 1, 2)]
     pairs = {pipeline.stage_key(c, "pairs") for c in cells}
     assert len(pairs) == 2
-    assert pipeline.stage_key(compare.pairs_config(cfg, "mix"), "pairs") in pairs
+    assert pipeline.stage_key(methods.pairs_config(cfg, "mix"), "pairs") in pairs
     assert len({pipeline.stage_key(c, "align") for c in cells}) == len(cells)
     fewer = dataclasses.replace(cfg, compare=dataclasses.replace(cfg.compare, seeds=1, methods=("dpo",)))
     assert compare.compare_dir(fewer) == compare.compare_dir(cfg)
@@ -123,13 +126,13 @@ def test_one_mix_pair_build_serves_every_method_but_sdpo(tmp_path):
 
 def test_seeds_steps_and_method_selection():
     cfg = load_config(None, ["align.seed=5", "compare.seeds=2", "compare.methods=[rosepo, dpo]"])
-    assert compare.seeds(cfg) == [5, 6]
-    assert compare.selected_methods(cfg) == ["dpo", "rosepo"]  # table order
-    assert compare.selected_methods(RunConfig()) == list(compare.METHODS)
+    assert methods.seeds(cfg) == [5, 6]
+    assert methods.selected_methods(cfg) == ["dpo", "rosepo"]  # table order
+    assert methods.selected_methods(RunConfig()) == list(methods.METHODS)
     # 2000 train samples, 2 workers x micro-batch 8 x accumulation 1 = 16 per step: 125 steps.
     two = load_config(None, ["align.num_workers=2", "align.micro_batch_size=8"])
-    assert compare.align_steps(two, 2000) == 125 and compare.align_steps(two, 2001) == 126
-    assert compare.align_steps(load_config(None, ["compare.align_steps=40"]), 2000) == 40
+    assert methods.align_steps(two, 2000) == 125 and methods.align_steps(two, 2001) == 126
+    assert methods.align_steps(load_config(None, ["compare.align_steps=40"]), 2000) == 40
 
 
 @pytest.mark.parametrize("overrides,needle", [
@@ -147,21 +150,21 @@ def test_bad_compare_config_is_refused(overrides, needle):
 
 def test_cli_unknown_method_exits_2_naming_the_valid_ones_before_ray(tmp_path, monkeypatch, capsys):
     from rosepo import cli
-    from rosepo.train import raysetup
+    from rosepo import runtime as raysetup
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(raysetup, "init_ray", lambda *a, **k: pytest.fail("Ray started for a bad config"))
     assert cli.main(["compare", "--methods", "dpo,rosepo-typo", "--seeds", "2"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("rosepo: error:") and "'rosepo-typo'" in err and len(err.splitlines()) == 1
-    assert all(m in err for m in compare.METHODS)
+    assert all(m in err for m in methods.METHODS)
     assert cli.main(["compare", "--seeds", "0"]) == 2
     assert not (tmp_path / "runs").exists()
 
 
 # ---------------------------------------------------------------- resume
 
-def test_finished_cells_are_skipped_and_an_interrupted_compare_resumes(tmp_path, monkeypatch):
+def test_finished_cells_are_skipped_and_an_interrupted_compare_resumes(tmp_path, monkeypatch, caplog):
     """Cells run seed by seed. A compare interrupted in its third cell left two finished cells
     and no partial one; the rerun runs only the four cells left, and a third run runs none.
     Results come back per method in seed order, each from its own cell."""
@@ -170,7 +173,7 @@ def test_finished_cells_are_skipped_and_an_interrupted_compare_resumes(tmp_path,
     ran: list[tuple[str, int]] = []
     fail_at = {3}
 
-    def fake_cell(cell_cfg, method, seed, upstream, cell_out, log):
+    def fake_cell(cell_cfg, method, seed, upstream, cell_out):
         ran.append((method, seed))
         with atomic_dir(cell_out) as tmp:
             if len(ran) in fail_at:
@@ -181,22 +184,23 @@ def test_finished_cells_are_skipped_and_an_interrupted_compare_resumes(tmp_path,
         return manifest
 
     monkeypatch.setattr(compare, "run_cell", fake_cell)
-    logs: list[str] = []
+    caplog.set_level(logging.INFO, logger="rosepo")
     with pytest.raises(KeyboardInterrupt):
-        compare.run_cells(cfg, ["dpo", "rosepo"], {"steps": 4}, out, logs.append)
+        compare.run_cells(cfg, ["dpo", "rosepo"], {"steps": 4}, out)
     assert ran == [("dpo", 0), ("rosepo", 0), ("dpo", 1)]
     assert is_complete(out / "cells/rosepo/seed-0") and not (out / "cells/dpo/seed-1").exists()
     assert not list(out.glob("cells/dpo/.tmp-*"))
 
     fail_at.clear()
-    results = compare.run_cells(cfg, ["dpo", "rosepo"], {"steps": 4}, out, logs.append)
+    results = compare.run_cells(cfg, ["dpo", "rosepo"], {"steps": 4}, out)
+    logs = caplog.messages
     assert ran[3:] == [("dpo", 1), ("rosepo", 1), ("dpo", 2), ("rosepo", 2)]
     assert [[c["seed"] for c in results[m]] for m in ("dpo", "rosepo")] == [[0, 1, 2], [0, 1, 2]]
     assert [c["loss"] for c in results["rosepo"]] == ["rosepo"] * 3 and results["dpo"][0]["steps"] == 4
     assert sum("skipped" in line for line in logs) == 2 and all("elapsed" in line for line in logs)
-    assert logs[-1].startswith("[rosepo] compare 6/6 rosepo seed 2:")
+    assert logs[-1].startswith("compare 6/6 rosepo seed 2:")
 
-    compare.run_cells(cfg, ["dpo", "rosepo"], {"steps": 4}, out, logs.append)
+    compare.run_cells(cfg, ["dpo", "rosepo"], {"steps": 4}, out)
     assert len(ran) == 7  # nothing ran the third time
     assert read_manifest(out / "cells/rosepo/seed-2")["metrics"]["eval/hr@1"] == 0.2
 
@@ -218,7 +222,7 @@ def untrained_sft(monkeypatch):
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_compare_end_to_end_then_resume(ray_session, ml100k_samples, untrained_sft, tmp_path, monkeypatch):
+def test_compare_end_to_end_then_resume(ray_session, ml100k_samples, untrained_sft, tmp_path, monkeypatch, caplog):
     """The smoke config's slice (32 train samples, 4-step alignment, 16 valid samples evaluated),
     RosePO with one seed, through the real pipeline (SFT aside), Ray Train + DeepSpeed and the
     eval stage's actor pool; the outputs hold what they should; a second compare runs no cell
@@ -229,24 +233,24 @@ def test_compare_end_to_end_then_resume(ray_session, ml100k_samples, untrained_s
         f"storage={tmp_path}", f"data.data_dir={REPO / 'data'}", "compare.methods=[rosepo]", "compare.seeds=1",
         "pairs.eval_samples=8"])
     shutil.copytree(ml100k_samples, pipeline.stage_dir(cfg, "samples"))  # the session's samples, same config
-    logs: list[str] = []
-    paths = compare.run_compare(cfg, logs.append)
+    caplog.set_level(logging.INFO, logger="rosepo")
+    paths = compare.run_compare(cfg)
     out = Path(paths["dir"])
     assert out == compare.compare_dir(cfg)
 
     cell = read_manifest(out / "cells/rosepo/seed-0")
     assert (cell["method"], cell["seed"], cell["align_steps"]) == ("rosepo", 0, 4)  # 32 samples / (2 x 4)
     assert cell["pairs"] == 3 * 32  # the mix's self_hard + semantic + popularity pairs
-    assert Path(cell["align"]) == pipeline.stage_dir(compare.cell_config(cfg, "rosepo", 0, 4), "align")
+    assert Path(cell["align"]) == pipeline.stage_dir(methods.cell_config(cfg, "rosepo", 0, 4), "align")
     assert 0 < cell["eps"]["mean"] <= cfg.align.eps_max  # personalised ε
     assert 0 <= cell["valid_pairs"]["eval/rewards/accuracies"] <= 1
     ev = read_manifest(out / "cells/rosepo/seed-0/eval")
     assert (ev["split"], ev["samples"], ev["adapter"]) == ("valid", 16, cell["align"] + "/adapter")
-    pairs = read_manifest(pipeline.stage_dir(compare.pairs_config(cfg, "mix"), "pairs"))
+    pairs = read_manifest(pipeline.stage_dir(methods.pairs_config(cfg, "mix"), "pairs"))
     assert pairs["splits"]["train"]["strategies"] == {s: 32 for s in ("popularity", "random", "self_hard", "semantic")}
 
     results = json.loads(Path(paths["results"]).read_text())
-    assert set(results["baselines"]) == set(compare.BASELINES)
+    assert set(results["baselines"]) == set(BASELINES)
     assert results["samples"] == 16 and results["seeds"] == [0] and results["align_steps"] == 4
     rosepo = results["methods"]["rosepo"]
     assert rosepo["per_seed"]["0"] == cell["metrics"]
@@ -257,11 +261,11 @@ def test_compare_end_to_end_then_resume(ray_session, ml100k_samples, untrained_s
     assert "| rosepo | 1 | " in table and "| sasrec | 1 (deterministic) | " in table
     assert f"{cell['metrics']['eval/rank/hr@1']:.3f} ± 0.000" in table
     assert Path(paths["metrics_png"]).stat().st_size > 10_000 and Path(paths["eps_png"]).stat().st_size > 5_000
-    assert [line for line in logs if line.startswith("[rosepo] compare 1/1 rosepo seed 0: ")]
+    assert [line for line in caplog.messages if line.startswith("compare 1/1 rosepo seed 0: ")]
 
     def no_cell(*args, **kwargs):
         raise AssertionError("a finished cell ran again")
 
     monkeypatch.setattr(compare, "run_cell", no_cell)
-    again = compare.run_compare(cfg, logs.append)
+    again = compare.run_compare(cfg)
     assert Path(again["table"]).read_text() == table

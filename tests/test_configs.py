@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from rosepo.config import load_config
-from rosepo.train.loop import deepspeed_config
+from rosepo.train.zero_config import DEEPSPEED_DIR, deepspeed_config
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 
@@ -32,5 +32,7 @@ def test_7b_config_is_a_gpu_zero3_bf16_lora_run():
 
 
 def test_deepspeed_templates_are_json():
-    for f in (Path(__file__).resolve().parents[1] / "configs" / "deepspeed").glob("*.json"):
+    templates = sorted(DEEPSPEED_DIR.glob("*.json"))  # package data since they left configs/deepspeed
+    assert len(templates) == 5
+    for f in templates:
         assert "zero_optimization" in json.loads(f.read_text())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import pytest
 
@@ -29,15 +30,15 @@ def fake_runners(monkeypatch):
     return calls
 
 
-def test_rerun_skips_finished_stages_and_force_redoes_one(tmp_path, fake_runners):
+def test_rerun_skips_finished_stages_and_force_redoes_one(tmp_path, fake_runners, caplog):
     cfg = RunConfig(storage=str(tmp_path))
-    logs: list[str] = []
-    outs = pipeline.run_pipeline(cfg, log=logs.append)
+    caplog.set_level(logging.INFO, logger="rosepo")
+    outs = pipeline.run_pipeline(cfg)
     assert fake_runners == list(pipeline.GRAPH) and all((p / "manifest.json").is_file() for p in outs.values())
-    pipeline.run_pipeline(cfg, log=logs.append)
+    pipeline.run_pipeline(cfg)
     assert fake_runners == list(pipeline.GRAPH)  # nothing ran again
-    assert sum("done earlier" in line for line in logs) == len(pipeline.GRAPH)  # one line per stage
-    pipeline.run_pipeline(cfg, force=("pairs",), log=logs.append)
+    assert sum("done earlier" in line for line in caplog.messages) == len(pipeline.GRAPH)  # one line per stage
+    pipeline.run_pipeline(cfg, force=("pairs",))
     assert fake_runners[len(pipeline.GRAPH):] == ["pairs"]
     with pytest.raises(ConfigError, match="unknown stage"):
         pipeline.run_pipeline(cfg, force=("nope",))
@@ -56,7 +57,7 @@ def test_stage_addresses_follow_their_config(tmp_path):
 
 
 def test_until_stops_after_the_stage(tmp_path, fake_runners):
-    outs = pipeline.run_pipeline(RunConfig(storage=str(tmp_path)), until="sft", log=lambda _: None)
+    outs = pipeline.run_pipeline(RunConfig(storage=str(tmp_path)), until="sft")
     # The oracle comes before the model: model.title_init: sasrec builds the title tokens from it.
     assert list(outs) == ["samples", "oracle", "model", "sft"] and fake_runners == ["samples", "oracle", "model", "sft"]
 
@@ -98,9 +99,19 @@ def test_over_long_prompt_refused_at_the_model_stage(tmp_path):
     cfg = RunConfig(storage=str(tmp_path / "runs"), data=DataConfig(
         format="llara-json", num_candidates=17,
         llara={s: str(tmp_path / f"{s}.json") for s in ("train", "valid")})).validate()
-    samples = pipeline.run_stage(cfg, "samples", log=lambda _: None)
+    samples = pipeline.run_stage(cfg, "samples")
     out = pipeline.stage_dir(cfg, "model")
     with pytest.raises(DataError, match=r"valid, row 2, column 'prompt': sample 'valid:0000001': the prompt has "
                                         r"\d+ tokens, more than model.max_prompt_tokens \(512\)"):
-        pipeline.RUNNERS["model"](cfg, out, {"samples": samples})  # the runner alone: no oracle needed
+        pipeline.RUNNERS["model"](pipeline.stage_sections(cfg, "model"), out,
+                                  {"samples": samples, "oracle": None})  # the runner alone: no oracle needed
     assert not out.exists() and samples.is_dir()
+
+
+def test_a_run_name_leading_outside_storage_is_refused(tmp_path):
+    """The run name is a path under ``storage`` (`rosepo.storage.confined`): ``..`` or an
+    absolute path would put every stage folder elsewhere."""
+    for name in ("../elsewhere", "/tmp/elsewhere"):
+        with pytest.raises(ConfigError, match="outside"):
+            pipeline.stage_dir(RunConfig(storage=str(tmp_path), name=name), "samples")
+    assert pipeline.run_folder(RunConfig(storage=str(tmp_path), name="a")) == (tmp_path / "a").resolve()

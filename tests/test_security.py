@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rosepo.cluster_check import LOOPBACK, check_cluster_security
 from rosepo.errors import ConfigError
 from rosepo.storage import confined
+from tools.cluster_check import LOOPBACK, check_cluster_security
 
 REPO = Path(__file__).resolve().parents[1]
 SCANNED = [REPO / d for d in ("rosepo", "jobs", "bench", "tests") if (REPO / d).is_dir()]
@@ -154,7 +154,7 @@ def test_cluster_config_is_locked_down():
 def test_init_ray_binds_dashboard_to_loopback(monkeypatch):
     """Call `init_ray` with stand-ins for the ``ray`` and ``torch`` modules it imports: nothing
     starts (and nothing heavy is imported); the arguments of ``ray.init`` are checked."""
-    from rosepo.train import raysetup
+    from rosepo import runtime as raysetup
 
     calls = []
     def fake_init(*a, **kw):

@@ -410,12 +410,3 @@ def read_llara_json(path: str | Path, split: str = "train", num_candidates: int 
     if not rows:
         raise DataError("no samples in file", file=str(path))
     return rows
-
-
-def write_llara_json(rows: list[dict], path: str | Path) -> None:
-    """Write samples in the LLaRA / S-DPO JSON format (the inverse of `read_llara_json`)."""
-    from rosepo.storage import atomic_write_text
-
-    data = [{"historyList": HISTORY_SEP.join(r["history_titles"]), "itemList": list(r["candidate_titles"]),
-             "trueSelection": r["target_title"]} for r in rows]
-    atomic_write_text(path, json.dumps(data, ensure_ascii=False, indent=1))

@@ -32,6 +32,7 @@ import pyarrow.compute as pc
 
 from rosepo.config import DataConfig
 from rosepo.data import readers
+from rosepo.data.fetch import fetch
 from rosepo.data.prompts import check_domain, choose_template, render_prompt, stable_int
 from rosepo.errors import DataError
 from rosepo.schema import SAMPLES
@@ -44,8 +45,6 @@ MAX_BLOCK_ROWS = 100_000
 
 
 def _movielens_100k(cfg: DataConfig) -> tuple[pa.Table, pa.Table, Path, Path]:
-    from rosepo.data.fetch import fetch
-
     folder = fetch("movielens-100k", cfg.data_dir)
     inter_path, item_path = folder / "ml-100k.inter", folder / "ml-100k.item"
     return (*readers.read_recbole(inter_path, item_path), inter_path, item_path)
@@ -257,7 +256,7 @@ def build_samples(cfg: DataConfig, out_dir: str | Path, *, start_ray: Callable[[
     """Build the samples of ``cfg`` into ``out_dir`` (atomically) and return its manifest.
 
     ``out_dir`` gets ``train/``, ``valid/``, ``test/`` Parquet shards and ``manifest.json``. The
-    input is read and validated first; ``start_ray`` (e.g. `rosepo.train.raysetup.init_ray`
+    input is read and validated first; ``start_ray`` (e.g. `rosepo.runtime.init_ray`
     with the run's address) is called only then, so a refused input costs no Ray start.
     """
     import ray

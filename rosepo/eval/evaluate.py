@@ -18,17 +18,27 @@ come out. Not done here: beam search, sampling, or any metric over more than one
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
 
-from rosepo.config import RunConfig
+from rosepo.data.popularity import train_popularity
+from rosepo.data.prompts import stable_int
+from rosepo.data.samples import SPLITS, read_split
 from rosepo.errors import ConfigError, DataError
+from rosepo.eval.metrics import generation_metrics, parse_answer, popularity_metrics, ranking_metrics
+from rosepo.layout import ANSWERS_FILE, METRICS_FILE, TABLE_FILE, aligned_adapter
+from rosepo.model.factory import load_model, load_tokenizer
+from rosepo.model.generate import constrained_answers, greedy_answers
+from rosepo.model.logprobs import answer_logps
+from rosepo.model.tokenize import encode_answer, encode_prompt
+from rosepo.pairs.sasrec import load_oracle
 from rosepo.storage import atomic_dir, write_manifest
 
 #: Per-sample output of an evaluation (``answers.parquet``).
@@ -51,16 +61,18 @@ SCORED = pa.schema([
     ("constrained_index", pa.int32()),
 ])
 
-BASELINES = ("random", "most_popular")
+#: The LLM-free rankers of `baseline_scores`.
+RANKERS = ("random", "most_popular")
+#: What `evaluate_baselines` evaluates: the rankers, SASRec (the oracle) and the SFT model, in table order.
+BASELINES = (*RANKERS, "sasrec", "sft")
 
 
 class EvalScorer:
     """Ray Data actor: the merged model → greedy answer, candidate scores, constrained index."""
 
-    def __init__(self, run_cfg: RunConfig, base_model: str, adapter: str | None):
+    def __init__(self, run_cfg: Any, base_model: str, adapter: str | None):
+        """``run_cfg`` holds the ``model`` and ``eval`` sections."""
         import torch
-
-        from rosepo.model.factory import load_model, load_tokenizer
 
         torch.set_num_threads(1)
         self.cfg = run_cfg
@@ -70,10 +82,6 @@ class EvalScorer:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         import torch
-
-        from rosepo.eval.generate import constrained_answers, greedy_answers
-        from rosepo.model.logprobs import answer_logps
-        from rosepo.model.tokenize import encode_answer, encode_prompt
 
         mc, ec = self.cfg.model, self.cfg.eval
         rows = batch.select(["sample_id", "prompt", "candidate_titles"]).to_pylist()
@@ -95,8 +103,6 @@ class EvalScorer:
 
 def first_samples(samples_dir: str | Path, split: str, max_samples: int) -> pa.Table:
     """The first ``max_samples`` samples of ``split`` by ``sample_id`` (0 = all); refuses none."""
-    from rosepo.data.samples import SPLITS, read_split
-
     if split not in SPLITS:
         raise ConfigError(f"eval split {split!r} is not one of {', '.join(SPLITS)}")
     if max_samples < 0:
@@ -112,8 +118,6 @@ def catalog_titles(samples_dir: str | Path) -> list[str]:
     """Every title in the samples folder (history and candidates of all splits), sorted."""
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
-
-    from rosepo.data.samples import SPLITS
 
     titles: set[str] = set()
     for split in SPLITS:
@@ -131,8 +135,6 @@ def score_metrics(samples: pa.Table, answers: list[str], scores: np.ndarray, con
     ``samples`` are the N evaluated samples in the same order. ``constrained`` is None when
     constrained decoding was off (no ``eval/constrained/...`` key then).
     """
-    from rosepo.eval.metrics import generation_metrics, parse_answer, popularity_metrics, ranking_metrics
-
     titles = samples.column("candidate_titles").to_pylist()
     cand_items = samples.column("candidate_item_ids").to_pylist()
     target_items = samples.column("target_item_id").to_pylist()
@@ -166,15 +168,16 @@ def _write(out_dir: str | Path, rows: pa.Table, metrics: dict, manifest: dict) -
 
     plain = nan_to_none(metrics)
     with atomic_dir(Path(out_dir), overwrite=True) as tmp:
-        pq.write_table(rows, tmp / "answers.parquet")
-        (tmp / "metrics.json").write_text(json.dumps(plain, indent=2, sort_keys=True, allow_nan=False),
+        pq.write_table(rows, tmp / ANSWERS_FILE)
+        (tmp / METRICS_FILE).write_text(json.dumps(plain, indent=2, sort_keys=True, allow_nan=False),
                                           encoding="utf-8")
         write_manifest(tmp, manifest | {"metrics": plain})
 
 
-def evaluate_model(run_cfg: RunConfig, samples_dir: str | Path, base_model: str | Path,
+def evaluate_model(run_cfg: Any, samples_dir: str | Path, base_model: str | Path,
                    adapter: str | Path | None, out_dir: str | Path, *, split: str | None = None) -> dict:
     """Evaluate base model + optional adapter on ``split`` (default ``eval.split``); returns the metrics.
+    ``run_cfg`` holds the ``model`` and ``eval`` sections.
 
     Evaluates the first ``eval.max_samples`` samples by ``sample_id`` on ``eval.num_actors``
     Ray Data actors, ``eval.batch_size`` samples per batch, and writes ``answers.parquet``,
@@ -184,8 +187,6 @@ def evaluate_model(run_cfg: RunConfig, samples_dir: str | Path, base_model: str 
     for ``eval/pop/percentile_rec``) are NaN in the returned dict and null in the files.
     """
     import ray
-
-    from rosepo.pairs.build import train_popularity
 
     t0 = time.perf_counter()
     ec = run_cfg.eval
@@ -215,7 +216,7 @@ def evaluate_model(run_cfg: RunConfig, samples_dir: str | Path, base_model: str 
     seconds = time.perf_counter() - t0
     _write(out_dir, rows, metrics, {
         "stage": "eval", "split": split, "samples": len(ids), "base_model": str(base_model),
-        "adapter": str(adapter) if adapter else None, "config": run_cfg.to_dict()["eval"],
+        "adapter": str(adapter) if adapter else None, "config": dataclasses.asdict(ec),
         "seconds": round(seconds, 2), "samples_per_second": round(len(ids) / gen_seconds, 2),
     })
     return metrics
@@ -230,8 +231,6 @@ def evaluate_ranker(samples_dir: str | Path, split: str, score_fn: Callable[[lis
     one on ties), so its ``eval/valid_ratio`` is 1.0 and ``eval/hr@1`` may exceed the tie-
     pessimistic ``eval/rank/hr@1``. With ``out_dir`` the same files as `evaluate_model` are written.
     """
-    from rosepo.pairs.build import train_popularity
-
     t0 = time.perf_counter()
     samples = first_samples(samples_dir, split, max_samples)
     scores = np.asarray(score_fn(samples.to_pylist()), dtype=np.float64)
@@ -254,14 +253,12 @@ def baseline_scores(name: str, rows: list[dict], popularity: dict[str, int], see
     ``random``: uniform in [0, 1), seeded per sample id (so independent of batching);
     ``most_popular``: the candidate's train interaction count (`train_popularity`).
     """
-    from rosepo.data.prompts import stable_int
-
     if name == "random":
         return np.array([np.random.default_rng(stable_int("baseline", seed, r["sample_id"]))
                          .random(len(r["candidate_item_ids"])) for r in rows])
     if name == "most_popular":
         return np.array([[float(popularity.get(i, 0)) for i in r["candidate_item_ids"]] for r in rows])
-    raise ConfigError(f"unknown baseline {name!r}; baselines: {', '.join(BASELINES)}")
+    raise ConfigError(f"unknown baseline ranker {name!r}; rankers: {', '.join(RANKERS)}")
 
 
 #: Metrics shown in the comparison table, in order (the full set is in metrics.json).
@@ -284,20 +281,16 @@ def markdown_table(results: dict[str, dict], metrics: tuple[str, ...] = TABLE_ME
     return "\n".join([head, rule, *rows]) + "\n"
 
 
-def evaluate_references(run_cfg: RunConfig, inputs: dict[str, Path], out_dir: str | Path) -> dict[str, dict]:
-    """The methods an aligned model is compared with, on ``eval.split``, each into
-    ``out_dir/<method>/``: the LLM-free rankers random, most popular and SASRec (the oracle),
-    and the SFT model. All four are deterministic (the random ranker is seeded by
-    ``data.seed``). ``inputs`` holds the samples, model, sft and oracle stage folders."""
-    from rosepo.pairs.build import train_popularity
-    from rosepo.pairs.oracle import load_oracle
-    from rosepo.pipeline import base_model_path, sft_model
-
+def evaluate_baselines(run_cfg: Any, samples_dir: Path, oracle_dir: Path, base: str, sft_adapter: str | None,
+                       out_dir: str | Path) -> dict[str, dict]:
+    """The `BASELINES` an aligned model is compared with, on ``eval.split``, each into
+    ``out_dir/<method>/``: the LLM-free rankers random, most popular and SASRec (the oracle in
+    ``oracle_dir``), and the SFT model (``base`` with ``sft_adapter``). All four are deterministic
+    (the random ranker is seeded by ``data.seed``). ``run_cfg`` holds the ``eval``, ``model`` and
+    ``data`` sections."""
     ec = run_cfg.eval
-    samples = inputs["samples"]
-    popularity = train_popularity(samples)
-    oracle = load_oracle(inputs["oracle"])
-    base, sft_adapter = sft_model(inputs["sft"], base_model_path(inputs["model"]))
+    popularity = train_popularity(samples_dir)
+    oracle = load_oracle(oracle_dir)
     rankers = {
         "random": lambda rows: baseline_scores("random", rows, popularity, run_cfg.data.seed),
         "most_popular": lambda rows: baseline_scores("most_popular", rows, popularity),
@@ -305,27 +298,24 @@ def evaluate_references(run_cfg: RunConfig, inputs: dict[str, Path], out_dir: st
                                             [r["candidate_item_ids"] for r in rows]),
     }
     out = Path(out_dir)
-    results = {name: evaluate_ranker(samples, ec.split, fn, ec.max_samples, out_dir=out / name, name=name)
+    results = {name: evaluate_ranker(samples_dir, ec.split, fn, ec.max_samples, out_dir=out / name, name=name)
                for name, fn in rankers.items()}
-    results["sft"] = evaluate_model(run_cfg, samples, base, sft_adapter, out / "sft")
+    results["sft"] = evaluate_model(run_cfg, samples_dir, base, sft_adapter, out / "sft")
     return results
 
 
-def evaluate_run(run_cfg: RunConfig, inputs: dict[str, Path], out_dir: str | Path) -> dict:
-    """The pipeline's ``eval`` stage: baselines (random, most popular, SASRec), SFT and the aligned
-    model on ``eval.split``, into ``out_dir/<method>/`` plus ``table.md`` and a manifest."""
-    from rosepo.pipeline import base_model_path, sft_model
-
-    ec = run_cfg.eval
-    base, _ = sft_model(inputs["sft"], base_model_path(inputs["model"]))
+def evaluate_run(run_cfg: Any, samples_dir: Path, oracle_dir: Path, base: str, sft_adapter: str | None,
+                 align_dir: Path, out_dir: str | Path) -> dict:
+    """The eval stage: the baselines (`evaluate_baselines`) and the aligned model (``base`` with
+    the adapter of ``align_dir``) on ``eval.split``, into ``out_dir/<method>/`` plus ``table.md``
+    and a manifest. ``run_cfg`` holds the ``eval``, ``model``, ``data`` and ``align`` sections."""
     with atomic_dir(Path(out_dir), overwrite=True) as tmp:
-        results = evaluate_references(run_cfg, inputs, tmp)
+        results = evaluate_baselines(run_cfg, samples_dir, oracle_dir, base, sft_adapter, tmp)
         aligned = f"aligned ({run_cfg.align.loss})"
-        results[aligned] = evaluate_model(run_cfg, inputs["samples"], base, inputs["align"] / "adapter",
-                                          tmp / "aligned")
+        results[aligned] = evaluate_model(run_cfg, samples_dir, base, aligned_adapter(align_dir), tmp / "aligned")
         table = markdown_table(results)
-        (tmp / "table.md").write_text(table, encoding="utf-8")
+        (tmp / TABLE_FILE).write_text(table, encoding="utf-8")
         plain = {m: nan_to_none(r) for m, r in results.items()}
-        manifest = {"stage": "eval", "split": ec.split, "results": plain, "table": table}
+        manifest = {"stage": "eval", "split": run_cfg.eval.split, "results": plain, "table": table}
         write_manifest(tmp, manifest)
     return manifest

@@ -89,22 +89,6 @@ def history_title_positions(tokenizer, prompt: str, history_titles: list[str], p
     return positions
 
 
-def pad_sft_batch(rows: list[dict], pad_id: int) -> dict:
-    """Right-pad SFT rows into long tensors ``input_ids``, ``labels`` (-100 on pads), ``attention_mask``."""
-    import torch
-
-    width = max(len(r["input_ids"]) for r in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        n = len(r["input_ids"])
-        input_ids[i, :n] = torch.tensor(r["input_ids"], dtype=torch.long)
-        labels[i, :n] = torch.tensor(r["labels"], dtype=torch.long)
-        attention_mask[i, :n] = 1
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
-
-
 def check_sample_lengths(tokenizer, splits: dict, max_prompt_tokens: int, max_answer_tokens: int,
                          samples_dir: str, batch_rows: int = 4096) -> dict:
     """Refuse the first sample of ``splits`` (split name -> samples table, sorted by sample id,

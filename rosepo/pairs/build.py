@@ -11,47 +11,36 @@ reference model, and all Tune trials share them (they depend on neither β nor �
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
-from rosepo.config import RunConfig
+from rosepo.data.popularity import train_popularity
 from rosepo.data.prompts import stable_int
+from rosepo.data.samples import read_split, select_samples
+from rosepo.eval.metrics import parse_answer
+from rosepo.layout import pairs_file
+from rosepo.model.factory import load_model, load_tokenizer
+from rosepo.model.generate import greedy_answers
+from rosepo.model.logprobs import answer_logps
+from rosepo.model.tokenize import encode_answer, encode_prompt
+from rosepo.pairs.embed import embed_titles, history_similarity
+from rosepo.pairs.sasrec import load_oracle
+from rosepo.pairs.strategies import STRATEGIES, SampleContext, assign_strategy
+from rosepo.schema import PAIRS
 from rosepo.storage import atomic_dir, rows_hash, write_manifest
-
-PAIRS = pa.schema([
-    ("pair_id", pa.string()),
-    ("sample_id", pa.string()),
-    ("user_id", pa.string()),
-    ("split", pa.string()),
-    ("strategy", pa.string()),
-    ("prompt", pa.string()),
-    ("chosen", pa.string()),
-    ("rejected", pa.list_(pa.string())),
-    ("chosen_index", pa.int32()),
-    ("rejected_index", pa.list_(pa.int32())),
-    ("candidate_titles", pa.list_(pa.string())),
-    ("oracle_chosen", pa.float64()),
-    ("oracle_rejected", pa.list_(pa.float64())),
-    ("ref_chosen_logp", pa.float64()),
-    ("ref_rejected_logp", pa.list_(pa.float64())),
-    ("prompt_ids", pa.list_(pa.int32())),
-    ("chosen_ids", pa.list_(pa.int32())),
-    ("rejected_ids", pa.list_(pa.list_(pa.int32()))),
-])
 
 
 class PairScorer:
     """Ray Data actor: SFT model + oracle + embeddings → pair rows for a batch of samples."""
 
-    def __init__(self, run_cfg: RunConfig, base_model: str, adapter: str | None, oracle_dir: str,
+    def __init__(self, run_cfg: Any, base_model: str, adapter: str | None, oracle_dir: str,
                  item_vectors: dict, popularity: dict):
         import torch
-
-        from rosepo.model.factory import load_model, load_tokenizer
-        from rosepo.pairs.oracle import load_oracle
 
         torch.set_num_threads(1)
         self.cfg = run_cfg
@@ -64,11 +53,6 @@ class PairScorer:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         import torch
-
-        from rosepo.model.logprobs import answer_logps
-        from rosepo.model.tokenize import encode_answer, encode_prompt
-        from rosepo.pairs.embed import history_similarity
-        from rosepo.pairs.strategies import STRATEGIES, SampleContext, assign_strategy
 
         pc, mc = self.cfg.pairs, self.cfg.model
         rows = batch.to_pylist()
@@ -95,7 +79,8 @@ class PairScorer:
             ctx = SampleContext(target=target, model_scores=logps[b], similarity=history_similarity(hist, cands),
                                 popularity=np.array([self.popularity.get(i, 0) for i in r["candidate_item_ids"]]),
                                 greedy=greedy[b], popularity_alpha=pc.popularity_alpha)
-            chosen_names = names or [assign_strategy(pc.strategies, stable_int("strategy", pc.seed, r["sample_id"]) / 2**64)]
+            u = stable_int("strategy", pc.seed, r["sample_id"]) / 2**64
+            chosen_names = names or [assign_strategy(pc.strategies, u)]
             for name in chosen_names:
                 rng = np.random.default_rng(stable_int("rejected", pc.seed, name, r["sample_id"]))
                 rej = STRATEGIES[name](ctx, pc.num_negatives, rng)
@@ -114,35 +99,12 @@ class PairScorer:
 
     def _greedy(self, rows: list[dict], prompt_ids: list[list[int]]) -> list[int]:
         """Index of the candidate the model's greedy answer names when exactly one is named, else -1."""
-        from rosepo.eval.generate import greedy_answers
-        from rosepo.eval.metrics import parse_answer
-
         answers = [greedy_answers(self.model, self.tok, [p], self.cfg.model.max_answer_tokens)[0]
                    for p in prompt_ids]  # one at a time, as the scores above
         return [parse_answer(a, r["candidate_titles"], 0)["named_index"] for a, r in zip(answers, rows)]
 
 
-def train_popularity(samples_dir: str | Path) -> dict[str, int]:
-    """Interaction count of each item in the train split (each train user's full sequence once).
-
-    Counted from train samples: the items of the longest window per user plus its target are
-    not the full sequence, so we count each (user, item) seen as history or target once.
-    """
-    from rosepo.data.samples import read_split
-
-    t = read_split(samples_dir, "train")
-    seen: set[tuple[str, str]] = set()
-    for u, hist, tgt in zip(t.column("user_id").to_pylist(), t.column("history_item_ids").to_pylist(),
-                            t.column("target_item_id").to_pylist()):
-        seen.update((u, i) for i in hist)
-        seen.add((u, tgt))
-    counts: dict[str, int] = {}
-    for _, i in seen:
-        counts[i] = counts.get(i, 0) + 1
-    return counts
-
-
-def build_pairs(run_cfg: RunConfig, samples_dir: str | Path, base_model: str, adapter: str | None,
+def build_pairs(run_cfg: Any, samples_dir: str | Path, base_model: str, adapter: str | None,
                 oracle_dir: str | Path, out_dir: str | Path, *, splits: dict[str, int] | None = None) -> dict:
     """Build pairs for ``splits`` (split -> max samples, 0 = all) into ``out_dir`` atomically.
 
@@ -150,10 +112,8 @@ def build_pairs(run_cfg: RunConfig, samples_dir: str | Path, base_model: str, ad
     Pairs hold the oracle's scores, not ε: ε is computed from them at training time with the
     ``align`` smoothing settings, so Tune can search those without rebuilding pairs.
     """
+    import pyarrow.parquet as pq
     import ray
-
-    from rosepo.data.samples import read_split, select_samples
-    from rosepo.pairs.embed import embed_titles
 
     t0 = time.perf_counter()
     pc = run_cfg.pairs
@@ -168,7 +128,7 @@ def build_pairs(run_cfg: RunConfig, samples_dir: str | Path, base_model: str, ad
     vecs = embed_titles(pc.embedder, [titles[i] for i in item_ids])
     item_vectors = dict(zip(item_ids, vecs))
     popularity = train_popularity(samples_dir)
-    manifest = {"stage": "pairs", "config": run_cfg.to_dict()["pairs"], "splits": {}}
+    manifest = {"stage": "pairs", "config": dataclasses.asdict(pc), "splits": {}}
     with atomic_dir(Path(out_dir), overwrite=True) as tmp:
         for split, table in tables.items():
             # One block per batch, cut here: a repartition before a full actor pool can wait forever
@@ -182,10 +142,8 @@ def build_pairs(run_cfg: RunConfig, samples_dir: str | Path, base_model: str, ad
                                        "item_vectors": item_vectors, "popularity": popularity})
             rows = ds.take_all()
             rows.sort(key=lambda r: r["pair_id"])
-            import pyarrow.parquet as pq
-
             (tmp / split).mkdir()
-            pq.write_table(pa.Table.from_pylist(rows, schema=PAIRS), tmp / split / "pairs.parquet")
+            pq.write_table(pa.Table.from_pylist(rows, schema=PAIRS), pairs_file(tmp, split))
             margin = np.array([r["oracle_chosen"] - np.mean(r["oracle_rejected"]) for r in rows])
             strategies: dict[str, int] = {}
             for r in rows:
@@ -203,10 +161,3 @@ def _summary(x: np.ndarray) -> dict:
         return {}
     p10, p50, p90 = np.percentile(x, [10, 50, 90])
     return {"mean": float(x.mean()), "p10": float(p10), "p50": float(p50), "p90": float(p90)}
-
-
-def read_pairs(pairs_dir: str | Path, split: str) -> pa.Table:
-    """Read one split of a pairs folder (sorted by ``pair_id``)."""
-    import pyarrow.parquet as pq
-
-    return pq.read_table(Path(pairs_dir) / split / "pairs.parquet", schema=PAIRS)

@@ -1,4 +1,4 @@
-"""RosePO alignment: the ``align`` task of `rosepo.train.loop`.
+"""The align stage: RosePO alignment, the `AlignTask` of `rosepo.train.loop`.
 
 Policy = the SFT model with its LoRA adapter trainable. Each micro-batch holds pairs (prompt,
 chosen, K rejected, ε, reference log-probs). Chosen and rejected answers of a prompt are scored
@@ -15,10 +15,28 @@ first-step loss (tested).
 
 from __future__ import annotations
 
+import dataclasses
+import shutil
+from pathlib import Path
 from typing import Any
 
-#: Column that orders the training rows (see the data order in `rosepo.train.loop`).
-KEY = "pair_id"
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from rosepo.config import AlignConfig, ModelConfig
+from rosepo.errors import DataError
+from rosepo.eval.metrics import generation_metrics, ranking_metrics
+from rosepo.layout import ADAPTER_DIR, pairs_file, read_pairs
+from rosepo.losses import preference_loss, sft_regularizer
+from rosepo.model.factory import load_tokenizer
+from rosepo.model.generate import greedy_answers
+from rosepo.model.logprobs import answer_logps
+from rosepo.model.tokenize import encode_answer
+from rosepo.pairs.smoothing import eps_summary, smoothing_eps
+from rosepo.storage import atomic_dir, write_manifest
+from rosepo.train.loop import TrainingTask, fit
+
 #: Name of the frozen copy of the SFT adapter used by ``reference=online``.
 REFERENCE_ADAPTER = "reference"
 
@@ -54,19 +72,17 @@ def unpack(batch: dict) -> tuple[list[list[int]], list[list[list[int]]]]:
     return prompts, [flat[i * per:(i + 1) * per] for i in range(len(prompts))]
 
 
-def pair_logps(model, batch: dict, cfg: dict, pad_id: int):
+def pair_logps(model, batch: dict, cfg: AlignConfig, pad_id: int):
     """Policy log-probs (B, 1+K) and token counts of chosen + rejected answers."""
-    from rosepo.model.logprobs import answer_logps
-
     prompts, answers = unpack(batch)
-    return answer_logps(model, prompts, answers, prefix_sharing=cfg.get("prefix_sharing", True), pad_id=pad_id)
+    return answer_logps(model, prompts, answers, prefix_sharing=cfg.prefix_sharing, pad_id=pad_id)
 
 
-def reference_logps(model, batch: dict, cfg: dict, pad_id: int):
+def reference_logps(model, batch: dict, cfg: AlignConfig, pad_id: int):
     """Reference log-probs (B, 1+K): from the pair rows, or online with the adapter disabled."""
     import torch
 
-    if cfg.get("reference", "precomputed") == "precomputed":
+    if cfg.reference == "precomputed":
         return batch["ref"]
     module = getattr(model, "module", model)
     if REFERENCE_ADAPTER not in module.peft_config:  # new LoRA on a full SFT model: base = SFT
@@ -82,25 +98,14 @@ def reference_logps(model, batch: dict, cfg: dict, pad_id: int):
     return logps
 
 
-def prepare_model(model, cfg: dict, adapter: str | None):
-    """Before DeepSpeed wraps it: for an online reference on top of an SFT adapter, add a frozen
-    copy of that adapter (on a fully fine-tuned SFT model the disabled new LoRA is the reference)."""
-    if cfg.get("reference") == "online" and adapter is not None:
-        model.load_adapter(adapter, adapter_name=REFERENCE_ADAPTER, is_trainable=False)
-        model.set_adapter("default")
-    return model
-
-
-def loss_and_metrics(policy, ref, counts, eps, cfg: dict):
+def loss_and_metrics(policy, ref, counts, eps, cfg: AlignConfig):
     """Per-batch mean loss and the DPO metrics (TRL names) from policy/reference log-probs (B, 1+K)."""
-    from rosepo.losses import preference_loss, sft_regularizer
-
     losses, chosen_r, rejected_r = preference_loss(
-        cfg["loss"], policy[:, 0], policy[:, 1:], ref[:, 0], ref[:, 1:], beta=cfg["beta"], eps=eps,
-        const_eps=cfg.get("eps_constant", 0.1))
+        cfg.loss, policy[:, 0], policy[:, 1:], ref[:, 0], ref[:, 1:], beta=cfg.beta, eps=eps,
+        const_eps=cfg.eps_constant)
     loss = losses.mean()
-    if cfg.get("sft_weight", 0.0):
-        loss = loss + cfg["sft_weight"] * sft_regularizer(policy[:, 0], counts[:, 0].float()).mean()
+    if cfg.sft_weight:
+        loss = loss + cfg.sft_weight * sft_regularizer(policy[:, 0], counts[:, 0].float()).mean()
     rejected_r = rejected_r.reshape(len(chosen_r), -1)
     metrics = {
         "rewards/chosen": chosen_r.mean().detach(),
@@ -114,92 +119,110 @@ def loss_and_metrics(policy, ref, counts, eps, cfg: dict):
     return loss, metrics
 
 
-def pair_eps(oracle, cfg: dict):
+def pair_eps(oracle, cfg: AlignConfig):
     """ε per pair (float32 tensor) from the oracle scores (B, 1+K) and the smoothing settings.
 
-    rosepo / sdpo_smoothed: ``cfg["smoothing"]`` mode; cdpo: ``eps_constant``; other losses: 0.
+    rosepo / sdpo_smoothed: the ``smoothing`` mode; cdpo: ``eps_constant``; other losses: 0.
     """
     import torch
 
-    from rosepo.pairs.smoothing import smoothing_eps
-
-    loss = cfg["loss"]
-    mode = cfg["smoothing"] if loss in ("rosepo", "sdpo_smoothed") else "constant" if loss == "cdpo" else "none"
+    mode = cfg.smoothing if cfg.loss in ("rosepo", "sdpo_smoothed") else "constant" if cfg.loss == "cdpo" else "none"
     o = oracle.detach().cpu().double().numpy()
-    eps = smoothing_eps(mode, o[:, 0], o[:, 1:], lam=cfg["smoothing_lambda"], tau=cfg["smoothing_tau"],
-                        eps_max=cfg["eps_max"], eps_constant=cfg["eps_constant"])
+    eps = smoothing_eps(mode, o[:, 0], o[:, 1:], lam=cfg.smoothing_lambda, tau=cfg.smoothing_tau,
+                        eps_max=cfg.eps_max, eps_constant=cfg.eps_constant)
     return torch.as_tensor(eps, dtype=torch.float32, device=oracle.device)
 
 
-def compute_loss(model, batch: dict, cfg: dict) -> tuple[Any, dict]:
-    """Preference loss of a micro-batch and its metrics."""
-    pad_id = cfg["pad_id"]
-    policy, counts = pair_logps(model, batch, cfg, pad_id)
-    ref = reference_logps(model, batch, cfg, pad_id).to(policy.dtype)
-    return loss_and_metrics(policy, ref, counts, pair_eps(batch["oracle"], cfg), cfg)
+@dataclasses.dataclass
+class AlignTask(TrainingTask):
+    """The alignment training task: pair rows (`rosepo.schema.PAIRS`), the loss ``cfg.loss``.
 
-
-def eval_setup(rows: list[dict], tokenizer, run_cfg, cfg: dict) -> dict | None:
-    """The recommendation slice of the held-out pairs: their first ``eval_rec_samples``
-    distinct samples by ``sample_id`` (the pairs' ``valid`` split), every candidate tokenised as
-    the eval stage does. None when ``eval_rec_samples`` is 0."""
-    from rosepo.model.tokenize import encode_answer
-
-    n = cfg.get("eval_rec_samples", 0)
-    if not n:
-        return None
-    first: dict = {}
-    for r in rows:
-        first.setdefault(r["sample_id"], r)
-    samples = [first[k] for k in sorted(first)[:n]]
-    limit = run_cfg.model.max_answer_tokens
-    return {"prompt_ids": [list(r["prompt_ids"]) for r in samples],
-            "candidate_ids": [[encode_answer(tokenizer, t, limit) for t in r["candidate_titles"]] for r in samples],
-            "titles": [r["candidate_titles"] for r in samples],
-            "targets": [r["chosen_index"] for r in samples],
-            "max_new_tokens": run_cfg.eval.max_new_tokens}
-
-
-def eval_metrics(model, tokenizer, state: dict, cfg: dict) -> dict:
-    """Recommendation metrics of the policy on the `eval_setup` slice, with the eval stage's
-    definitions (`rosepo.eval.metrics`): ``rank/hr@k`` and ``rank/ndcg@k`` (candidates ranked by
-    summed answer log-likelihood), ``hr@1``, ``valid_ratio`` and ``hr@1_valid`` (greedy answers).
-
-    Greedy decoding stops when every row has ended, so ranks could run different numbers of
-    forward passes, and ZeRO-3 needs the same passes on every rank: no greedy metrics there.
+    ``model`` gives ``max_answer_tokens`` for the recommendation slice; ``pad_id`` is the
+    tokenizer's padding id (log-prob batches pad with it).
     """
-    import numpy as np
-    import torch
 
-    from rosepo.eval.generate import greedy_answers
-    from rosepo.eval.metrics import generation_metrics, ranking_metrics
-    from rosepo.model.logprobs import answer_logps
+    cfg: AlignConfig
+    model: ModelConfig
+    pad_id: int
+    name = "align"
+    key = "pair_id"
 
-    step = cfg["micro_batch_size"]
-    prompts, targets = state["prompt_ids"], state["targets"]
-    scores, answers = [], []
-    with torch.no_grad():
-        for i in range(0, len(prompts), step):
-            logps, _ = answer_logps(model, prompts[i:i + step], state["candidate_ids"][i:i + step],
-                                    prefix_sharing=cfg.get("prefix_sharing", True), pad_id=cfg["pad_id"])
-            scores.append(logps.double().cpu().numpy())
-            if cfg["zero_stage"] < 3:
-                answers += greedy_answers(model, tokenizer, prompts[i:i + step], state["max_new_tokens"])
-    out = {f"rank/{k}": v for k, v in ranking_metrics(np.concatenate(scores), targets, ks=(1, 5)).items()}
-    if answers:
-        gen = generation_metrics(answers, state["titles"], targets)
-        out.update({k: gen[k] for k in ("hr@1", "valid_ratio", "hr@1_valid")})
-    return out
+    @property
+    def eval_every(self) -> int:
+        """``align.eval_every``."""
+        return self.cfg.eval_every
+
+    def collate(self, rows: list[dict], pad_id: int) -> dict:
+        """See the module function `collate`."""
+        return collate(rows, pad_id)
+
+    def compute_loss(self, model, batch: dict) -> tuple[Any, dict]:
+        """Preference loss of a micro-batch and its metrics."""
+        policy, counts = pair_logps(model, batch, self.cfg, self.pad_id)
+        ref = reference_logps(model, batch, self.cfg, self.pad_id).to(policy.dtype)
+        return loss_and_metrics(policy, ref, counts, pair_eps(batch["oracle"], self.cfg), self.cfg)
+
+    def num_tokens(self, batch: dict) -> int:
+        """Tokens of the sequences the forward actually runs (prompt once + every answer)."""
+        return int(batch["prompt_len"].sum() + batch["answer_len"].sum())
+
+    def prepare_model(self, model, adapter: str | None):
+        """Before DeepSpeed wraps it: for an online reference on top of an SFT adapter, add a frozen
+        copy of that adapter (on a fully fine-tuned SFT model the disabled new LoRA is the reference)."""
+        if self.cfg.reference == "online" and adapter is not None:
+            model.load_adapter(adapter, adapter_name=REFERENCE_ADAPTER, is_trainable=False)
+            model.set_adapter("default")
+        return model
+
+    def eval_setup(self, rows: list[dict], tokenizer) -> dict | None:
+        """The recommendation slice of the held-out pairs: their first ``eval_rec_samples``
+        distinct samples by ``sample_id`` (the pairs' ``valid`` split), every candidate tokenised as
+        the eval stage does. None when ``eval_rec_samples`` is 0."""
+        n = self.cfg.eval_rec_samples
+        if not n:
+            return None
+        first: dict = {}
+        for r in rows:
+            first.setdefault(r["sample_id"], r)
+        samples = [first[k] for k in sorted(first)[:n]]
+        limit = self.model.max_answer_tokens
+        return {"prompt_ids": [list(r["prompt_ids"]) for r in samples],
+                "candidate_ids": [[encode_answer(tokenizer, t, limit) for t in r["candidate_titles"]]
+                                  for r in samples],
+                "titles": [r["candidate_titles"] for r in samples],
+                "targets": [r["chosen_index"] for r in samples]}
+
+    def eval_metrics(self, model, tokenizer, state: dict) -> dict:
+        """Recommendation metrics of the policy on the `eval_setup` slice, with the eval stage's
+        definitions (`rosepo.eval.metrics`): ``rank/hr@k`` and ``rank/ndcg@k`` (candidates ranked by
+        summed answer log-likelihood), ``hr@1``, ``valid_ratio`` and ``hr@1_valid`` (greedy answers
+        of at most ``eval_max_new_tokens`` tokens).
+
+        Greedy decoding stops when every row has ended, so ranks could run different numbers of
+        forward passes, and ZeRO-3 needs the same passes on every rank: no greedy metrics there.
+        """
+        import torch
+
+        step = self.cfg.micro_batch_size
+        prompts, targets = state["prompt_ids"], state["targets"]
+        scores, answers = [], []
+        with torch.no_grad():
+            for i in range(0, len(prompts), step):
+                logps, _ = answer_logps(model, prompts[i:i + step], state["candidate_ids"][i:i + step],
+                                        prefix_sharing=self.cfg.prefix_sharing, pad_id=self.pad_id)
+                scores.append(logps.double().cpu().numpy())
+                if self.cfg.zero_stage < 3:
+                    answers += greedy_answers(model, tokenizer, prompts[i:i + step], self.cfg.eval_max_new_tokens)
+        out = {f"rank/{k}": v for k, v in ranking_metrics(np.concatenate(scores), targets, ks=(1, 5)).items()}
+        if answers:
+            gen = generation_metrics(answers, state["titles"], targets)
+            out.update({k: gen[k] for k in ("hr@1", "valid_ratio", "hr@1_valid")})
+        return out
 
 
 def select_strategies(pairs, strategies):
     """The rows of the pairs table (pyarrow) made by ``strategies`` (all rows when empty);
     `DataError` when none is left."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    from rosepo.errors import DataError
-
     if not strategies:
         return pairs
     kept = pairs.filter(pc.is_in(pairs.column("strategy"), pa.array(list(strategies))))
@@ -210,63 +233,44 @@ def select_strategies(pairs, strategies):
     return kept
 
 
-def num_tokens(batch: dict) -> int:
-    """Tokens of the sequences the forward actually runs (prompt once + every answer)."""
-    return int(batch["prompt_len"].sum() + batch["answer_len"].sum())
-
-
-def fit_align(run_cfg, pairs_dir, base_model: str, adapter: str | None, output_dir: str, *, pad_id: int,
+def fit_align(cfg: Any, pairs_dir, base_model: str, adapter: str | None, output_dir: str, *, pad_id: int,
               callbacks: list | None = None):
-    """`rosepo.train.loop.fit` of the align task on the train pairs of ``align.strategies``,
+    """`rosepo.train.loop.fit` of the `AlignTask` on the train pairs of ``align.strategies``,
     evaluated on all the ``valid`` pairs when there are any, into ``<output_dir>/align``; the
-    align stage and every Tune trial train through here. Returns (fit's result, the train table)."""
-    from pathlib import Path
-
+    align stage and every Tune trial train through here. ``cfg`` holds the ``align`` and ``model``
+    sections. Returns (fit's result, the train table)."""
     import ray
 
-    from rosepo.pairs.build import read_pairs
-    from rosepo.train.loop import fit
-
-    train = select_strategies(read_pairs(pairs_dir, "train"), run_cfg.align.strategies)
+    train = select_strategies(read_pairs(pairs_dir, "train"), cfg.align.strategies)
     datasets = {"train": ray.data.from_arrow(train)}
-    if (Path(pairs_dir) / "valid" / "pairs.parquet").is_file():
+    if pairs_file(pairs_dir, "valid").is_file():
         datasets["eval"] = ray.data.from_arrow(read_pairs(pairs_dir, "valid"))
-    result = fit("align", run_cfg, run_cfg.align, model_path=str(base_model), adapter=adapter, datasets=datasets,
-                 output_dir=output_dir, run_name="align", extra={"pad_id": pad_id}, callbacks=callbacks)
+    result = fit(AlignTask(cfg.align, cfg.model, pad_id), cfg.model, model_path=str(base_model), adapter=adapter,
+                 datasets=datasets, output_dir=output_dir, run_name="align", callbacks=callbacks)
     return result, train
 
 
-def run_align(run_cfg, pairs_dir, base_model: str, sft_adapter: str | None, work: str, out_dir) -> dict:
+def run_align(cfg: Any, pairs_dir, base_model: str, sft_adapter: str | None, work: str, out_dir) -> dict:
     """Align the SFT model on the train pairs (its adapter continued, or a new LoRA on a fully
     fine-tuned SFT model when ``sft_adapter`` is None) with `rosepo.train.loop.fit` on the train
     pairs of ``align.strategies``; held-out ``valid`` pairs (all strategies) and a slice of their
     samples (``align.eval_rec_samples``) are evaluated before, during (``align.eval_every``) and
-    after training.
+    after training. ``cfg`` holds the ``align`` and ``model`` sections.
 
     Writes ``<out_dir>/adapter`` (the aligned adapter, HF folder) and a manifest with the
     training history, the last metrics and the ε distribution used, atomically.
     """
-    import shutil
-    from pathlib import Path
+    import torch
 
-    import numpy as np
-
-    from rosepo.model.factory import load_tokenizer
-    from rosepo.pairs.smoothing import eps_summary
-    from rosepo.storage import atomic_dir, write_manifest
-
-    cfg = run_cfg.align
-    result, train = fit_align(run_cfg, pairs_dir, str(base_model), sft_adapter, work,
+    result, train = fit_align(cfg, pairs_dir, str(base_model), sft_adapter, work,
                               pad_id=load_tokenizer(base_model).pad_token_id)
     oracle = np.array([[c, *r] for c, r in zip(train.column("oracle_chosen").to_pylist(),
                                                train.column("oracle_rejected").to_pylist())])
-    import torch
-
-    eps = pair_eps(torch.as_tensor(oracle), {**cfg.__dict__}).numpy()
+    eps = pair_eps(torch.as_tensor(oracle), cfg.align).numpy()
     with atomic_dir(Path(out_dir), overwrite=True) as tmp:
-        shutil.copytree(result["final_model"], tmp / "adapter")
-        manifest = {"stage": "align", "metrics": result["metrics"], "history": result["history"],
-                    "eval_history": result.get("eval_history", []), "eps": eps_summary(eps),
-                    "resumed_from_step": result["resumed_from_step"], "pairs": len(train)}
+        shutil.copytree(result["final_model"], tmp / ADAPTER_DIR)
+        manifest = {"stage": "align", "loss": cfg.align.loss, "metrics": result["metrics"],
+                    "history": result["history"], "eval_history": result.get("eval_history", []),
+                    "eps": eps_summary(eps), "resumed_from_step": result["resumed_from_step"], "pairs": len(train)}
         write_manifest(tmp, manifest)
     return manifest

@@ -1,31 +1,19 @@
 """The distributed training loop shared by SFT and alignment: Ray Train V2 + DeepSpeed ZeRO.
 
-`fit` runs one *task* (a module named in `TASKS`) on N Ray Train workers. A task module holds
-what differs between stages:
+`fit` runs one *task* (a `TrainingTask`: `rosepo.train.sft.SFTTask`,
+`rosepo.train.align.AlignTask`) on N Ray Train workers. The task object holds what differs
+between stages, and its own typed config section (``task.cfg``: the batch geometry, optimiser and
+checkpoint fields of `rosepo.config.TrainConfig`, and the stage's own); it is pickled into the
+workers as it is. See `TrainingTask` for the methods.
 
-- ``KEY``: the column that orders the training rows (``sample_id``, ``pair_id``);
-- ``collate(rows, pad_id) -> dict[str, Tensor]``: a micro-batch from materialised rows;
-- ``compute_loss(model, batch, cfg) -> (loss, metrics)``: ``model`` is the DeepSpeed engine
-  (``model.module`` is the HF/PEFT model), ``cfg`` the stage config as a dict plus ``extra``;
-  ``metrics`` are scalars averaged over the worker's micro-batches, then over workers;
-- ``num_tokens(batch) -> int``: non-padding tokens, for ``perf/tokens_per_second``;
-- optionally ``prepare_model(model, cfg, adapter) -> model``: called after LoRA, before DeepSpeed;
-- optionally ``eval_setup(rows, tokenizer, run_cfg, cfg) -> state`` and ``eval_metrics(model,
-  tokenizer, state, cfg) -> dict``: more held-out metrics, computed from all the eval rows at
-  every evaluation (align: recommendation metrics of a slice of the valid samples); a falsy
-  state turns them off.
-
-Evaluation (optional): with an ``eval`` dataset, its first ``eval_pairs`` rows by ``KEY`` (all
-when 0 or unset; both keys read from the stage config / ``extra``) are scored with the task's
-``compute_loss`` under ``no_grad`` before training, every ``eval_every`` steps and at the end;
-the means, and the task's ``eval_metrics``, are reported as ``eval/<name>`` and returned as
-``eval_history``. Every rank scores all eval rows: ZeRO-3 needs the same forward passes on every
+Evaluation (optional): with an ``eval`` dataset, all its rows (sorted by the task's ``key``) are
+scored with the task's ``compute_loss`` under ``no_grad`` before training, every ``task.eval_every``
+steps and at the end; the means, and the task's ``eval_metrics``, are reported as ``eval/<name>``
+and returned as ``eval_history``. Every rank scores all eval rows: ZeRO-3 needs the same forward passes on every
 rank, and the set is small.
 
-Life cycle of a worker: setup (seed, model, LoRA, DeepSpeed, resume) → train → checkpoint.
-
 Data order. Every worker receives the whole ``train`` dataset (no streaming split), sorts it by
-``KEY`` and reads it through one stream of per-epoch permutations seeded by ``(seed, epoch)``.
+the task's ``key`` and reads it through one stream of per-epoch permutations seeded by ``(seed, epoch)``.
 Optimiser step ``s`` consumes stream rows ``[s*G, (s+1)*G)``, ``G = workers * micro_batch *
 grad_accum``; worker ``r`` takes the ``r``-th contiguous block of ``micro_batch * grad_accum``
 rows. The position in the data is therefore a function of the global step alone, so resuming
@@ -40,205 +28,137 @@ every rank reports the folder and Ray merges them under ``<output_dir>/<run_name
 the same `fit` again with the same ``run_name`` resumes from the checkpoint with the highest
 global step, and refuses when the data size or batch geometry changed.
 
-DeepSpeed config: ``train_cfg.deepspeed_config`` (or ``configs/deepspeed/zero{stage}.json``)
-is a template; the batch sizes, clipping, precision, ZeRO stage and offload always come from
-the rosepo config, everything else (bucket sizes, offload device, ...) from the file.
+The data order and schedule are pure functions in `rosepo.train.schedule`; the DeepSpeed config
+comes from a template (`rosepo.train.zero_config`).
 
 Not supported: datasets other than ``train`` and ``eval`` (ignored), more rows than fit in each
-worker's memory (the training set is token ids, small).
-"""
+worker's memory (the training set is token ids, small)."""
 
 from __future__ import annotations
 
-import dataclasses
+import abc
 import functools
-import importlib
 import json
 import math
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
-from rosepo.errors import ConfigError, RosepoError
+from rosepo.config import ModelConfig, TrainConfig
+from rosepo.errors import ConfigError
+from rosepo.model.factory import apply_lora, export_model, load_model, load_tokenizer, resolve_dtype
+from rosepo.train.schedule import (TRAINER_STATE, check_resumable, find_latest_checkpoint, lr_factor, step_rows,
+                                   total_steps, worker_micro_batches)
+from rosepo.train.zero_config import deepspeed_config, skip_shm_comm_build
 
-#: Task name -> module implementing KEY, collate, compute_loss and num_tokens.
-TASKS = {"sft": "rosepo.train.sft", "align": "rosepo.train.align"}
-
-DEEPSPEED_DIR = Path(__file__).resolve().parents[2] / "configs" / "deepspeed"
-TRAINER_STATE = "trainer_state.json"
 HF_EXPORT = "hf"
 DS_SUBDIR = "deepspeed"
 DS_TAG = "state"
+class TrainingTask(abc.ABC):
+    """What a stage trains through `fit`: its rows, batches, loss and optional evaluation.
 
+    ``cfg`` is the stage's own typed config section (a `TrainConfig` subclass); the methods read
+    their settings from it, never from a dict. ``model`` (``model.module`` being the HF/PEFT
+    model) is the DeepSpeed engine during training. Metrics are scalars averaged over the
+    worker's micro-batches, then over workers.
+    """
 
-def get_task(name: str) -> ModuleType:
-    """The task module registered under ``name``; `ConfigError` for an unknown name."""
-    if name not in TASKS:
-        raise ConfigError(f"unknown training task {name!r}; known: {', '.join(sorted(TASKS))}")
-    return importlib.import_module(TASKS[name])
+    #: Name of the run (progress bar).
+    name: str = ""
+    #: Column that orders the training rows (see the data order above).
+    key: str = ""
+    #: Evaluate on the eval rows every N steps (0 = only before and after training).
+    eval_every: int = 0
+    cfg: TrainConfig
 
+    @abc.abstractmethod
+    def collate(self, rows: list[dict], pad_id: int) -> dict:
+        """A micro-batch (``str -> Tensor``) from materialised rows."""
 
-# ---------------------------------------------------------------- pure helpers (driver + worker)
+    @abc.abstractmethod
+    def compute_loss(self, model, batch: dict) -> tuple[Any, dict]:
+        """(loss, metrics) of a micro-batch."""
 
-def deepspeed_config(train_cfg: Any, *, bf16: bool) -> dict:
-    """The DeepSpeed config: the template file with rosepo's training fields written over it."""
-    path = Path(train_cfg.deepspeed_config) if train_cfg.deepspeed_config \
-        else DEEPSPEED_DIR / f"zero{train_cfg.zero_stage}.json"
-    if not path.is_file() and not path.is_absolute() and (DEEPSPEED_DIR.parent.parent / path).is_file():
-        path = DEEPSPEED_DIR.parent.parent / path
-    if not path.is_file():
-        raise ConfigError(f"DeepSpeed config {path} does not exist; set deepspeed_config to a "
-                          f"JSON file such as {DEEPSPEED_DIR / 'zero2.json'} or to \"\"")
-    try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"DeepSpeed config {path} is not valid JSON: {e}") from None
-    if train_cfg.offload and train_cfg.zero_stage == 0:
-        raise ConfigError("offload needs zero_stage 1, 2 or 3 (ZeRO-Offload partitions the optimizer)")
-    cfg.pop("train_batch_size", None)  # derived by DeepSpeed from the two fields below
-    cfg["train_micro_batch_size_per_gpu"] = train_cfg.micro_batch_size
-    cfg["gradient_accumulation_steps"] = train_cfg.grad_accum
-    cfg["gradient_clipping"] = train_cfg.max_grad_norm
-    cfg["bf16"] = {**cfg.get("bf16", {}), "enabled": bf16}
-    cfg["fp16"] = {"enabled": False}
-    zero = cfg.setdefault("zero_optimization", {})
-    zero["stage"] = train_cfg.zero_stage
-    offload_keys = ["offload_optimizer"] + (["offload_param"] if train_cfg.zero_stage == 3 else [])
-    for key in ("offload_optimizer", "offload_param"):
-        section = zero.pop(key, None)
-        if train_cfg.offload and key in offload_keys:
-            section = {"device": "cpu", **(section or {})}
-            section["pin_memory"] = bool(section.get("pin_memory", True) and train_cfg.use_gpu)
-            zero[key] = section
-    if train_cfg.offload:
-        # The client optimizer is torch's AdamW (no compiled op); DeepSpeed would insist on
-        # DeepSpeedCPUAdam, which compiles for ~50 s, unless told otherwise.
-        cfg["zero_force_ds_cpu_optimizer"] = False
-    return cfg
+    @abc.abstractmethod
+    def num_tokens(self, batch: dict) -> int:
+        """Tokens of a micro-batch the forward runs, for ``perf/tokens_per_second``."""
 
+    def prepare_model(self, model, adapter: str | None):
+        """Called after LoRA, before DeepSpeed; returns the model to train."""
+        return model
 
-def total_steps(num_rows: int, global_batch: int, epochs: float, max_steps: int) -> int:
-    """Optimiser steps of a run: ``max_steps`` when set, else ``ceil(epochs * N / G)``."""
-    if num_rows == 0:
-        raise RosepoError("the training set is empty")
-    return max_steps if max_steps > 0 else max(1, math.ceil(epochs * num_rows / global_batch))
+    def eval_setup(self, rows: list[dict], tokenizer) -> Any:
+        """State for `eval_metrics` from all the eval rows; a falsy state turns them off."""
+        return None
 
-
-def lr_factor(step: int, total: int, warmup: int) -> float:
-    """Linear warmup over ``warmup`` steps, then cosine decay to 0 at ``total`` (as HF's
-    ``get_cosine_schedule_with_warmup``): the multiplier of the peak learning rate at ``step``."""
-    if step < warmup:
-        return step / max(1, warmup)
-    progress = (step - warmup) / max(1, total - warmup)
-    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
-
-
-@functools.lru_cache(maxsize=4)
-def _permutation(num_rows: int, seed: int, epoch: int):
-    import numpy as np
-
-    return np.random.default_rng([seed, epoch]).permutation(num_rows)
-
-
-def step_rows(step: int, num_rows: int, global_batch: int, seed: int) -> list[int]:
-    """Indices (into the key-sorted rows) of the ``global_batch`` rows of optimiser step ``step``."""
-    out = []
-    for i in range(step * global_batch, (step + 1) * global_batch):
-        out.append(int(_permutation(num_rows, seed, i // num_rows)[i % num_rows]))
-    return out
-
-
-def worker_micro_batches(rows: list[int], rank: int, micro_batch: int, grad_accum: int) -> list[list[int]]:
-    """Worker ``rank``'s micro-batches of a step: its contiguous block of the step's rows, cut in
-    ``grad_accum`` pieces of ``micro_batch``."""
-    block = rows[rank * micro_batch * grad_accum:(rank + 1) * micro_batch * grad_accum]
-    return [block[i:i + micro_batch] for i in range(0, len(block), micro_batch)]
-
-
-def find_latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The ``checkpoint_*`` folder of a Ray run folder whose ``trainer_state.json`` has the
-    highest global step (folders without one are unfinished and ignored); None when none."""
-    best, best_step = None, -1
-    for d in sorted(Path(run_dir).glob("checkpoint_*")):
-        state = d / TRAINER_STATE
-        if state.is_file():
-            step = json.loads(state.read_text(encoding="utf-8"))["global_step"]
-            if step > best_step:
-                best, best_step = d, step
-    return best
+    def eval_metrics(self, model, tokenizer, state: Any) -> dict:
+        """More held-out metrics at every evaluation (the eval loss is always computed)."""
+        return {}
 
 
 # ---------------------------------------------------------------- driver
 
-def fit(task_name: str, run_cfg: Any, train_cfg: Any, *, model_path: str, adapter: str | None,
-        datasets: dict, output_dir: str, run_name: str, extra: dict | None = None,
-        stop_at_step: int = 0, callbacks: list | None = None) -> dict:
-    """Train ``task_name`` on ``datasets["train"]`` with Ray Train + DeepSpeed; resume if
-    ``<output_dir>/<run_name>`` holds a checkpoint of an interrupted run.
+def fit(task: TrainingTask, model_cfg: ModelConfig, *, model_path: str, adapter: str | None,
+        datasets: dict, output_dir: str, run_name: str, stop_at_step: int = 0,
+        callbacks: list | None = None) -> dict:
+    """Train ``task`` (batch geometry, optimiser, checkpoints from ``task.cfg``; dtype, gradient
+    checkpointing and LoRA from ``model_cfg``) on ``datasets["train"]`` with Ray Train + DeepSpeed;
+    resume if ``<output_dir>/<run_name>`` holds a checkpoint of an interrupted run.
 
-    ``stop_at_step`` (> 0) pauses the run: train up to that global step, checkpoint and return;
-    the learning-rate schedule still spans the whole run, so a later `fit` without it continues
-    exactly as if never stopped (time-boxed jobs; the resume tests). Changing ``max_steps``
-    between runs instead changes the schedule.
+    ``stop_at_step`` (> 0) pauses the run at that global step (checkpointed); the learning-rate
+    schedule still spans the whole run, so a later `fit` without it continues exactly as if never
+    stopped. ``callbacks``: Ray Train callbacks for the run's controller (Tune's, in a trial).
 
-    ``callbacks``: Ray Train callbacks (``ray.train.UserCallback``) for the run's controller,
-    e.g. Tune's report callback when the run is a Tune trial.
-
-    Returns ``metrics`` (the last step's), ``history`` (``[{"step", "loss"}]`` for every step of
-    the run, resumed ones included), ``eval_history`` (``[{"step", "eval/...": ...}]``),
-    ``resumed_from_step``, ``checkpoint_path`` (the latest
-    checkpoint folder) and ``final_model`` (its HF export).
+    Returns ``metrics`` (the last step's), ``history`` (``[{"step", "loss"}]``, resumed steps
+    included), ``eval_history`` (``[{"step", "eval/...": ...}]``), ``resumed_from_step``,
+    ``checkpoint_path`` (the latest checkpoint folder) and ``final_model`` (its HF export).
     """
     import ray.train
+    import torch
     from ray.train.torch import TorchTrainer
 
-    from rosepo.model.factory import resolve_dtype
-
-    get_task(task_name)
+    if not isinstance(task, TrainingTask):
+        raise ConfigError(f"fit trains a TrainingTask, got {task!r}")
     if "train" not in datasets:
         raise ConfigError("fit needs a 'train' dataset")
-    import torch
-
-    bf16 = resolve_dtype(run_cfg.model.dtype, train_cfg.use_gpu) == torch.bfloat16
-    ds_config = deepspeed_config(train_cfg, bf16=bf16)
-    storage = Path(output_dir).resolve()
-    run_dir = storage / run_name
-    resume_from = find_latest_checkpoint(run_dir)
+    tcfg = task.cfg
+    bf16 = resolve_dtype(model_cfg.dtype, tcfg.use_gpu) == torch.bfloat16
+    ray_run_dir = Path(output_dir).resolve() / run_name
+    resume_from = find_latest_checkpoint(ray_run_dir)
     if resume_from is not None:
-        _check_resumable(resume_from, datasets["train"].count(),
-                         train_cfg.num_workers * train_cfg.micro_batch_size * train_cfg.grad_accum)
-    resources = {"CPU": train_cfg.cpus_per_worker, **({"GPU": 1} if train_cfg.use_gpu else {})}
+        check_resumable(resume_from, datasets["train"].count(),
+                         tcfg.num_workers * tcfg.micro_batch_size * tcfg.grad_accum)
+    resources = {"CPU": tcfg.cpus_per_worker, **({"GPU": 1} if tcfg.use_gpu else {})}
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
-            "task": task_name,
-            "run_cfg": run_cfg,
-            "train_cfg": train_cfg,
-            "cfg_dict": {**dataclasses.asdict(train_cfg), **(extra or {})},
+            "task": task,
+            "model_cfg": model_cfg,
             "model_path": str(model_path),
             "adapter": str(adapter) if adapter else None,
-            "ds_config": ds_config,
+            "ds_config": deepspeed_config(tcfg, bf16=bf16),
             "resume_from": str(resume_from) if resume_from else None,
             "stop_at_step": stop_at_step,
             "has_eval": "eval" in datasets,
-            "tensorboard_dir": str(run_dir / "tensorboard") if train_cfg.tensorboard else None,
+            "tensorboard_dir": str(ray_run_dir / "tensorboard") if tcfg.tensorboard else None,
         },
-        scaling_config=ray.train.ScalingConfig(num_workers=train_cfg.num_workers,
-                                               use_gpu=train_cfg.use_gpu,
+        scaling_config=ray.train.ScalingConfig(num_workers=tcfg.num_workers, use_gpu=tcfg.use_gpu,
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(
             name=run_name,
-            storage_path=str(storage),
+            storage_path=str(ray_run_dir.parent),
             # A controller failure fails the run; running fit again resumes from the checkpoint.
-            failure_config=ray.train.FailureConfig(max_failures=train_cfg.max_failures,
-                                                   controller_failure_limit=0),
+            failure_config=ray.train.FailureConfig(max_failures=tcfg.max_failures, controller_failure_limit=0),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             callbacks=callbacks,
         ),
         datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split=[]),
     )
-    result = trainer.fit()
+    return _fit_result(trainer.fit(), resume_from)
+
+
+def _fit_result(result, resume_from: Path | None) -> dict:
+    """`fit`'s return value from Ray's result (rank 0's return value, the last checkpoint)."""
     out = result.return_value or {}
     checkpoint = Path(result.checkpoint.path) if result.checkpoint else resume_from
     return {
@@ -260,37 +180,25 @@ def train_loop_per_worker(config: dict) -> dict:
     import ray.train
     import torch
 
-    task = get_task(config["task"])
-    tcfg = config["train_cfg"]
+    task: TrainingTask = config["task"]
+    tcfg = task.cfg
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
 
     ray.data.DataContext.get_current().enable_progress_bars = False  # one bar per worker is noise
-    rows = _sorted_rows("train", task.KEY)
-    cfg_dict = config["cfg_dict"]
-    all_eval_rows = _sorted_rows("eval", task.KEY) if config["has_eval"] else []
-    eval_rows = all_eval_rows[:cfg_dict.get("eval_pairs") or len(all_eval_rows)]
-    eval_every = cfg_dict.get("eval_every") or 0
+    rows = _sorted_rows("train", task.key)
+    eval_rows = _sorted_rows("eval", task.key) if config["has_eval"] else []
     global_batch = world * tcfg.micro_batch_size * tcfg.grad_accum
     total = total_steps(len(rows), global_batch, tcfg.epochs, tcfg.max_steps)
     stop = min(total, config["stop_at_step"]) if config["stop_at_step"] > 0 else total
 
     engine, tokenizer = _setup_engine(config, total)
     start_step, history, eval_history = _resume(engine, config["resume_from"], len(rows), global_batch)
-    task_eval = None
-    if all_eval_rows and hasattr(task, "eval_setup"):
-        state = task.eval_setup(all_eval_rows, tokenizer, config["run_cfg"], cfg_dict)
-        task_eval = functools.partial(task.eval_metrics, tokenizer=tokenizer, state=state) if state else None
-    evaluate = functools.partial(_evaluate, engine, task, eval_rows, tcfg.micro_batch_size,
-                                 tokenizer.pad_token_id, cfg_dict, task_eval)
-    writer = None
-    if rank == 0 and config["tensorboard_dir"]:
-        from tensorboardX import SummaryWriter
-
-        writer = SummaryWriter(config["tensorboard_dir"])
+    evaluate = _evaluator(engine, task, tokenizer, eval_rows)
+    writer = _tensorboard(config["tensorboard_dir"] if rank == 0 else None)
     from tqdm import tqdm
 
-    bar = tqdm(total=total, initial=start_step, disable=rank != 0, desc=config["task"])
+    bar = tqdm(total=total, initial=start_step, disable=rank != 0, desc=task.name)
     metrics: dict = {}
     if eval_rows and start_step == 0:
         eval_history.append({"step": 0, **evaluate()})
@@ -301,11 +209,10 @@ def train_loop_per_worker(config: dict) -> dict:
         torch.manual_seed(tcfg.seed * 1_000_003 + step * 1009 + rank)
         micro = worker_micro_batches(step_rows(step, len(rows), global_batch, tcfg.seed), rank,
                                      tcfg.micro_batch_size, tcfg.grad_accum)
-        metrics = _train_step(engine, task, [[rows[i] for i in idx] for idx in micro],
-                              tokenizer.pad_token_id, cfg_dict)
+        metrics = _train_step(engine, task, [[rows[i] for i in idx] for idx in micro], tokenizer.pad_token_id)
         metrics.update(step=step + 1, epoch=(step + 1) * global_batch / len(rows))
         history.append({"step": step + 1, "loss": metrics["loss"]})
-        if eval_rows and (step + 1 == total or (eval_every and (step + 1) % eval_every == 0)):
+        if eval_rows and (step + 1 == total or (task.eval_every and (step + 1) % task.eval_every == 0)):
             scores = evaluate()
             metrics.update(scores)
             eval_history.append({"step": step + 1, **scores})
@@ -316,8 +223,7 @@ def train_loop_per_worker(config: dict) -> dict:
             state = {"global_step": step + 1, "epoch": metrics["epoch"],
                      "data_position": (step + 1) * global_batch, "num_rows": len(rows),
                      "global_batch": global_batch, "history": history, "eval_history": eval_history}
-            _save_checkpoint(engine, tokenizer, state, metrics, rank,
-                             tcfg.model_config(config["run_cfg"].model).finetune)
+            _save_checkpoint(engine, tokenizer, state, metrics, rank, tcfg.model_config(config["model_cfg"]).finetune)
         else:
             ray.train.report(metrics)
     bar.close()
@@ -325,6 +231,15 @@ def train_loop_per_worker(config: dict) -> dict:
         writer.close()
     return {"history": history, "eval_history": eval_history, "metrics": metrics,
             "resumed_from_step": start_step}
+
+
+def _tensorboard(folder: str | None):
+    """A TensorBoard writer into ``folder`` (None: no writer)."""
+    if folder is None:
+        return None
+    from tensorboardX import SummaryWriter
+
+    return SummaryWriter(folder)
 
 
 def _log_scalars(writer, metrics: dict, step: int) -> None:
@@ -352,24 +267,20 @@ def _setup_engine(config: dict, total: int):
     import numpy as np
     import torch
 
-    from rosepo.model.factory import apply_lora, load_model, load_tokenizer, resolve_dtype
-
-    run_cfg, tcfg = config["run_cfg"], config["train_cfg"]
+    task: TrainingTask = config["task"]
+    model_cfg, tcfg = config["model_cfg"], task.cfg
     random.seed(tcfg.seed)
     np.random.seed(tcfg.seed)
     torch.manual_seed(tcfg.seed)  # the same LoRA initialisation on every rank
     tokenizer = load_tokenizer(config["model_path"])
-    model = load_model(config["model_path"], dtype=resolve_dtype(run_cfg.model.dtype, tcfg.use_gpu),
+    model = load_model(config["model_path"], dtype=resolve_dtype(model_cfg.dtype, tcfg.use_gpu),
                        adapter=config["adapter"], trainable_adapter=True,
-                       gradient_checkpointing=run_cfg.model.gradient_checkpointing)
+                       gradient_checkpointing=model_cfg.gradient_checkpointing)
     if config["adapter"] is None:
-        model = apply_lora(model, tcfg.model_config(run_cfg.model))
-    task = get_task(config["task"])
-    if hasattr(task, "prepare_model"):
-        model = task.prepare_model(model, config["cfg_dict"], config["adapter"])
+        model = apply_lora(model, tcfg.model_config(model_cfg))
+    model = task.prepare_model(model, config["adapter"])
     warmup = math.ceil(tcfg.warmup_ratio * total)
-    # The shared-memory comm op is never used by ZeRO here, and JIT-compiles for ~31 s on CPU.
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    skip_shm_comm_build()
     params = [p for p in model.parameters() if p.requires_grad]
     engine, *_ = deepspeed.initialize(
         model=model,
@@ -381,8 +292,7 @@ def _setup_engine(config: dict, total: int):
     return engine, tokenizer
 
 
-def _train_step(engine, task: ModuleType, micro_batches: list[list[dict]], pad_id: int,
-                cfg_dict: dict) -> dict:
+def _train_step(engine, task: TrainingTask, micro_batches: list[list[dict]], pad_id: int) -> dict:
     """One optimiser step over this worker's micro-batches (DeepSpeed accumulates and steps at
     the boundary); metrics averaged over micro-batches, then over workers."""
     import time
@@ -395,7 +305,7 @@ def _train_step(engine, task: ModuleType, micro_batches: list[list[dict]], pad_i
     tokens = samples = 0
     for rows in micro_batches:
         batch = {k: v.to(engine.device) for k, v in task.collate(rows, pad_id).items()}
-        loss, task_metrics = task.compute_loss(engine, batch, cfg_dict)
+        loss, task_metrics = task.compute_loss(engine, batch)
         engine.backward(loss)
         engine.step()
         for k, v in {"loss": loss, **task_metrics}.items():
@@ -419,10 +329,18 @@ def _train_step(engine, task: ModuleType, micro_batches: list[list[dict]], pad_i
             "perf/samples_per_second": reduced[-1] / elapsed}
 
 
-def _evaluate(engine, task: ModuleType, rows: list[dict], micro_batch: int, pad_id: int,
-              cfg_dict: dict, task_eval=None) -> dict:
+def _evaluator(engine, task: TrainingTask, tokenizer, rows: list[dict]):
+    """A function computing the held-out metrics of `_evaluate` on ``rows`` (every rank scores
+    them all), with the task's own `TrainingTask.eval_metrics` when its `eval_setup` is on."""
+    state = task.eval_setup(rows, tokenizer) if rows else None
+    task_eval = functools.partial(task.eval_metrics, tokenizer=tokenizer, state=state) if state else None
+    return functools.partial(_evaluate, engine, task, rows, task.cfg.micro_batch_size, tokenizer.pad_token_id,
+                             task_eval)
+
+
+def _evaluate(engine, task: TrainingTask, rows: list[dict], micro_batch: int, pad_id: int, task_eval=None) -> dict:
     """Row-weighted means of the task's loss and metrics over ``rows``, and the task's own
-    ``task_eval(engine, cfg=cfg_dict)`` metrics when given, as ``eval/<name>``."""
+    ``task_eval(engine)`` metrics when given, as ``eval/<name>``."""
     import torch
 
     engine.eval()
@@ -431,10 +349,10 @@ def _evaluate(engine, task: ModuleType, rows: list[dict], micro_batch: int, pad_
         for i in range(0, len(rows), micro_batch):
             chunk = rows[i:i + micro_batch]
             batch = {k: v.to(engine.device) for k, v in task.collate(chunk, pad_id).items()}
-            loss, task_metrics = task.compute_loss(engine, batch, cfg_dict)
+            loss, task_metrics = task.compute_loss(engine, batch)
             for k, v in {"loss": loss, **task_metrics}.items():
                 sums[k] = sums.get(k, 0.0) + float(v) * len(chunk)
-        more = task_eval(engine, cfg=cfg_dict) if task_eval else {}
+        more = task_eval(engine) if task_eval else {}
     engine.train()
     return {f"eval/{k}": v for k, v in ({k: v / len(rows) for k, v in sums.items()} | more).items()}
 
@@ -451,22 +369,10 @@ def _resume(engine, resume_from: str | None, num_rows: int,
     if checkpoint is None:
         return 0, [], []
     with checkpoint.as_directory() as d:
-        state = _check_resumable(Path(d), num_rows, global_batch)
+        state = check_resumable(Path(d), num_rows, global_batch)
         # Frozen base weights are not in the checkpoint: they come from the base model.
         engine.load_checkpoint(str(Path(d) / DS_SUBDIR), tag=DS_TAG, load_module_strict=False)
     return state["global_step"], list(state["history"]), list(state.get("eval_history", []))
-
-
-def _check_resumable(checkpoint: Path, num_rows: int, global_batch: int) -> dict:
-    """The checkpoint's trainer state; `ConfigError` when its data position means something
-    else in this run (another number of rows or global batch)."""
-    state = json.loads((checkpoint / TRAINER_STATE).read_text(encoding="utf-8"))
-    if (state["num_rows"], state["global_batch"]) != (num_rows, global_batch):
-        raise ConfigError(
-            f"cannot resume from {checkpoint}: it was trained on {state['num_rows']} rows with "
-            f"global batch {state['global_batch']}, this run has {num_rows} and {global_batch}; "
-            "use a new run_name (or delete the old run folder)")
-    return state
 
 
 def _save_checkpoint(engine, tokenizer, state: dict, metrics: dict, rank: int, finetune: str) -> None:
@@ -476,8 +382,6 @@ def _save_checkpoint(engine, tokenizer, state: dict, metrics: dict, rank: int, f
 
     import deepspeed
     import ray.train
-
-    from rosepo.model.factory import export_model
 
     with tempfile.TemporaryDirectory() as tmp:
         engine.save_checkpoint(str(Path(tmp) / DS_SUBDIR), tag=DS_TAG, exclude_frozen_parameters=True)
@@ -493,3 +397,4 @@ def _save_checkpoint(engine, tokenizer, state: dict, metrics: dict, rank: int, f
         if rank == 0:
             (Path(tmp) / TRAINER_STATE).write_text(json.dumps(state, indent=2), encoding="utf-8")
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+

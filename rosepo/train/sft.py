@@ -1,8 +1,8 @@
-"""Supervised fine-tuning on the true next item: the ``sft`` task of `rosepo.train.loop`.
+"""The sft stage: supervised fine-tuning on the true next item, the `SFTTask` of `rosepo.train.loop`.
 
 The loss is the mean token cross-entropy over the labelled tokens of a micro-batch: the answer
 (the target title) and EOS; prompt and padding tokens are labelled -100 by
-`rosepo.model.tokenize.encode_sft` / `pad_sft_batch` and do not count.
+`rosepo.model.tokenize.encode_sft` and do not count.
 
 With ``sft.candidate_weight`` w > 0 it adds w · mean(−log m), m the probability mass that the
 answer's first token puts on the first tokens of the sample's candidates. Cross-entropy on the
@@ -19,18 +19,27 @@ prediction, SASRec's objective, over the history the prompt already holds, so a 
 up to ten transitions instead of one. The LM head runs on those positions only.
 
 Tokenisation runs in the Ray Data pipeline (`sft_dataset`), once, before training; the loop
-only pads. ``sft.max_samples`` keeps the first N samples by ``sample_id`` (sorted), so a slice is the
-same whatever order the samples were written in.
+only pads. The stage (`build_sft`) trains on a seeded random slice of ``sft.max_samples`` train
+samples (`rosepo.data.samples.select_samples`: the first sample ids would be a few users only);
+`sft_dataset` then orders the rows by ``sample_id``, so the training order is the same whatever
+order the samples were written in.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import shutil
 from pathlib import Path
 from typing import Any
 
-#: Column that orders the training rows (see the data order in `rosepo.train.loop`).
-KEY = "sample_id"
+from rosepo.config import SFTConfig
+from rosepo.data.samples import read_split, select_samples
+from rosepo.layout import SFT_MODEL_DIR
+from rosepo.model.factory import load_tokenizer
+from rosepo.model.tokenize import IGNORE, encode_answer, encode_sft, history_title_positions
+from rosepo.storage import atomic_dir, write_manifest
+from rosepo.train.loop import TrainingTask, fit
 
 
 def collate(rows: list[dict], pad_id: int) -> dict:
@@ -43,8 +52,6 @@ def collate(rows: list[dict], pad_id: int) -> dict:
     ~300-token prompt (``logits_to_keep``); the loss is the same as with right padding.
     """
     import torch
-
-    from rosepo.model.tokenize import IGNORE
 
     width = max(len(r["input_ids"]) for r in rows)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
@@ -99,43 +106,56 @@ def token_cross_entropy(logits, labels):
     return loss, accuracy
 
 
-def compute_loss(model, batch: dict, cfg: dict) -> tuple[Any, dict]:
-    """SFT loss of a micro-batch and its metrics (``sft/token_accuracy``)."""
-    import torch.nn.functional as F
+@dataclasses.dataclass
+class SFTTask(TrainingTask):
+    """The SFT training task: rows ``sample_id, input_ids, labels`` (`sft_dataset`). The stage
+    trains without an eval set; given one, `fit` evaluates before and after training and every
+    ``eval_every`` steps."""
 
-    keep = int(batch["keep"])
-    history = cfg["history_weight"] and len(batch["history_targets"]) > 0
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                position_ids=batch["position_ids"], logits_to_keep=keep, output_hidden_states=bool(history))
-    logits = out.logits
-    loss, accuracy = token_cross_entropy(logits, batch["labels"][:, -keep:])
-    metrics = {"sft/token_accuracy": accuracy.detach()}
-    if history:
-        hidden = out.hidden_states[-1]  # after the final norm: the LM head's input
-        rows, positions = batch["history_index"].unbind(1)
-        history_logits = model.get_output_embeddings()(hidden[rows, positions]).float()
-        history_loss = F.cross_entropy(history_logits, batch["history_targets"])
-        loss = loss + cfg["history_weight"] * history_loss
-        metrics["sft/history_loss"] = history_loss.detach()
-    if cfg["candidate_weight"]:
+    cfg: SFTConfig
+    eval_every: int = 0
+    name = "sft"
+    key = "sample_id"
+
+    def collate(self, rows: list[dict], pad_id: int) -> dict:
+        """See the module function `collate`."""
+        return collate(rows, pad_id)
+
+    def compute_loss(self, model, batch: dict) -> tuple[Any, dict]:
+        """SFT loss of a micro-batch and its metrics (``sft/token_accuracy``, and
+        ``sft/candidate_mass`` with ``candidate_weight``, ``sft/history_loss`` with
+        ``history_weight``)."""
         import torch
+        import torch.nn.functional as F
 
-        first = logits[torch.arange(len(logits)), batch["first_pos"]].float()
-        log_mass = candidate_mass_logp(first, batch["candidate_first_ids"])
-        loss = loss - cfg["candidate_weight"] * log_mass.mean()
-        metrics["sft/candidate_mass"] = log_mass.exp().mean().detach()
-    return loss, metrics
+        keep = int(batch["keep"])
+        history = bool(self.cfg.history_weight) and len(batch["history_targets"]) > 0
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                    position_ids=batch["position_ids"], logits_to_keep=keep, output_hidden_states=history)
+        logits = out.logits
+        loss, accuracy = token_cross_entropy(logits, batch["labels"][:, -keep:])
+        metrics = {"sft/token_accuracy": accuracy.detach()}
+        if history:
+            hidden = out.hidden_states[-1]  # after the final norm: the LM head's input
+            rows, positions = batch["history_index"].unbind(1)
+            history_logits = model.get_output_embeddings()(hidden[rows, positions]).float()
+            history_loss = F.cross_entropy(history_logits, batch["history_targets"])
+            loss = loss + self.cfg.history_weight * history_loss
+            metrics["sft/history_loss"] = history_loss.detach()
+        if self.cfg.candidate_weight:
+            first = logits[torch.arange(len(logits)), batch["first_pos"]].float()
+            log_mass = candidate_mass_logp(first, batch["candidate_first_ids"])
+            loss = loss - self.cfg.candidate_weight * log_mass.mean()
+            metrics["sft/candidate_mass"] = log_mass.exp().mean().detach()
+        return loss, metrics
 
-
-def num_tokens(batch: dict) -> int:
-    """Non-padding tokens of a micro-batch."""
-    return int(batch["attention_mask"].sum())
+    def num_tokens(self, batch: dict) -> int:
+        """Non-padding tokens of a micro-batch."""
+        return int(batch["attention_mask"].sum())
 
 
 @functools.lru_cache(maxsize=2)
 def _tokenizer(path: str):
-    from rosepo.model.factory import load_tokenizer
-
     return load_tokenizer(path)
 
 
@@ -146,8 +166,6 @@ def tokenize_batch(batch, model_path: str, max_prompt_tokens: int, max_answer_to
     ``candidate_titles`` as an answer), with ``history`` ``history_positions`` (of
     ``history_titles`` 2..n). The tokenizer is loaded once per Ray worker process."""
     import pandas as pd
-
-    from rosepo.model.tokenize import IGNORE, encode_answer, encode_sft, history_title_positions
 
     tok = _tokenizer(model_path)
     enc = [encode_sft(tok, p, a, max_prompt_tokens, max_answer_tokens)
@@ -170,9 +188,11 @@ def tokenize_batch(batch, model_path: str, max_prompt_tokens: int, max_answer_to
 def sft_dataset(run_cfg: Any, samples_ds, base_model: str):
     """The tokenised, materialised SFT training set: ``sample_id, input_ids, labels``.
 
-    ``samples_ds`` is a Ray Dataset with the SAMPLES columns (``sample_id``, ``prompt`` and
-    ``answer`` are used); ``sft.max_samples`` keeps the first N by ``sample_id``. Materialised
-    once here so the workers, which each read the whole set, do not tokenise it again.
+    ``run_cfg`` holds the ``sft`` and ``model`` sections. ``samples_ds`` is a Ray Dataset with the
+    SAMPLES columns (``sample_id``, ``prompt`` and ``answer`` are used); a non-zero
+    ``sft.max_samples`` keeps the first N by ``sample_id`` (the stage passes a slice of that
+    size already). Materialised once here so the workers, which each read the whole set, do not
+    tokenise it again.
     """
     mcfg = run_cfg.model
     candidates, history = run_cfg.sft.candidate_weight > 0, run_cfg.sft.history_weight > 0
@@ -190,20 +210,32 @@ def sft_dataset(run_cfg: Any, samples_ds, base_model: str):
 def run_sft(run_cfg: Any, samples_ds, base_model: str, output_dir: str, run_name: str) -> dict:
     """Fine-tune ``base_model`` on the samples (`sft_dataset`) with `rosepo.train.loop.fit`,
     then copy the final HF export (the LoRA adapter, or the full model) atomically to
-    ``<output_dir>/model``.
+    ``<output_dir>/model``. ``run_cfg`` holds the ``sft`` and ``model`` sections.
 
     Returns fit's result plus ``model_path``. The Ray run (checkpoints, TensorBoard) lives in
     ``<output_dir>/<run_name>``; re-running with the same ``run_name`` resumes an interrupted run.
     """
-    import shutil
-
-    from rosepo.storage import atomic_dir
-    from rosepo.train.loop import fit
-
-    result = fit("sft", run_cfg, run_cfg.sft, model_path=str(base_model), adapter=None,
+    result = fit(SFTTask(run_cfg.sft), run_cfg.model, model_path=str(base_model), adapter=None,
                  datasets={"train": sft_dataset(run_cfg, samples_ds, base_model)},
                  output_dir=output_dir, run_name=run_name)
-    final = Path(output_dir) / "model"
+    final = Path(output_dir) / SFT_MODEL_DIR
     with atomic_dir(final, overwrite=True) as tmp:
         shutil.copytree(result["final_model"], tmp, dirs_exist_ok=True)
     return {**result, "model_path": str(final.resolve())}
+
+
+def build_sft(cfg: Any, samples_dir: Path, base_model: str, work: Path, out: Path) -> dict:
+    """The sft stage: `run_sft` on a seeded random slice of the train samples (``sft.max_samples``,
+    ``sft.seed``; the first ids would be a few users only), its Ray run under ``work``; the model
+    into ``out/model`` with a manifest (history, last metrics), atomically. ``cfg`` holds the
+    ``sft`` and ``model`` sections."""
+    import ray
+
+    train = select_samples(read_split(samples_dir, "train"), cfg.sft.max_samples, cfg.sft.seed)
+    result = run_sft(cfg, ray.data.from_arrow(train), base_model, str(work), "sft")
+    with atomic_dir(out, overwrite=True) as tmp:
+        shutil.copytree(result["model_path"], tmp / SFT_MODEL_DIR)
+        manifest = {"stage": "sft", "metrics": result["metrics"], "history": result["history"],
+                    "resumed_from_step": result["resumed_from_step"]}
+        write_manifest(tmp, manifest)
+    return manifest

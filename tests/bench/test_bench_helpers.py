@@ -82,7 +82,7 @@ def test_greedy_without_cache_equals_greedy_ids():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from bench.eval_throughput import greedy_no_cache
-    from rosepo.eval.generate import greedy_ids
+    from rosepo.model.generate import greedy_ids
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,

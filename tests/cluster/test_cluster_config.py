@@ -2,7 +2,7 @@
 
 The config is checked twice against Ray's schema: through Ray's own `prepare_config` +
 `validate_config` (what `ray up` runs before it touches AWS) and through jsonschema on the file
-as written. Its security is checked by `rosepo.cluster_check.check_cluster_security`, which the
+as written. Its security is checked by `tools.cluster_check.check_cluster_security`, which the
 negative tests show refuses each way of exposing a Ray port.
 """
 
@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rosepo.cluster_check import check_cluster_security
+from tools.cluster_check import check_cluster_security
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG_PATH = ROOT / "cluster" / "config.yaml"

@@ -12,9 +12,10 @@ import pyarrow as pa
 import pytest
 
 from rosepo.config import DataConfig
-from rosepo.data.readers import read_llara_json, write_llara_json
+from rosepo.data.readers import read_llara_json
 from rosepo.data.samples import SPLITS, assign_splits, build_samples, read_split
 from rosepo.errors import DataError
+from rosepo.schema import HISTORY_SEP
 from rosepo.storage import read_manifest
 
 
@@ -61,6 +62,13 @@ def test_assign_splits_exact_and_seeded():
     assert sorted(a.values()).count("train") == 80 and list(a.values()).count("test") == 10
     assert a == assign_splits(list(reversed(users)), (0.8, 0.1, 0.1), seed=0)
     assert a != assign_splits(users, (0.8, 0.1, 0.1), seed=1)
+
+
+def write_llara_json(rows: list[dict], path) -> None:
+    """Write samples in the LLaRA / S-DPO JSON format (the inverse of `read_llara_json`)."""
+    data = [{"historyList": HISTORY_SEP.join(r["history_titles"]), "itemList": list(r["candidate_titles"]),
+             "trueSelection": r["target_title"]} for r in rows]
+    Path(path).write_text(json.dumps(data, ensure_ascii=False, indent=1), encoding="utf-8")
 
 
 def test_llara_round_trip(ml100k_samples, tmp_path, ray_session):

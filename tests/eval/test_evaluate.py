@@ -11,10 +11,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from rosepo.config import EvalConfig, ModelConfig, RunConfig
+from rosepo.data.popularity import train_popularity
 from rosepo.data.samples import read_split
 from rosepo.errors import ConfigError
 from rosepo.eval.evaluate import EvalScorer, baseline_scores, evaluate_model, evaluate_ranker, score_metrics
-from rosepo.pairs.build import train_popularity
 
 SMALL = ModelConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                     num_key_value_heads=2, vocab_size=2048, max_position_embeddings=1024,

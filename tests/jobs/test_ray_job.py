@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from rosepo.train.raysetup import free_port
+from rosepo.runtime import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 RAY = str(Path(sys.executable).parent / "ray")
@@ -53,7 +53,8 @@ def cluster(tmp_path_factory):
                              "--dashboard-host=127.0.0.1", f"--dashboard-port={PORTS['dashboard']}",
                              f"--ray-client-server-port={PORTS['client']}",
                              f"--dashboard-agent-listen-port={PORTS['agent']}",
-                             f"--dashboard-agent-grpc-port={PORTS['grpc']}", f"--metrics-export-port={PORTS['metrics']}",
+                             f"--dashboard-agent-grpc-port={PORTS['grpc']}",
+                             f"--metrics-export-port={PORTS['metrics']}",
                              f"--runtime-env-agent-port={PORTS['runtime_env']}",
                              "--min-worker-port=21000", "--max-worker-port=21999", f"--temp-dir={temp}",
                              "--disable-usage-stats"],

@@ -15,7 +15,7 @@ torch = pytest.importorskip("torch")
 from rosepo.config import ModelConfig  # noqa: E402
 from rosepo.errors import ConfigError, DataError  # noqa: E402
 from rosepo.model import factory  # noqa: E402
-from rosepo.model.tokenize import encode_answer, encode_prompt, encode_sft, pad_sft_batch  # noqa: E402
+from rosepo.model.tokenize import encode_answer, encode_prompt, encode_sft  # noqa: E402
 
 FIXTURE = Path(__file__).parent / "fixtures" / "ml100k_titles.txt"
 TITLES = [t for t in FIXTURE.read_text(encoding="utf-8").splitlines() if not t.startswith("#")]
@@ -154,16 +154,6 @@ def test_too_long_prompt_or_answer_is_refused_with_the_remedy():
         encode_prompt(tok, "Answer:", 1)
     with pytest.raises(DataError, match=r"3 tokens with EOS.*limit of 2.*model\.max_answer_tokens"):
         encode_sft(tok, "Answer:", " Toy Story", 8, 2)
-
-
-def test_pad_sft_batch_right_pads():
-    rows = [{"input_ids": [4, 5, 6, 2], "labels": [-100, -100, 6, 2]},
-            {"input_ids": [4, 7, 2], "labels": [-100, 7, 2]}]
-    batch = pad_sft_batch(rows, pad_id=3)
-    assert batch["input_ids"].tolist() == [[4, 5, 6, 2], [4, 7, 2, 3]]
-    assert batch["labels"].tolist() == [[-100, -100, 6, 2], [-100, 7, 2, -100]]
-    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 1, 0]]
-    assert batch["input_ids"].dtype == torch.long
 
 
 def _lora_model(tiny_dir):

@@ -13,9 +13,9 @@ import torch
 
 from rosepo.config import DataConfig, OracleConfig
 from rosepo.errors import ConfigError, DataError
-from rosepo.pairs import oracle as oracle_mod
-from rosepo.pairs.oracle import (ItemVocab, Oracle, SASRec, build_model, evaluate_oracle, load_oracle,
-                                 train_oracle)
+from rosepo.pairs import sasrec as oracle_mod
+from rosepo.pairs.oracle import train_oracle
+from rosepo.pairs.sasrec import ItemVocab, Oracle, SASRec, build_model, evaluate_oracle, load_oracle
 from rosepo.schema import SAMPLES
 
 

@@ -47,22 +47,23 @@ def ml100k_pairs(ml100k_samples, tmp_path_factory):
 def _fit(cfg, model, pairs, out, run_name, **kw):
     import ray
 
+    from rosepo.layout import read_pairs
     from rosepo.model.factory import load_tokenizer
-    from rosepo.pairs.build import read_pairs
+    from rosepo.train.align import AlignTask
     from rosepo.train.loop import fit
 
     datasets = {"train": ray.data.from_arrow(read_pairs(pairs, "train")),
                 "eval": ray.data.from_arrow(read_pairs(pairs, "valid"))}
-    return fit("align", cfg, cfg.align, model_path=str(model), adapter=None, datasets=datasets,
-               output_dir=str(out), run_name=run_name,
-               extra={"pad_id": load_tokenizer(str(model)).pad_token_id, "eval_every": 4}, **kw)
+    task = AlignTask(dataclasses.replace(cfg.align, eval_every=4), cfg.model, load_tokenizer(str(model)).pad_token_id)
+    return fit(task, cfg.model, model_path=str(model), adapter=None, datasets=datasets,
+               output_dir=str(out), run_name=run_name, **kw)
 
 
 def test_pair_invariants(ml100k_pairs, ml100k_samples):
     """Every rejected item is a candidate of its prompt and never the target; ids and reference
     log-probs line up with the chosen/rejected titles."""
     from rosepo.data.samples import read_split
-    from rosepo.pairs.build import read_pairs
+    from rosepo.layout import read_pairs
 
     _, pairs = ml100k_pairs
     samples = {r["sample_id"]: r for r in read_split(ml100k_samples, "train").to_pylist()}
@@ -82,12 +83,13 @@ def test_strategies_pick_their_argmax(ml100k_pairs, ml100k_samples):
     equal a direct computation with the reference model."""
     import torch
 
+    from rosepo.data.popularity import train_popularity
+    from rosepo.data.samples import read_split
+    from rosepo.layout import read_pairs
     from rosepo.model.factory import load_model, load_tokenizer
     from rosepo.model.logprobs import answer_logps
     from rosepo.model.tokenize import encode_answer, encode_prompt
-    from rosepo.pairs.build import read_pairs, train_popularity
     from rosepo.pairs.embed import history_similarity, tfidf_embed
-    from rosepo.data.samples import read_split
 
     model_dir, pairs = ml100k_pairs
     tok = load_tokenizer(str(model_dir))
@@ -157,7 +159,7 @@ def test_batched_scores_differ_only_in_rounding(ml100k_pairs, ml100k_samples):
     from rosepo.model.factory import load_model, load_tokenizer
     from rosepo.model.logprobs import answer_logps
     from rosepo.model.tokenize import encode_answer, encode_prompt
-    from rosepo.pairs.build import read_pairs
+    from rosepo.layout import read_pairs
 
     model_dir, pairs = ml100k_pairs
     tok = load_tokenizer(str(model_dir))
@@ -181,8 +183,8 @@ def test_online_reference_equals_precomputed(ml100k_pairs):
     the precomputed ones in the pair rows, so the first-step losses agree."""
     import torch
 
+    from rosepo.layout import read_pairs
     from rosepo.model.factory import apply_lora, load_model
-    from rosepo.pairs.build import read_pairs
     from rosepo.train import align
 
     model_dir, pairs = ml100k_pairs
@@ -190,13 +192,13 @@ def test_online_reference_equals_precomputed(ml100k_pairs):
     model = apply_lora(load_model(str(model_dir), dtype=torch.float32), cfg.align.model_config(cfg.model)).eval()
     rows = read_pairs(pairs, "train").to_pylist()[:6]
     batch = align.collate(rows, 3)
-    d = {**dataclasses.asdict(cfg.align), "pad_id": 3}
-    online = align.reference_logps(model, batch, {**d, "reference": "online"}, 3)
-    pre = align.reference_logps(model, batch, d, 3)
+    online_cfg = dataclasses.replace(cfg.align, reference="online")
+    online = align.reference_logps(model, batch, online_cfg, 3)
+    pre = align.reference_logps(model, batch, cfg.align, 3)
     np.testing.assert_allclose(online.numpy(), pre.numpy(), atol=2e-3)
     with torch.no_grad():
-        l_on, _ = align.compute_loss(model, batch, {**d, "reference": "online"})
-        l_pre, _ = align.compute_loss(model, batch, d)
+        l_on, _ = align.AlignTask(online_cfg, cfg.model, 3).compute_loss(model, batch)
+        l_pre, _ = align.AlignTask(cfg.align, cfg.model, 3).compute_loss(model, batch)
     assert float(l_on) == pytest.approx(float(l_pre), abs=1e-3)
 
 
@@ -209,18 +211,18 @@ def test_eps_enters_the_loss(ml100k_pairs):
     from rosepo.train import align
 
     _, pairs = ml100k_pairs
-    from rosepo.pairs.build import read_pairs
+    from rosepo.layout import read_pairs
 
     rows = read_pairs(pairs, "train").to_pylist()[:8]
     batch = align.collate(rows, 3)
     policy = batch["ref"] + torch.tensor([[0.4, -0.3]]).repeat(len(rows), 1)
     counts = torch.ones_like(policy)
-    d = dataclasses.asdict(_cfg().align)
+    d = _cfg().align
     eps = align.pair_eps(batch["oracle"], d)
     assert float(eps.max()) > 0
     rosepo, m = align.loss_and_metrics(policy, batch["ref"], counts, eps, d)
-    dpo, _ = align.loss_and_metrics(policy, batch["ref"], counts, align.pair_eps(batch["oracle"], {**d, "loss": "dpo"}),
-                                    {**d, "loss": "dpo"})
+    dpo_cfg = dataclasses.replace(d, loss="dpo")
+    dpo, _ = align.loss_and_metrics(policy, batch["ref"], counts, align.pair_eps(batch["oracle"], dpo_cfg), dpo_cfg)
     z = torch.tensor(0.5 * 0.7)  # β·h, h = 0.4 − (−0.3)
     expected = (-(1 - eps) * F.logsigmoid(z) - eps * F.logsigmoid(-z)).mean()
     assert float(rosepo) == pytest.approx(float(expected), abs=1e-5)

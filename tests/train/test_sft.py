@@ -9,7 +9,6 @@ does a run whose worker is SIGKILLed),
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 from pathlib import Path
@@ -18,7 +17,8 @@ import pytest
 
 from rosepo.config import ModelConfig, RunConfig, SFTConfig
 from rosepo.errors import ConfigError
-from rosepo.train import loop
+from rosepo.train import loop, zero_config
+from rosepo.train.sft import SFTTask
 
 # ---------------------------------------------------------------- pure helpers
 
@@ -72,7 +72,7 @@ def test_deepspeed_config_fills_training_fields_over_the_template():
 
 
 def test_deepspeed_config_offload_follows_the_config_not_the_template():
-    template = str(loop.DEEPSPEED_DIR / "zero3_offload.json")
+    template = str(zero_config.DEEPSPEED_DIR / "zero3_offload.json")
     off = loop.deepspeed_config(SFTConfig(deepspeed_config=template, zero_stage=2), bf16=False)
     assert "offload_optimizer" not in off["zero_optimization"]
     assert off["zero_optimization"]["stage"] == 2
@@ -96,13 +96,15 @@ def test_find_latest_checkpoint_picks_the_highest_step(tmp_path):
     assert loop.find_latest_checkpoint(tmp_path / "missing") is None
 
 
-def test_unknown_task_is_refused():
-    with pytest.raises(ConfigError, match="unknown training task"):
-        loop.get_task("nope")
+def test_fit_refuses_what_is_not_a_training_task():
+    with pytest.raises(ConfigError, match="fit trains a TrainingTask"):
+        loop.fit("sft", ModelConfig(), model_path="unused", adapter=None, datasets={}, output_dir=".", run_name="r")
+    with pytest.raises(TypeError, match="abstract"):  # a task must implement the interface
+        type("Half", (loop.TrainingTask,), {"collate": lambda self, rows, pad_id: {}})()
 
 
 def test_worker_env_vars():
-    from rosepo.train.raysetup import worker_env_vars
+    from rosepo.runtime import worker_env_vars
 
     cpu, gpu = worker_env_vars(use_gpu=False), worker_env_vars(use_gpu=True)
     assert cpu["DS_ACCELERATOR"] == "cpu" and "DS_ACCELERATOR" not in gpu
@@ -156,7 +158,7 @@ def _fit(cfg, ray_session, tiny_model_dir, sft_samples, out, run_name, **kw):
     from rosepo.train.sft import sft_dataset
 
     ds = sft_dataset(cfg, _samples_ds(ray_session, sft_samples), str(tiny_model_dir))
-    return fit("sft", cfg, cfg.sft, model_path=str(tiny_model_dir), adapter=None,
+    return fit(SFTTask(cfg.sft), cfg.model, model_path=str(tiny_model_dir), adapter=None,
                datasets={"train": ds}, output_dir=str(out), run_name=run_name, **kw)
 
 
@@ -201,7 +203,7 @@ def test_fit_refuses_to_resume_with_another_data_geometry(ray_session, tmp_path)
     cfg = _run_cfg()
     ds = ray_session.data.range(96)
     with pytest.raises(ConfigError, match="cannot resume .* 50 rows"):
-        loop.fit("sft", cfg, cfg.sft, model_path="unused", adapter=None, datasets={"train": ds},
+        loop.fit(SFTTask(cfg.sft), cfg.model, model_path="unused", adapter=None, datasets={"train": ds},
                  output_dir=str(tmp_path), run_name="r")
 
 
@@ -252,9 +254,9 @@ def test_sft_zero3_matches_zero2_and_exports_gathered_weights(zero2_run, ray_ses
     z2_out, z2 = zero2_run
     cfg = _run_cfg(zero_stage=3)
     train = sft_dataset(cfg, _samples_ds(ray_session, sft_samples), str(tiny_model_dir))
-    z3 = fit("sft", cfg, cfg.sft, model_path=str(tiny_model_dir), adapter=None,
-             datasets={"train": train, "eval": train}, output_dir=str(tmp_path), run_name="z3",
-             extra={"eval_every": 5, "eval_pairs": 16}, stop_at_step=10)
+    z3 = fit(SFTTask(cfg.sft, eval_every=5), cfg.model, model_path=str(tiny_model_dir), adapter=None,
+             datasets={"train": train, "eval": train.sort("sample_id").limit(16)}, output_dir=str(tmp_path),
+             run_name="z3", stop_at_step=10)
     assert _losses(z3) == pytest.approx(_losses(z2)[:10], abs=1e-4)
     assert [e["step"] for e in z3["eval_history"]] == [0, 5, 10]
     evals = [e["eval/loss"] for e in z3["eval_history"]]
@@ -321,7 +323,6 @@ def test_left_padded_collate_with_logits_to_keep_equals_the_full_right_padded_lo
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from rosepo.model.tokenize import pad_sft_batch
     from rosepo.train import sft
 
     torch.manual_seed(0)
@@ -333,8 +334,8 @@ def test_left_padded_collate_with_logits_to_keep_equals_the_full_right_padded_lo
     assert int(batch["keep"]) == 4  # row 1: last prompt token + 3 answer tokens
     assert batch["position_ids"][1].tolist() == [0, 0, 0, 1, 2, 3, 4]
     with torch.no_grad():
-        loss, metrics = sft.compute_loss(model, batch, dataclasses.asdict(SFTConfig()))
-        right = pad_sft_batch(rows, 0)
+        loss, metrics = sft.SFTTask(SFTConfig()).compute_loss(model, batch)
+        right = _right_pad(rows, 0)
         logits = model(input_ids=right["input_ids"], attention_mask=right["attention_mask"]).logits
         full, accuracy = sft.token_cross_entropy(logits, right["labels"])
     assert float(loss) == pytest.approx(float(full), abs=1e-5)
@@ -360,7 +361,6 @@ def test_candidate_weight_adds_the_candidate_mass_term():
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from rosepo.model.tokenize import pad_sft_batch
     from rosepo.train import sft
 
     torch.manual_seed(0)
@@ -371,10 +371,10 @@ def test_candidate_weight_adds_the_candidate_mass_term():
             {"input_ids": [5, 6, 7, 12, 13], "labels": [-100] * 3 + [12, 13], "candidate_first_ids": [30, 12, 30]}]
     batch = sft.collate(rows, 0)
     assert batch["first_pos"].tolist() == [0, 1]  # keep 4: row 0 answer of 3 tokens, row 1 of 2
-    cfg = dataclasses.asdict(SFTConfig(candidate_weight=0.5))
+    task = sft.SFTTask(SFTConfig(candidate_weight=0.5))
     with torch.no_grad():
-        loss, metrics = sft.compute_loss(model, batch, cfg)
-        right = pad_sft_batch(rows, 0)
+        loss, metrics = task.compute_loss(model, batch)
+        right = _right_pad(rows, 0)
         logits = model(input_ids=right["input_ids"], attention_mask=right["attention_mask"]).logits
         ce, _ = sft.token_cross_entropy(logits, right["labels"])
         # Row 0's first answer token (index 4) is predicted at position 3, row 1's (index 3) at 2.
@@ -383,6 +383,21 @@ def test_candidate_weight_adds_the_candidate_mass_term():
     assert float(loss) == pytest.approx(float(ce - 0.5 * log_m.mean()), abs=1e-5)
     assert float(metrics["sft/candidate_mass"]) == pytest.approx(float(log_m.exp().mean()), abs=1e-6)
 
+
+def _right_pad(rows: list[dict], pad_id: int) -> dict:
+    """The plain right-padded batch the left-padded `collate` must agree with."""
+    import torch
+
+    width = max(len(r["input_ids"]) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), -100, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        n = len(r["input_ids"])
+        input_ids[i, :n] = torch.tensor(r["input_ids"], dtype=torch.long)
+        labels[i, :n] = torch.tensor(r["labels"], dtype=torch.long)
+        attention_mask[i, :n] = 1
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
 
 
 @pytest.mark.slow
@@ -412,7 +427,6 @@ def test_history_weight_adds_next_item_prediction_over_the_history():
     import torch.nn.functional as F
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from rosepo.model.tokenize import pad_sft_batch
     from rosepo.train import sft
 
     torch.manual_seed(0)
@@ -422,10 +436,10 @@ def test_history_weight_adds_next_item_prediction_over_the_history():
             {"input_ids": [5, 6, 7, 12, 13], "labels": [-100] * 3 + [12, 13], "history_positions": [1]}]
     batch = sft.collate(rows, 0)
     assert batch["history_targets"].tolist() == [7, 8, 6]
-    cfg = dataclasses.asdict(SFTConfig(history_weight=2.0))
+    task = sft.SFTTask(SFTConfig(history_weight=2.0))
     with torch.no_grad():
-        loss, metrics = sft.compute_loss(model, batch, cfg)
-        right = pad_sft_batch(rows, 0)
+        loss, metrics = task.compute_loss(model, batch)
+        right = _right_pad(rows, 0)
         logits = model(input_ids=right["input_ids"], attention_mask=right["attention_mask"]).logits
         ce, _ = sft.token_cross_entropy(logits, right["labels"])
         history = F.cross_entropy(torch.stack([logits[0, 1], logits[0, 2], logits[1, 0]]), torch.tensor([7, 8, 6]))

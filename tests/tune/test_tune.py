@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rosepo.config import AlignConfig, ModelConfig, PairsConfig, RunConfig, load_config
+from rosepo.config import AlignConfig, ModelConfig, PairsConfig, RunConfig, apply_values, load_config
 from rosepo.errors import ConfigError
-from rosepo.tune import apply_values, check_search, eval_reports, load_search, validate_search
+from rosepo.experiments.search import check_search, eval_reports, load_search, validate_search
 
 REPO = Path(__file__).resolve().parents[2]
 METRIC = "eval/smoothing/eps_mean"
@@ -72,7 +72,7 @@ def test_bad_search_files_are_refused_naming_the_key(tmp_path, text, needle):
 def test_space_becomes_tune_distributions():
     from ray import tune
 
-    from rosepo.tune import search_space
+    from rosepo.experiments.search import search_space
 
     out = search_space({"align.beta": {"loguniform": [0.05, 1.0]}, "align.eps_max": {"uniform": [0.1, 0.2]},
                         "align.loss": {"choice": ["rosepo", "dpo"]}, "align.smoothing_tau": {"grid": [0.5, 2]}})
@@ -147,7 +147,7 @@ def _cfg(**align) -> RunConfig:
 
 @pytest.fixture(scope="module")
 def tune_inputs(ml100k_samples, tmp_path_factory):
-    """What `rosepo.tune.prepare_inputs` returns, for 32 train / 16 valid pairs built from the real
+    """What `rosepo.experiments.tune.prepare_inputs` returns, for 32 train / 16 valid pairs built from the real
     ML-100K samples with a tiny model (standing in for the SFT model) and a 1-epoch oracle."""
     from rosepo.config import OracleConfig
     from rosepo.data.samples import read_split
@@ -174,25 +174,27 @@ def test_align_recommendation_metrics_equal_the_eval_stage(tune_inputs, ml100k_s
     import pyarrow as pa
     import pyarrow.compute as pc
 
+    from rosepo.data.popularity import train_popularity
     from rosepo.data.samples import read_split
     from rosepo.eval.evaluate import EvalScorer, catalog_titles, score_metrics
+    from rosepo.layout import read_pairs
     from rosepo.model.factory import load_tokenizer
-    from rosepo.pairs.build import read_pairs, train_popularity
     from rosepo.train import align
 
     cfg = _cfg(eval_rec_samples=6, micro_batch_size=8)  # one batch, as EvalScorer scores it
     tok = load_tokenizer(tune_inputs["model_path"])
     rows = read_pairs(tune_inputs["pairs"], "valid").to_pylist()
-    d = {**dataclasses.asdict(cfg.align), "pad_id": tok.pad_token_id}
-    assert align.eval_setup(rows, tok, cfg, {**d, "eval_rec_samples": 0}) is None
-    state = align.eval_setup(rows, tok, cfg, d)
+    task = align.AlignTask(cfg.align, cfg.model, tok.pad_token_id)
+    off = align.AlignTask(dataclasses.replace(cfg.align, eval_rec_samples=0), cfg.model, tok.pad_token_id)
+    assert off.eval_setup(rows, tok) is None
+    state = task.eval_setup(rows, tok)
     ids = sorted({r["sample_id"] for r in rows})[:6]
     valid = read_split(ml100k_samples, "valid")
     samples = valid.filter(pc.is_in(valid.column("sample_id"), pa.array(ids))).sort_by("sample_id")
     assert samples.column("sample_id").to_pylist() == ids and len(state["targets"]) == 6
 
     scorer = EvalScorer(cfg, tune_inputs["model_path"], None)
-    ours = align.eval_metrics(scorer.model, tok, state, d)
+    ours = task.eval_metrics(scorer.model, tok, state)
     scored = scorer(samples.select(["sample_id", "prompt", "candidate_titles"]))
     theirs, _ = score_metrics(samples, scored.column("answer").to_pylist(),
                               np.array(scored.column("scores").to_pylist()), None,
@@ -200,7 +202,8 @@ def test_align_recommendation_metrics_equal_the_eval_stage(tune_inputs, ml100k_s
     assert set(ours) == {"hr@1", "valid_ratio", "hr@1_valid", "rank/hr@1", "rank/ndcg@1", "rank/hr@5", "rank/ndcg@5"}
     for key, value in ours.items():
         assert value == pytest.approx(theirs[f"eval/{key}"], abs=1e-9), key
-    no_greedy = align.eval_metrics(scorer.model, tok, state, {**d, "zero_stage": 3})
+    zero3 = align.AlignTask(dataclasses.replace(cfg.align, zero_stage=3), cfg.model, tok.pad_token_id)
+    no_greedy = zero3.eval_metrics(scorer.model, tok, state)
     assert set(no_greedy) == {k for k in ours if k.startswith("rank/")}
 
 
@@ -217,7 +220,7 @@ def test_asha_search_stops_a_trial_and_best_config_trains(ray_session, tune_inpu
     with grace 1 and factor 2: a trial with eps_max 0.4 reaches a rung where an eps_max 0.05 trial
     already is and is stopped. best.yaml holds eps_max 0.05, loads and trains; the pairs are not
     rebuilt by any trial; each trial wrote TensorBoard logs."""
-    from rosepo.tune import run_tune
+    from rosepo.experiments.tune import run_tune
 
     before = _pairs_state(tune_inputs)
     search = validate_search({
@@ -253,21 +256,25 @@ def test_asha_search_stops_a_trial_and_best_config_trains(ray_session, tune_inpu
     assert best.align.num_workers == 1 and best.pairs.embedder == "tfidf"  # the rest of the config kept
     import ray
 
-    from rosepo.pairs.build import read_pairs
+    from rosepo.layout import read_pairs
+    from rosepo.train.align import AlignTask
     from rosepo.train.loop import fit
 
-    result = fit("align", best, best.align, model_path=tune_inputs["model_path"], adapter=None,
+    result = fit(AlignTask(best.align, best.model, tune_inputs["pad_id"]), best.model,
+                 model_path=tune_inputs["model_path"], adapter=None,
                  datasets={"train": ray.data.from_arrow(read_pairs(tune_inputs["pairs"], "train"))},
-                 output_dir=str(tmp_path / "best"), run_name="best", extra={"pad_id": tune_inputs["pad_id"]})
+                 output_dir=str(tmp_path / "best"), run_name="best")
     assert [h["step"] for h in result["history"]] == [1, 2]
     assert all(0 < h["loss"] < 2 for h in result["history"])
 
 
 DRIVER = """
 import json, sys
+from rosepo.cli import configure_logging
 from rosepo.config import load_config
-from rosepo.train.raysetup import init_ray
-from rosepo.tune import run_tune
+from rosepo.runtime import init_ray
+from rosepo.experiments.tune import run_tune
+configure_logging()
 args = json.loads(sys.argv[1])
 init_ray(args["address"])
 run_tune(load_config(args["config"]), args["search"], storage=args["storage"], name="resume",
@@ -283,7 +290,7 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(ray_sessio
     first one is neither rerun nor rewritten."""
     import yaml
 
-    from rosepo.tune import run_tune
+    from rosepo.experiments.tune import run_tune
 
     cfg = _cfg(max_steps=2)
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
@@ -325,7 +332,8 @@ def test_a_failing_trial_is_retried_per_failure_config(ray_session, tune_inputs,
     """`FAULT_ENV` makes the first trial raise once. With ``max_failures: 1`` it is restarted, the
     search completes and the summary shows one restart; with ``max_failures: 0`` the trial ends
     in error, and the search still completes, reports it and picks the best of the others."""
-    from rosepo.tune import FAULT_ENV, run_tune
+    from rosepo.experiments.trial import FAULT_ENV
+    from rosepo.experiments.tune import run_tune
 
     cfg = _cfg(max_steps=2, eval_every=0, eval_rec_samples=0)
     search = {"num_samples": 1, "max_concurrent_trials": 1, "metric": METRIC, "mode": "min",

@@ -11,7 +11,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 torch = pytest.importorskip("torch")
 
-from rosepo.eval.generate import candidate_trie, constrained_answers, greedy_answers, greedy_ids  # noqa: E402
+from rosepo.model.generate import candidate_trie, constrained_answers, greedy_answers, greedy_ids  # noqa: E402
 
 VOCAB = 100
 PROMPTS = [[5, 17, 42], [9, 8, 7, 6, 5, 4, 3, 2, 1, 11, 12, 13], [60], [33, 34, 35, 36, 37, 38, 39]]

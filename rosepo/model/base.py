@@ -1,0 +1,77 @@
+"""The model stage: the run's base model, the built-in tiny Llama (its tokenizer trained on the
+samples' text, its title tokens optionally initialised from the oracle) or the configured
+pretrained model, named in the stage's manifest."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+
+from rosepo.config import ModelConfig
+from rosepo.data.samples import SPLITS, read_split
+from rosepo.layout import MODEL_PATH_KEY, TINY_MODEL_DIR
+from rosepo.model.factory import build_tiny_model, check_lora_targets, load_tokenizer, model_linear_layers
+from rosepo.model.fetch import resolve_model
+from rosepo.model.tokenize import check_sample_lengths
+from rosepo.pairs.sasrec import load_oracle
+from rosepo.storage import atomic_dir, write_manifest
+
+
+def build_base_model(cfg: ModelConfig, data_dir: str, samples_dir: Path, oracle_dir: Path, out: Path) -> dict:
+    """Build (``name_or_path: tiny``) or name the base model into ``out``, atomically; return the
+    manifest (``model_path``: ``out/hf``, or the configured model, a named one such as
+    ``gemma-3-270m`` fetched into ``data_dir`` on first use). With ``title_init: sasrec`` the
+    title tokens start from the oracle's item vectors (`title_vectors`).
+
+    Checked here, before any training stage starts workers: LoRA target modules exist in the
+    model, and every prompt and answer of the samples is within the token limits (refused with
+    the usual one line rather than inside a Ray Data task of SFT, pairs or eval).
+    """
+    with atomic_dir(out, overwrite=True) as tmp:
+        if cfg.name_or_path == "tiny":
+            texts, titles = tokenizer_texts(cfg, samples_dir)
+            vectors = title_vectors(samples_dir, oracle_dir) if cfg.title_init == "sasrec" else None
+            built = build_tiny_model(cfg, texts, tmp / TINY_MODEL_DIR, titles=titles, title_vectors=vectors)
+            path = str(out / TINY_MODEL_DIR)  # where it will be once the folder is in place
+        else:
+            path = built = resolve_model(cfg.name_or_path, data_dir)
+        if cfg.finetune == "lora":
+            check_lora_targets(cfg, model_linear_layers(built))
+        longest = check_sample_lengths(load_tokenizer(built), {s: read_split(samples_dir, s) for s in SPLITS},
+                                       cfg.max_prompt_tokens, cfg.max_answer_tokens, str(samples_dir))
+        manifest = {"stage": "model", MODEL_PATH_KEY: path, "config": dataclasses.asdict(cfg), "longest": longest}
+        write_manifest(tmp, manifest)
+    return manifest
+
+
+def tokenizer_texts(cfg: ModelConfig, samples_dir: Path) -> tuple[list[str], list[str]]:
+    """What the tiny model's tokenizer learns from: about 4000 train prompts (templates + titles)
+    and every train candidate title; and the titles that become whole tokens (every title a
+    prompt can name, valid and test included, when ``title_tokens``)."""
+    train = read_split(samples_dir, "train")
+    texts = train.column("prompt").to_pylist()[:: max(1, len(train) // 4000)]
+    titles = {t for ts in train.column("candidate_titles").to_pylist() for t in ts}
+    texts += sorted(titles)
+    if cfg.title_tokens:
+        for split in ("valid", "test"):
+            table = read_split(samples_dir, split)
+            for column in ("history_titles", "candidate_titles"):
+                titles.update(t for ts in table.column(column).to_pylist() for t in ts)
+        titles.update(t for ts in train.column("history_titles").to_pylist() for t in ts)
+    return texts, sorted(titles)
+
+
+def title_vectors(samples_dir: Path, oracle_dir: Path) -> dict:
+    """Title -> the oracle's item vector (the mean, for a title two items share)."""
+    item_vectors = load_oracle(oracle_dir).item_vectors()
+    by_title: dict[str, dict[str, np.ndarray]] = {}
+    for split in SPLITS:
+        table = read_split(samples_dir, split)
+        for ids_col, titles_col in (("history_item_ids", "history_titles"),
+                                    ("candidate_item_ids", "candidate_titles")):
+            for ids, names in zip(table.column(ids_col).to_pylist(), table.column(titles_col).to_pylist()):
+                for i, t in zip(ids, names):
+                    by_title.setdefault(t, {})[i] = item_vectors[i]
+    return {t: np.mean(list(v.values()), axis=0) for t, v in by_title.items()}
