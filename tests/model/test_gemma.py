@@ -14,7 +14,7 @@ import pytest
 
 from rosepo.config import ModelConfig
 from rosepo.errors import ConfigError
-from rosepo.eval.generate import greedy_ids
+from rosepo.model.generate import greedy_ids
 from rosepo.model.factory import apply_lora, linear_layer_names, model_linear_layers
 from rosepo.model.fetch import fetch_model, resolve_model
 from rosepo.model.logprobs import answer_logps
