@@ -158,7 +158,7 @@ def test_llara_with_one_candidate_refused_and_no_run_folder_left(tmp_path):
     cfg = RunConfig(storage=str(tmp_path / "runs"), data=DataConfig(
         format="llara-json", llara={"valid": str(tmp_path / "valid.json"), "train": str(tmp_path / "train.json")}))
     with pytest.raises(DataError, match=r"train\.json, row 2, column 'itemList': the sample has 1 candidate"):
-        run_stage(cfg, "samples", log=lambda _: None)
+        run_stage(cfg, "samples")
     assert not (tmp_path / "runs").exists()
 
 
