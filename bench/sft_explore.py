@@ -95,7 +95,7 @@ torch.manual_seed(args.seed)
 model = LlamaForCausalLM(cfg)
 
 if args.sasrec:
-    saved = torch.load(args.sasrec)
+    saved = torch.load(args.sasrec, weights_only=True)
     emb = saved["emb"]
     index = {item: k + 1 for k, item in enumerate(saved["item_ids"])}
     item_title = {}
