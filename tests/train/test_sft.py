@@ -255,7 +255,9 @@ def test_sft_zero3_matches_zero2_and_exports_gathered_weights(zero2_run, ray_ses
     cfg = _run_cfg(zero_stage=3)
     train = sft_dataset(cfg, _samples_ds(ray_session, sft_samples), str(tiny_model_dir))
     z3 = fit(SFTTask(cfg.sft, eval_every=5), cfg.model, model_path=str(tiny_model_dir), adapter=None,
-             datasets={"train": train, "eval": train.sort("sample_id").limit(16)}, output_dir=str(tmp_path),
+             # Materialised here: sorting inside the workers would wait for CPUs they hold.
+             datasets={"train": train, "eval": train.sort("sample_id").limit(16).materialize()},
+             output_dir=str(tmp_path),
              run_name="z3", stop_at_step=10)
     assert _losses(z3) == pytest.approx(_losses(z2)[:10], abs=1e-4)
     assert [e["step"] for e in z3["eval_history"]] == [0, 5, 10]
