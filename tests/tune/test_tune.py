@@ -302,8 +302,9 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(ray_sessio
                             stderr=subprocess.STDOUT, text=True, cwd=REPO, start_new_session=True)
     finished = None
     for line in proc.stdout:  # blocks until the driver prints; pytest-timeout bounds it
-        if line.startswith("[rosepo] trial ") and " finished" in line:
-            finished = line.split()[2]
+        # The log line can follow a progress bar's carriage return on the same line.
+        if "[rosepo] trial " in line and " finished" in line:
+            finished = line.split("[rosepo] trial ", 1)[1].split()[0]
             break
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
