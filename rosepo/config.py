@@ -161,6 +161,11 @@ class ModelConfig:
     #: item vectors added to the title tokens' embeddings (a hybrid item token; the oracle then
     #: trains before the model is built).
     title_init: Literal["random", "sasrec"] = "random"
+    #: ``sasrec``: LLaRA's hybrid item representation: every history and candidate title in the
+    #: prompt is followed by one item token whose input embedding is ``projector(v)``, v the
+    #: oracle's vector of that item and the projector a 2-layer MLP trained in SFT and alignment
+    #: next to the adapter (`rosepo.model.items`). Any causal LM; the answer stays text.
+    item_embeddings: Literal["none", "sasrec"] = "none"
     #: Longest prompt in tokens; longer prompts are refused at tokenisation.
     max_prompt_tokens: Positive = 512
     #: Longest answer in tokens, EOS included.
@@ -400,6 +405,9 @@ class RunConfig:
                    f"({m.max_prompt_tokens + m.max_answer_tokens})", m.max_position_embeddings)
         _check(m.title_init == "random" or (m.name_or_path == "tiny" and m.title_tokens), "model.title_init",
                "'sasrec' needs the built-in tiny model with model.title_tokens: true", m.title_init)
+        _check(m.item_embeddings == "none" or self.align.reference == "precomputed", "align.reference",
+               "must be 'precomputed' with model.item_embeddings: sasrec (an online reference would score "
+               "with the projector being trained)", self.align.reference)
         for key in ("lora_target_modules", "modules_to_save"):
             names = getattr(m, key)
             _check(all(isinstance(x, str) and x for x in names), f"model.{key}", "must list module names", names)

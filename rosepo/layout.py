@@ -22,6 +22,9 @@ MODEL_PATH_KEY = "model_path"
 SFT_MODEL_DIR = "model"
 #: A folder holding this file is a LoRA adapter (PEFT's name).
 ADAPTER_CONFIG = "adapter_config.json"
+#: model, sft and align stages: the item table and projector of the hybrid item tokens
+#: (`rosepo.model.items`), beside the model / adapter it belongs to.
+ITEM_EMBEDDINGS = "item_embeddings.safetensors"
 #: align stage: the aligned LoRA adapter.
 ADAPTER_DIR = "adapter"
 #: pairs stage: one ``<split>/pairs.parquet`` per split.
@@ -44,6 +47,14 @@ def sft_model_and_adapter(sft_dir: str | Path, base: str) -> tuple[str, str | No
     if (model / ADAPTER_CONFIG).is_file():
         return base, str(model)
     return str(model), None
+
+
+def find_items(folder: str | Path | None) -> str | None:
+    """The item file (`ITEM_EMBEDDINGS`) in ``folder`` (a model, adapter or model-stage folder), or None."""
+    if folder is None:
+        return None
+    path = Path(folder) / ITEM_EMBEDDINGS
+    return str(path) if path.is_file() else None
 
 
 def aligned_adapter(align_dir: str | Path) -> Path:

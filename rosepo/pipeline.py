@@ -22,7 +22,7 @@ from rosepo.config import RunConfig, config_hash
 from rosepo.data.samples import build_samples
 from rosepo.errors import ConfigError
 from rosepo.eval.evaluate import evaluate_run
-from rosepo.layout import WORK_DIR, base_model_path, sft_model_and_adapter
+from rosepo.layout import WORK_DIR, base_model_path, find_items, sft_model_and_adapter
 from rosepo.model.base import build_base_model
 from rosepo.pairs.build import build_pairs
 from rosepo.pairs.oracle import train_oracle
@@ -87,7 +87,8 @@ def _model(c: SimpleNamespace, out: Path, inputs: dict[str, Path]) -> dict:
 
 
 def _sft(c: SimpleNamespace, out: Path, inputs: dict[str, Path]) -> dict:
-    return build_sft(c, inputs["samples"], base_model_path(inputs["model"]), work_dir(out), out)
+    return build_sft(c, inputs["samples"], base_model_path(inputs["model"]), work_dir(out), out,
+                     find_items(inputs["model"]))
 
 
 def _oracle(c: SimpleNamespace, out: Path, inputs: dict[str, Path]) -> dict:

@@ -34,7 +34,7 @@ from rosepo.data.samples import SPLITS, read_split
 from rosepo.errors import ConfigError, DataError
 from rosepo.eval.metrics import generation_metrics, parse_answer, popularity_metrics, ranking_metrics
 from rosepo.layout import ANSWERS_FILE, METRICS_FILE, TABLE_FILE, aligned_adapter
-from rosepo.model.factory import load_model, load_tokenizer
+from rosepo.model.factory import load_for_inference, load_tokenizer
 from rosepo.model.generate import constrained_answers, greedy_answers
 from rosepo.model.logprobs import answer_logps
 from rosepo.model.tokenize import encode_answer, encode_prompt
@@ -77,15 +77,17 @@ class EvalScorer:
         torch.set_num_threads(1)
         self.cfg = run_cfg
         self.tok = load_tokenizer(base_model)
-        model = load_model(base_model, dtype=torch.float32, adapter=adapter, trainable_adapter=False)
-        self.model = (model.merge_and_unload() if adapter else model).eval()
+        self.model = load_for_inference(base_model, adapter)
+        self.items = getattr(self.model, "items", None)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         import torch
 
         mc, ec = self.cfg.model, self.cfg.eval
-        rows = batch.select(["sample_id", "prompt", "candidate_titles"]).to_pylist()
-        prompt_ids = [encode_prompt(self.tok, r["prompt"], mc.max_prompt_tokens) for r in rows]
+        rows = batch.select(["sample_id", "prompt", "history_item_ids", "history_titles", "candidate_item_ids",
+                             "candidate_titles"]).to_pylist()
+        prompt_ids = [encode_prompt(self.tok, r["prompt"], mc.max_prompt_tokens,
+                                    self.items.prompt_items(r) if self.items else None) for r in rows]
         # Titles go to encode_answer as SFT and the pairs stage pass them, so all score alike.
         cand_ids = [[encode_answer(self.tok, t, mc.max_answer_tokens) for t in r["candidate_titles"]]
                     for r in rows]
@@ -197,7 +199,8 @@ def evaluate_model(run_cfg: Any, samples_dir: str | Path, base_model: str | Path
                           f"{ec.batch_size}")
     # One block per batch, cut here: the pool hands out whole blocks (one block would feed one
     # actor), and Ray's repartition would need a free CPU that a full actor pool never leaves.
-    table = samples.select(["sample_id", "prompt", "candidate_titles"])
+    table = samples.select(["sample_id", "prompt", "history_item_ids", "history_titles", "candidate_item_ids",
+                            "candidate_titles"])
     blocks = [table.slice(i, ec.batch_size) for i in range(0, len(table), ec.batch_size)]
     ds = ray.data.from_arrow(blocks).map_batches(
         EvalScorer, batch_format="pyarrow", batch_size=ec.batch_size,

@@ -11,9 +11,11 @@ import numpy as np
 
 from rosepo.config import ModelConfig
 from rosepo.data.samples import SPLITS, read_split
-from rosepo.layout import MODEL_PATH_KEY, TINY_MODEL_DIR
-from rosepo.model.factory import build_tiny_model, check_lora_targets, load_tokenizer, model_linear_layers
+from rosepo.layout import ITEM_EMBEDDINGS, MODEL_PATH_KEY, TINY_MODEL_DIR
+from rosepo.model.factory import (build_tiny_model, check_lora_targets, embedding_shape, load_tokenizer,
+                                  model_linear_layers)
 from rosepo.model.fetch import resolve_model
+from rosepo.model.items import write_items
 from rosepo.model.tokenize import check_sample_lengths
 from rosepo.pairs.sasrec import load_oracle
 from rosepo.storage import atomic_dir, write_manifest
@@ -23,7 +25,9 @@ def build_base_model(cfg: ModelConfig, data_dir: str, samples_dir: Path, oracle_
     """Build (``name_or_path: tiny``) or name the base model into ``out``, atomically; return the
     manifest (``model_path``: ``out/hf``, or the configured model, a named one such as
     ``gemma-3-270m`` fetched into ``data_dir`` on first use). With ``title_init: sasrec`` the
-    title tokens start from the oracle's item vectors (`title_vectors`).
+    title tokens start from the oracle's item vectors (`title_vectors`). With ``item_embeddings:
+    sasrec`` the folder also holds the item file (`rosepo.model.items`): the oracle's item vectors
+    and a seeded projector, which SFT starts from.
 
     Checked here, before any training stage starts workers: LoRA target modules exist in the
     model, and every prompt and answer of the samples is within the token limits (refused with
@@ -39,8 +43,12 @@ def build_base_model(cfg: ModelConfig, data_dir: str, samples_dir: Path, oracle_
             path = built = resolve_model(cfg.name_or_path, data_dir)
         if cfg.finetune == "lora":
             check_lora_targets(cfg, model_linear_layers(built))
+        hybrid = cfg.item_embeddings == "sasrec"
+        if hybrid:
+            rows, hidden = embedding_shape(built)
+            write_items(tmp / ITEM_EMBEDDINGS, load_oracle(oracle_dir).item_vectors(), rows, hidden)
         longest = check_sample_lengths(load_tokenizer(built), {s: read_split(samples_dir, s) for s in SPLITS},
-                                       cfg.max_prompt_tokens, cfg.max_answer_tokens, str(samples_dir))
+                                       cfg.max_prompt_tokens, cfg.max_answer_tokens, str(samples_dir), items=hybrid)
         manifest = {"stage": "model", MODEL_PATH_KEY: path, "config": dataclasses.asdict(cfg), "longest": longest}
         write_manifest(tmp, manifest)
     return manifest

@@ -12,6 +12,8 @@ from typing import Iterable
 
 from rosepo.config import ModelConfig
 from rosepo.errors import ConfigError
+from rosepo.layout import ITEM_EMBEDDINGS, find_items
+from rosepo.model.items import HybridItemLM, attach_items
 from rosepo.storage import atomic_dir
 
 BOS, EOS, PAD, UNK = "<s>", "</s>", "<pad>", "<unk>"
@@ -171,6 +173,18 @@ def load_model(path: str, *, dtype, adapter: str | None = None, trainable_adapte
     return model
 
 
+def load_for_inference(path: str, adapter: str | None = None):
+    """The model a scoring or generating stage uses: float32, the adapter merged, in eval mode,
+    wrapped with its item tokens when the adapter's folder (or, without one, the model's) holds
+    an item file (`rosepo.model.items`)."""
+    import torch
+
+    model = load_model(path, dtype=torch.float32, adapter=adapter, trainable_adapter=False)
+    model = model.merge_and_unload() if adapter else model
+    items = find_items(adapter or path)
+    return (attach_items(model, items, trainable=False) if items else model).eval()
+
+
 def linear_layer_names(model) -> list[str]:
     """Sorted distinct last names of ``model``'s ``nn.Linear`` modules: what LoRA targets name."""
     import torch
@@ -187,6 +201,16 @@ def model_linear_layers(path: str | Path) -> list[str]:
     config = AutoConfig.from_pretrained(str(path), local_files_only=_offline())
     with torch.device("meta"):
         return linear_layer_names(AutoModelForCausalLM.from_config(config))
+
+
+def embedding_shape(path: str | Path) -> tuple[int, int]:
+    """(input-embedding rows, hidden size) of the model at ``path``, from its config (the text
+    config of a multimodal one)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(str(path), local_files_only=_offline())
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return int(text.vocab_size), int(text.hidden_size)
 
 
 def check_lora_targets(cfg: ModelConfig, linear_layers: Iterable[str]) -> None:
@@ -226,8 +250,9 @@ def export_model(model, tokenizer, out_dir: str | Path, *, merged: bool = False)
     """Save ``model`` (the adapter alone when it is a peft model) and ``tokenizer`` to ``out_dir``.
 
     With ``merged`` a peft model's adapter is also merged into a copy of the base model, saved
-    with the tokenizer under ``out_dir/merged`` (a plain HF model folder). Under ZeRO-3 the
-    caller gathers the parameters first: partitioned tensors save empty.
+    with the tokenizer under ``out_dir/merged`` (a plain HF model folder). A `HybridItemLM`
+    saves its LM so and its item file (trained projector) beside it. Under ZeRO-3 the caller
+    gathers the parameters first: partitioned tensors save empty.
     """
     import copy
 
@@ -235,6 +260,9 @@ def export_model(model, tokenizer, out_dir: str | Path, *, merged: bool = False)
 
     out_dir = Path(out_dir)
     with atomic_dir(out_dir, overwrite=True) as tmp:
+        if isinstance(model, HybridItemLM):
+            model.save_items(tmp / ITEM_EMBEDDINGS)
+            model = model.lm
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         if merged and isinstance(model, PeftModel):

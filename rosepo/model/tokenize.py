@@ -32,18 +32,50 @@ def adds_bos(tokenizer) -> bool:
     return bos is not None and list(tokenizer("x")["input_ids"][:1]) == [bos]
 
 
-def encode_prompt(tokenizer, prompt: str, max_tokens: int) -> list[int]:
+def encode_prompt(tokenizer, prompt: str, max_tokens: int, items: list[tuple[str, int]] | None = None) -> list[int]:
     """Token ids of a prompt: BOS first when the tokenizer adds one by default (`adds_bos`), no
-    other special tokens. Raises `DataError` past ``max_tokens`` (BOS counted)."""
+    other special tokens. With ``items`` ((title, item token id) in the order the prompt names
+    the titles, `rosepo.model.items.ItemTokens.prompt_items`), each item id follows its title's
+    last token; the text's ids are unchanged. Raises `DataError` past ``max_tokens`` (BOS and
+    item tokens counted)."""
     ids = _ids(tokenizer, prompt)
     if not ids:
         raise DataError("prompt is empty")
+    if items:
+        ends = title_ends(tokenizer, prompt, [t for t, _ in items])
+        for end, (_, item) in sorted(zip(ends, items), key=lambda e: e[0], reverse=True):
+            ids.insert(end + 1, item)
     if adds_bos(tokenizer):
         ids = [tokenizer.bos_token_id] + ids
     if len(ids) > max_tokens:
         raise DataError(f"prompt has {len(ids)} tokens, more than the limit of {max_tokens}; "
                         "raise model.max_prompt_tokens or lower data.max_history")
     return ids
+
+
+def _title_spans(prompt: str, titles: list[str]) -> list[tuple[int, int]]:
+    """Character spans of ``titles``, found in order in ``prompt``; an occurrence between quotes
+    or line breaks (how every template sets a title off) is preferred to a bare one."""
+    spans, start = [], 0
+    for title in titles:
+        at = bare = prompt.find(title, start)
+        while at >= 0 and not (prompt[at - 1:at] in ('"', "\n") and prompt[at + len(title):at + len(title) + 1]
+                               in ('"', "\n")):
+            at = prompt.find(title, at + 1)
+        at = bare if at < 0 else at
+        if at < 0:
+            raise DataError(f"title {title!r} is not in the prompt after character {start}")
+        spans.append((at, at + len(title)))
+        start = at + len(title)
+    return spans
+
+
+def title_ends(tokenizer, prompt: str, titles: list[str]) -> list[int]:
+    """Index, among the prompt text's token ids (no special tokens), of the token holding the last
+    character of each of ``titles`` (found in order, `_title_spans`)."""
+    offsets = tokenizer(prompt, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    return [max(i for i, (lo, hi) in enumerate(offsets) if hi > lo and lo < end)
+            for _, end in _title_spans(prompt, titles)]
 
 
 def encode_answer(tokenizer, answer: str, max_tokens: int) -> list[int]:
@@ -58,53 +90,61 @@ def encode_answer(tokenizer, answer: str, max_tokens: int) -> list[int]:
 
 
 def encode_sft(tokenizer, prompt: str, answer: str, max_prompt_tokens: int,
-               max_answer_tokens: int) -> dict:
-    """One SFT row: ``input_ids`` = prompt + answer + EOS; ``labels`` -100 on the prompt."""
-    p = encode_prompt(tokenizer, prompt, max_prompt_tokens)
+               max_answer_tokens: int, items: list[tuple[str, int]] | None = None) -> dict:
+    """One SFT row: ``input_ids`` = prompt (with ``items``, `encode_prompt`) + answer + EOS;
+    ``labels`` -100 on the prompt."""
+    p = encode_prompt(tokenizer, prompt, max_prompt_tokens, items)
     a = encode_answer(tokenizer, answer, max_answer_tokens)
     return {"input_ids": p + a, "labels": [IGNORE] * len(p) + a}
 
 
-def history_title_positions(tokenizer, prompt: str, history_titles: list[str], prompt_len: int) -> list[int]:
-    """Positions, in a prompt of ``prompt_len`` ids (`encode_prompt`), of the tokens of history
-    titles 2..n: the targets of next-item prediction over the history (item j given items < j).
+def history_title_positions(tokenizer, prompt: str, history_titles: list[str], prompt_len: int,
+                            items: list[tuple[str, int]] | None = None) -> list[int]:
+    """Positions, in a prompt of ``prompt_len`` ids (`encode_prompt`, with the same ``items``), of
+    the tokens of history titles 2..n: the targets of next-item prediction over the history
+    (item j given items < j).
 
     Titles are found in order in the prompt text (every template lists the history first) and a
     token counts when its characters lie inside a title; with title tokens that is the title's
-    one token. Special tokens `encode_prompt` put before the text shift every position alike.
+    one token. Special tokens `encode_prompt` put before the text shift every position alike;
+    an item token after a title shifts the tokens after it.
     """
     enc = tokenizer(prompt, add_special_tokens=False, return_offsets_mapping=True)
-    shift = prompt_len - len(enc["input_ids"])
-    spans, start = [], 0
-    for title in history_titles:
-        at = prompt.find(title, start)
-        if at < 0:
-            raise DataError(f"history title {title!r} is not in the prompt after character {start}")
-        spans.append((at, at + len(title)))
-        start = at + len(title)
+    ends = title_ends(tokenizer, prompt, [t for t, _ in items]) if items else []
+    shift = prompt_len - len(enc["input_ids"]) - len(ends)
+    spans = _title_spans(prompt, history_titles)
     positions = []
     for i, (a, b) in enumerate(enc["offset_mapping"]):
         if b > a and any(lo <= a and b <= hi for lo, hi in spans[1:]):
-            positions.append(i + shift)
+            positions.append(i + shift + sum(e < i for e in ends))
     return positions
 
 
 def check_sample_lengths(tokenizer, splits: dict, max_prompt_tokens: int, max_answer_tokens: int,
-                         samples_dir: str, batch_rows: int = 4096) -> dict:
+                         samples_dir: str, batch_rows: int = 4096, items: bool = False) -> dict:
     """Refuse the first sample of ``splits`` (split name -> samples table, sorted by sample id,
     of ``samples_dir``) whose prompt, or one of whose candidate titles as an answer, is longer
-    than the limits; return the longest of each per split.
+    than the limits; return the longest of each per split. Prompts count what `encode_prompt`
+    adds: BOS, and with ``items`` an item token per history and candidate title.
 
     Run at the model stage, when the tokenizer is known: the later stages tokenise inside Ray
     tasks (SFT, pairs, eval), where a refusal would surface wrapped in Ray's traceback.
     """
+    import pyarrow.compute as pc
+
     longest = {}
+    bos = int(adds_bos(tokenizer))
     for split, table in splits.items():
         prompts = table.column("prompt").to_pylist()
+        extra = [bos] * len(prompts)
+        if items:
+            extra = [bos + h + c for h, c in zip(pc.list_value_length(table.column("history_titles")).to_pylist(),
+                                                 pc.list_value_length(table.column("candidate_titles")).to_pylist())]
         most = 0
         for start in range(0, len(prompts), batch_rows):
-            lengths = [len(ids) for ids in tokenizer(prompts[start:start + batch_rows],
-                                                     add_special_tokens=False)["input_ids"]]
+            lengths = [len(ids) + n for ids, n in zip(tokenizer(prompts[start:start + batch_rows],
+                                                                add_special_tokens=False)["input_ids"],
+                                                      extra[start:start + batch_rows])]
             i = max(range(len(lengths)), key=lengths.__getitem__)
             if lengths[i] > max_prompt_tokens:
                 i = next(j for j, n in enumerate(lengths) if n > max_prompt_tokens)

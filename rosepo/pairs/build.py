@@ -24,7 +24,7 @@ from rosepo.data.prompts import stable_int
 from rosepo.data.samples import read_split, select_samples
 from rosepo.eval.metrics import parse_answer
 from rosepo.layout import pairs_file
-from rosepo.model.factory import load_model, load_tokenizer
+from rosepo.model.factory import load_for_inference, load_tokenizer
 from rosepo.model.generate import greedy_answers
 from rosepo.model.logprobs import answer_logps
 from rosepo.model.tokenize import encode_answer, encode_prompt
@@ -45,8 +45,8 @@ class PairScorer:
         torch.set_num_threads(1)
         self.cfg = run_cfg
         self.tok = load_tokenizer(base_model)
-        model = load_model(base_model, dtype=torch.float32, adapter=adapter, trainable_adapter=False)
-        self.model = (model.merge_and_unload() if adapter else model).eval()
+        self.model = load_for_inference(base_model, adapter)
+        self.items = getattr(self.model, "items", None)
         self.oracle = load_oracle(oracle_dir)
         self.vectors = item_vectors
         self.popularity = popularity
@@ -56,7 +56,8 @@ class PairScorer:
 
         pc, mc = self.cfg.pairs, self.cfg.model
         rows = batch.to_pylist()
-        prompt_ids = [encode_prompt(self.tok, r["prompt"], mc.max_prompt_tokens) for r in rows]
+        prompt_ids = [encode_prompt(self.tok, r["prompt"], mc.max_prompt_tokens,
+                                    self.items.prompt_items(r) if self.items else None) for r in rows]
         cand_ids = [[encode_answer(self.tok, t, mc.max_answer_tokens) for t in r["candidate_titles"]] for r in rows]
         # One sample per forward. Batched, a sample's scores move in the last bits with the rows it
         # shares a batch with (the matmul shapes follow the batch size and padding width, and BLAS

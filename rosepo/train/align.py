@@ -27,7 +27,7 @@ import pyarrow.compute as pc
 from rosepo.config import AlignConfig, ModelConfig
 from rosepo.errors import DataError
 from rosepo.eval.metrics import generation_metrics, ranking_metrics
-from rosepo.layout import ADAPTER_DIR, pairs_file, read_pairs
+from rosepo.layout import ADAPTER_DIR, find_items, pairs_file, read_pairs
 from rosepo.losses import preference_loss, sft_regularizer
 from rosepo.model.factory import load_tokenizer
 from rosepo.model.generate import greedy_answers
@@ -245,8 +245,10 @@ def fit_align(cfg: Any, pairs_dir, base_model: str, adapter: str | None, output_
     datasets = {"train": ray.data.from_arrow(train)}
     if pairs_file(pairs_dir, "valid").is_file():
         datasets["eval"] = ray.data.from_arrow(read_pairs(pairs_dir, "valid"))
+    # The SFT model's item file (trained projector), beside its adapter or its full model.
     result = fit(AlignTask(cfg.align, cfg.model, pad_id), cfg.model, model_path=str(base_model), adapter=adapter,
-                 datasets=datasets, output_dir=output_dir, run_name="align", callbacks=callbacks)
+                 datasets=datasets, output_dir=output_dir, run_name="align", callbacks=callbacks,
+                 items_path=find_items(adapter or base_model))
     return result, train
 
 

@@ -46,6 +46,7 @@ from typing import Any
 from rosepo.config import ModelConfig, TrainConfig
 from rosepo.errors import ConfigError
 from rosepo.model.factory import apply_lora, export_model, load_model, load_tokenizer, resolve_dtype
+from rosepo.model.items import attach_items
 from rosepo.train.schedule import (TRAINER_STATE, check_resumable, find_latest_checkpoint, lr_factor, step_rows,
                                    total_steps, worker_micro_batches)
 from rosepo.train.zero_config import deepspeed_config, skip_shm_comm_build
@@ -99,7 +100,7 @@ class TrainingTask(abc.ABC):
 
 def fit(task: TrainingTask, model_cfg: ModelConfig, *, model_path: str, adapter: str | None,
         datasets: dict, output_dir: str, run_name: str, stop_at_step: int = 0,
-        callbacks: list | None = None) -> dict:
+        callbacks: list | None = None, items_path: str | None = None) -> dict:
     """Train ``task`` (batch geometry, optimiser, checkpoints from ``task.cfg``; dtype, gradient
     checkpointing and LoRA from ``model_cfg``) on ``datasets["train"]`` with Ray Train + DeepSpeed;
     resume if ``<output_dir>/<run_name>`` holds a checkpoint of an interrupted run.
@@ -107,6 +108,8 @@ def fit(task: TrainingTask, model_cfg: ModelConfig, *, model_path: str, adapter:
     ``stop_at_step`` (> 0) pauses the run at that global step (checkpointed); the learning-rate
     schedule still spans the whole run, so a later `fit` without it continues exactly as if never
     stopped. ``callbacks``: Ray Train callbacks for the run's controller (Tune's, in a trial).
+    ``items_path``: an item file (`rosepo.model.items`): the model is wrapped with its item
+    tokens, and the projector trains and is exported with the model.
 
     Returns ``metrics`` (the last step's), ``history`` (``[{"step", "loss"}]``, resumed steps
     included), ``eval_history`` (``[{"step", "eval/...": ...}]``), ``resumed_from_step``,
@@ -135,6 +138,7 @@ def fit(task: TrainingTask, model_cfg: ModelConfig, *, model_path: str, adapter:
             "model_cfg": model_cfg,
             "model_path": str(model_path),
             "adapter": str(adapter) if adapter else None,
+            "items_path": str(items_path) if items_path else None,
             "ds_config": deepspeed_config(tcfg, bf16=bf16),
             "resume_from": str(resume_from) if resume_from else None,
             "stop_at_step": stop_at_step,
@@ -279,6 +283,8 @@ def _setup_engine(config: dict, total: int):
     if config["adapter"] is None:
         model = apply_lora(model, tcfg.model_config(model_cfg))
     model = task.prepare_model(model, config["adapter"])
+    if config["items_path"]:  # after LoRA and the task's changes, which expect the HF/PEFT model
+        model = attach_items(model, config["items_path"], trainable=True)
     warmup = math.ceil(tcfg.warmup_ratio * total)
     skip_shm_comm_build()
     params = [p for p in model.parameters() if p.requires_grad]

@@ -37,6 +37,7 @@ from rosepo.config import SFTConfig
 from rosepo.data.samples import read_split, select_samples
 from rosepo.layout import SFT_MODEL_DIR
 from rosepo.model.factory import load_tokenizer
+from rosepo.model.items import ItemTokens
 from rosepo.model.tokenize import IGNORE, encode_answer, encode_sft, history_title_positions
 from rosepo.storage import atomic_dir, write_manifest
 from rosepo.train.loop import TrainingTask, fit
@@ -160,16 +161,21 @@ def _tokenizer(path: str):
 
 
 def tokenize_batch(batch, model_path: str, max_prompt_tokens: int, max_answer_tokens: int,
-                   candidates: bool = False, history: bool = False):
+                   candidates: bool = False, history: bool = False, items_path: str | None = None):
     """Ray Data UDF (pandas batches): ``sample_id, prompt, answer`` -> ``sample_id, input_ids,
     labels``; with ``candidates`` also ``candidate_first_ids`` (the first token of each of
     ``candidate_titles`` as an answer), with ``history`` ``history_positions`` (of
-    ``history_titles`` 2..n). The tokenizer is loaded once per Ray worker process."""
+    ``history_titles`` 2..n); with ``items_path`` the prompts hold item tokens (from the
+    ``history_item_ids`` / ``candidate_item_ids`` columns). The tokenizer is loaded once per Ray
+    worker process."""
     import pandas as pd
 
     tok = _tokenizer(model_path)
-    enc = [encode_sft(tok, p, a, max_prompt_tokens, max_answer_tokens)
-           for p, a in zip(batch["prompt"], batch["answer"])]
+    tokens = ItemTokens.read(items_path) if items_path else None
+    items = ([tokens.prompt_items(r) for r in batch.to_dict("records")] if tokens
+             else [None] * len(batch["prompt"]))
+    enc = [encode_sft(tok, p, a, max_prompt_tokens, max_answer_tokens, i)
+           for p, a, i in zip(batch["prompt"], batch["answer"], items)]
     out = {"sample_id": list(batch["sample_id"]), "input_ids": [e["input_ids"] for e in enc],
            "labels": [e["labels"] for e in enc]}
     if candidates:
@@ -180,59 +186,67 @@ def tokenize_batch(batch, model_path: str, max_prompt_tokens: int, max_answer_to
                     first[t] = encode_answer(tok, t, max_answer_tokens)[0]
         out["candidate_first_ids"] = [[first[t] for t in titles] for titles in batch["candidate_titles"]]
     if history:
-        out["history_positions"] = [history_title_positions(tok, p, list(h), e["labels"].count(IGNORE))
-                                    for p, h, e in zip(batch["prompt"], batch["history_titles"], enc)]
+        out["history_positions"] = [history_title_positions(tok, p, list(h), e["labels"].count(IGNORE), i)
+                                    for p, h, e, i in zip(batch["prompt"], batch["history_titles"], enc, items)]
     return pd.DataFrame(out)
 
 
-def sft_dataset(run_cfg: Any, samples_ds, base_model: str):
+def sft_dataset(run_cfg: Any, samples_ds, base_model: str, items_path: str | None = None):
     """The tokenised, materialised SFT training set: ``sample_id, input_ids, labels``.
 
     ``run_cfg`` holds the ``sft`` and ``model`` sections. ``samples_ds`` is a Ray Dataset with the
     SAMPLES columns (``sample_id``, ``prompt`` and ``answer`` are used); a non-zero
     ``sft.max_samples`` keeps the first N by ``sample_id`` (the stage passes a slice of that
-    size already). Materialised once here so the workers, which each read the whole set, do not
-    tokenise it again.
+    size already). ``items_path``: prompts with item tokens (`tokenize_batch`). Materialised
+    once here so the workers, which each read the whole set, do not tokenise it again.
     """
     mcfg = run_cfg.model
     candidates, history = run_cfg.sft.candidate_weight > 0, run_cfg.sft.history_weight > 0
-    ds = samples_ds.select_columns(["sample_id", "prompt", "answer"] + ["candidate_titles"] * candidates
-                                   + ["history_titles"] * history)
+    columns = {"sample_id", "prompt", "answer"}
+    columns |= {"candidate_titles"} if candidates else set()
+    columns |= {"history_titles"} if history else set()
+    if items_path:
+        columns |= {"history_item_ids", "history_titles", "candidate_item_ids", "candidate_titles"}
+    ds = samples_ds.select_columns(sorted(columns))
     if run_cfg.sft.max_samples:
         ds = ds.sort("sample_id").limit(run_cfg.sft.max_samples)
     return ds.map_batches(tokenize_batch, batch_format="pandas",
                           fn_kwargs={"model_path": str(base_model),
                                      "max_prompt_tokens": mcfg.max_prompt_tokens,
                                      "max_answer_tokens": mcfg.max_answer_tokens,
-                                     "candidates": candidates, "history": history}).materialize()
+                                     "candidates": candidates, "history": history,
+                                     "items_path": items_path}).materialize()
 
 
-def run_sft(run_cfg: Any, samples_ds, base_model: str, output_dir: str, run_name: str) -> dict:
+def run_sft(run_cfg: Any, samples_ds, base_model: str, output_dir: str, run_name: str,
+            items_path: str | None = None) -> dict:
     """Fine-tune ``base_model`` on the samples (`sft_dataset`) with `rosepo.train.loop.fit`,
-    then copy the final HF export (the LoRA adapter, or the full model) atomically to
-    ``<output_dir>/model``. ``run_cfg`` holds the ``sft`` and ``model`` sections.
+    then copy the final HF export (the LoRA adapter, or the full model; with ``items_path``, the
+    item file with the trained projector beside it) atomically to ``<output_dir>/model``.
+    ``run_cfg`` holds the ``sft`` and ``model`` sections.
 
     Returns fit's result plus ``model_path``. The Ray run (checkpoints, TensorBoard) lives in
     ``<output_dir>/<run_name>``; re-running with the same ``run_name`` resumes an interrupted run.
     """
     result = fit(SFTTask(run_cfg.sft), run_cfg.model, model_path=str(base_model), adapter=None,
-                 datasets={"train": sft_dataset(run_cfg, samples_ds, base_model)},
-                 output_dir=output_dir, run_name=run_name)
+                 datasets={"train": sft_dataset(run_cfg, samples_ds, base_model, items_path)},
+                 output_dir=output_dir, run_name=run_name, items_path=items_path)
     final = Path(output_dir) / SFT_MODEL_DIR
     with atomic_dir(final, overwrite=True) as tmp:
         shutil.copytree(result["final_model"], tmp, dirs_exist_ok=True)
     return {**result, "model_path": str(final.resolve())}
 
 
-def build_sft(cfg: Any, samples_dir: Path, base_model: str, work: Path, out: Path) -> dict:
+def build_sft(cfg: Any, samples_dir: Path, base_model: str, work: Path, out: Path,
+              items_path: str | None = None) -> dict:
     """The sft stage: `run_sft` on a seeded random slice of the train samples (``sft.max_samples``,
     ``sft.seed``; the first ids would be a few users only), its Ray run under ``work``; the model
     into ``out/model`` with a manifest (history, last metrics), atomically. ``cfg`` holds the
-    ``sft`` and ``model`` sections."""
+    ``sft`` and ``model`` sections; ``items_path`` is the model stage's item file, if any."""
     import ray
 
     train = select_samples(read_split(samples_dir, "train"), cfg.sft.max_samples, cfg.sft.seed)
-    result = run_sft(cfg, ray.data.from_arrow(train), base_model, str(work), "sft")
+    result = run_sft(cfg, ray.data.from_arrow(train), base_model, str(work), "sft", items_path)
     with atomic_dir(out, overwrite=True) as tmp:
         shutil.copytree(result["model_path"], tmp / SFT_MODEL_DIR)
         manifest = {"stage": "sft", "metrics": result["metrics"], "history": result["history"],
