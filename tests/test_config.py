@@ -145,10 +145,17 @@ def test_wrong_types(override, key):
     ("align.loss=kto", "align.loss"),
     ("align.beta=0", "align.beta"),
     ("align.smoothing=fancy", "align.smoothing"),
+    ("model.item_embeddings=bert", "model.item_embeddings"),
 ])
 def test_impossible_values(override, key):
     with pytest.raises(ConfigError, match=f"config key '{key}'"):
         load_config(None, [override])
+
+
+def test_item_tokens_refuse_an_online_reference():
+    with pytest.raises(ConfigError, match="config key 'align.reference'.*projector being trained"):
+        load_config(None, ["model.item_embeddings=sasrec", "align.reference=online"])
+    assert load_config(None, ["model.item_embeddings=sasrec"]).model.item_embeddings == "sasrec"
 
 
 def test_eps_max_message_says_why():

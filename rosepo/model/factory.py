@@ -1,7 +1,8 @@
 """The policy LLM: the built-in tiny Llama, loading, LoRA wrapping and export.
 
 Every output folder is an ordinary Hugging Face folder (``from_pretrained`` loads it), written
-atomically. Heavy imports (torch, transformers, peft, tokenizers) stay inside the functions.
+atomically. Heavy imports (transformers, peft, tokenizers) stay inside the functions; torch comes
+with `rosepo.model.items` (its `HybridItemLM` is a torch module, as `rosepo.pairs.sasrec`'s SASRec is).
 """
 
 from __future__ import annotations

@@ -130,3 +130,34 @@ def test_lora_targets_are_the_models_linear_layers_and_unknown_ones_are_refused(
     assert set(ModelConfig().lora_target_modules) <= set(layers)
     with pytest.raises(ConfigError, match=r"names qkv_proj, not a linear layer.*: down_proj, gate_proj, k_proj"):
         apply_lora(model, ModelConfig(lora_target_modules=("q_proj", "qkv_proj")))
+
+
+def test_item_tokens_on_gemma3_keep_its_embedding_scale_and_prefix_sharing(gemma, sft_samples, tmp_path):
+    """Through ``inputs_embeds``: without item tokens the hybrid model's logits are Gemma's own
+    (its embedding module applies the sqrt(hidden) scale); with them, prefix sharing still equals
+    the plain forward within 1e-4."""
+    import numpy as np
+
+    from rosepo.layout import ITEM_EMBEDDINGS
+    from rosepo.model.items import attach_items, write_items
+
+    tok, model = gemma
+    rows, hidden = model.get_input_embeddings().weight.shape
+    rng = np.random.default_rng(0)
+    path = write_items(tmp_path / ITEM_EMBEDDINGS, {t: rng.normal(size=16) for t in TITLES}, rows, hidden)
+    hybrid = attach_items(model, path, trainable=False).eval()
+    sample = sft_samples[0]
+    titles = [t for t in TITLES if f'"{t}"' in sample["prompt"]]
+    items = [(t, hybrid.items.token(t)) for t in sorted(titles, key=sample["prompt"].index)]
+    plain_ids = encode_prompt(tok, sample["prompt"], 1024)
+    item_ids = encode_prompt(tok, sample["prompt"], 1024, items)
+    assert len(item_ids) == len(plain_ids) + len(items) >= 6
+    answers = [[encode_answer(tok, t, 48) for t in _candidates(sft_samples[:1])[0]]]
+    with torch.no_grad():
+        ids = torch.tensor([plain_ids])
+        torch.testing.assert_close(hybrid(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-5, rtol=0)
+        shared, _ = answer_logps(hybrid, [item_ids], answers, prefix_sharing=True, pad_id=tok.pad_token_id)
+        plain, _ = answer_logps(hybrid, [item_ids], answers, prefix_sharing=False, pad_id=tok.pad_token_id)
+        text, _ = answer_logps(hybrid, [plain_ids], answers, prefix_sharing=True, pad_id=tok.pad_token_id)
+    assert (shared - plain).abs().max().item() < 1e-4
+    assert (shared - text).abs().max().item() > 1e-3
