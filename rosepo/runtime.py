@@ -8,11 +8,17 @@ The variable is read by the Train controller, an actor, so it is set both in thi
 
 from __future__ import annotations
 
+import logging
 import os
+import warnings
 
 HEALTH_CHECK_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 HEALTH_CHECK_INTERVAL_S = "0.1"
 API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"
+#: Environment of a quiet run, driver and workers alike: Hugging Face's progress bars ("Loading
+#: weights", "Writing model shards", one per actor and model load) off.
+QUIET_ENV = {"HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+_verbose = False
 
 
 def worker_env_vars(use_gpu: bool) -> dict[str, str]:
@@ -27,7 +33,30 @@ def worker_env_vars(use_gpu: bool) -> dict[str, str]:
     }
     if not use_gpu:
         env["DS_ACCELERATOR"] = "cpu"
-    return env
+    return env if _verbose else {**env, **QUIET_ENV}
+
+
+def set_console(verbose: bool) -> None:
+    """Choose how much of Ray's and Hugging Face's own output a run prints. Quiet (the default):
+    Ray's INFO logs, Ray Data's progress logs, Hugging Face's progress bars and DeepSpeed's
+    deprecation warnings are off, in this process and (through `init_ray`) in every worker;
+    rosepo's own lines, stage bars and metrics remain. ``verbose`` keeps everything. Call it
+    before Ray starts and before transformers is imported (both read the environment then)."""
+    global _verbose
+    _verbose = verbose
+    if verbose:
+        return
+    for key, value in QUIET_ENV.items():
+        os.environ.setdefault(key, value)
+    quiet_warnings()
+
+
+def quiet_warnings() -> None:
+    """Silence, in this process, the third-party warnings that are no user's concern: DeepSpeed
+    0.19 gathers ZeRO partitions through ``torch.distributed.all_gather_into_tensor``, which torch
+    2.13 deprecates with a FutureWarning once per process (every Train worker)."""
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
+                            category=FutureWarning)
 
 
 _dashboard_url = ""
@@ -51,7 +80,8 @@ def init_ray(address: str = "", num_cpus: int | None = None) -> str:
     address = address or os.environ.get("RAY_ADDRESS", "")
     if address:
         # This machine's GPUs say nothing about the cluster's: leave DeepSpeed to detect them.
-        ctx = ray.init(address=address, runtime_env={"env_vars": worker_env_vars(use_gpu=True)})
+        ctx = ray.init(address=address, runtime_env={"env_vars": worker_env_vars(use_gpu=True)},
+                       logging_level=_ray_log_level())
     else:
         import torch
 
@@ -62,9 +92,40 @@ def init_ray(address: str = "", num_cpus: int | None = None) -> str:
         os.environ[API_SERVER_ENV] = f"http://127.0.0.1:{port}"
         env = {**worker_env_vars(torch.cuda.is_available()), API_SERVER_ENV: os.environ[API_SERVER_ENV]}
         ctx = ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
-                       dashboard_port=port, runtime_env={"env_vars": env})
+                       dashboard_port=port, runtime_env={"env_vars": env}, logging_level=_ray_log_level())
     _dashboard_url = ctx.dashboard_url or ""
+    if not _verbose:
+        _quiet_ray_data()
     return _dashboard_url
+
+
+def _quiet_ray_data() -> None:
+    """Ray Data's console lines from WARNING up: its INFO lines are each dataset's execution plan
+    and, when stdout is no terminal, a progress block every few seconds. Its log file (the
+    session's ``ray-data.log``) keeps everything. Ray Data sets its handlers when imported."""
+    import ray.data  # noqa: F401  (configures the "ray.data" logger)
+
+    for handler in logging.getLogger("ray.data").handlers:
+        if isinstance(handler, logging.StreamHandler):
+            handler.setLevel(logging.WARNING)
+
+
+def is_verbose() -> bool:
+    """Whether `set_console` asked for everything (``--verbose``)."""
+    return _verbose
+
+
+def train_logging():
+    """Ray Train's logging for a run: its INFO lines on the console (the worker group's start, one
+    line per ``ray.train.report`` per rank) only when verbose."""
+    import ray.train
+
+    return ray.train.LoggingConfig(log_level="INFO" if _verbose else "WARNING")
+
+
+def _ray_log_level() -> int:
+    """The driver's ``ray`` logger level: INFO (Ray's default) when verbose, WARNING otherwise."""
+    return logging.INFO if _verbose else logging.WARNING
 
 
 def free_port() -> int:

@@ -21,6 +21,12 @@ mid-epoch is exact, and 1 worker with ``grad_accum=2`` sees the same micro-batch
 2 workers with ``grad_accum=1``. A step may straddle two epochs; ``epoch`` is reported as the
 fraction of rows consumed. Total steps: ``max_steps`` or ``ceil(epochs * N / G)``.
 
+Console and metrics. Rank 0 shows one tqdm bar (steps, ETA, loss) and, every
+``logging_steps``, logs one line of metrics to the ``rosepo`` logger, as HF's Trainer prints them
+(`metrics_line`); every step's metrics go to TensorBoard from rank 0. Ray Train hears of the run
+only at evaluations and checkpoints (``ray.train.report``): a report every step cost a round trip
+through the controller per step and logged a ``TrainingReport`` line per rank (BENCHMARKS.md).
+
 Checkpoints (every ``checkpoint_every`` steps, at the end and at ``stop_at_step``): each rank
 saves its ZeRO shards with ``engine.save_checkpoint`` (frozen base weights excluded); rank 0
 adds ``trainer_state.json`` and the HF export (``hf/``: the LoRA adapter, or the full model);
@@ -39,6 +45,7 @@ from __future__ import annotations
 import abc
 import functools
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -46,6 +53,7 @@ from typing import Any
 from rosepo.config import ModelConfig, TrainConfig
 from rosepo.errors import ConfigError
 from rosepo.model.factory import apply_lora, export_model, load_model, load_tokenizer, resolve_dtype
+from rosepo.runtime import is_verbose, quiet_warnings, train_logging
 from rosepo.train.schedule import (TRAINER_STATE, check_resumable, find_latest_checkpoint, lr_factor, step_rows,
                                    total_steps, worker_micro_batches)
 from rosepo.train.zero_config import deepspeed_config, skip_shm_comm_build
@@ -53,6 +61,10 @@ from rosepo.train.zero_config import deepspeed_config, skip_shm_comm_build
 HF_EXPORT = "hf"
 DS_SUBDIR = "deepspeed"
 DS_TAG = "state"
+
+log = logging.getLogger(__name__)
+
+
 class TrainingTask(abc.ABC):
     """What a stage trains through `fit`: its rows, batches, loss and optional evaluation.
 
@@ -99,14 +111,16 @@ class TrainingTask(abc.ABC):
 
 def fit(task: TrainingTask, model_cfg: ModelConfig, *, model_path: str, adapter: str | None,
         datasets: dict, output_dir: str, run_name: str, stop_at_step: int = 0,
-        callbacks: list | None = None) -> dict:
+        callbacks: list | None = None, report_every_step: bool = False) -> dict:
     """Train ``task`` (batch geometry, optimiser, checkpoints from ``task.cfg``; dtype, gradient
     checkpointing and LoRA from ``model_cfg``) on ``datasets["train"]`` with Ray Train + DeepSpeed;
     resume if ``<output_dir>/<run_name>`` holds a checkpoint of an interrupted run.
 
     ``stop_at_step`` (> 0) pauses the run at that global step (checkpointed); the learning-rate
     schedule still spans the whole run, so a later `fit` without it continues exactly as if never
-    stopped. ``callbacks``: Ray Train callbacks for the run's controller (Tune's, in a trial).
+    stopped. ``callbacks``: Ray Train callbacks for the run's controller (Tune's, in a trial); they
+    see the evaluations and checkpoints, or every step with ``report_every_step`` (a round trip
+    per step: BENCHMARKS.md, ``python -m bench report``).
 
     Returns ``metrics`` (the last step's), ``history`` (``[{"step", "loss"}]``, resumed steps
     included), ``eval_history`` (``[{"step", "eval/...": ...}]``), ``resumed_from_step``,
@@ -127,6 +141,9 @@ def fit(task: TrainingTask, model_cfg: ModelConfig, *, model_path: str, adapter:
     if resume_from is not None:
         check_resumable(resume_from, datasets["train"].count(),
                          tcfg.num_workers * tcfg.micro_batch_size * tcfg.grad_accum)
+    if not is_verbose():
+        for ds in datasets.values():  # each worker reads every dataset: one progress bar per worker is noise
+            ds.context.enable_progress_bars = False
     resources = {"CPU": tcfg.cpus_per_worker, **({"GPU": 1} if tcfg.use_gpu else {})}
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -140,6 +157,9 @@ def fit(task: TrainingTask, model_cfg: ModelConfig, *, model_path: str, adapter:
             "stop_at_step": stop_at_step,
             "has_eval": "eval" in datasets,
             "tensorboard_dir": str(ray_run_dir / "tensorboard") if tcfg.tensorboard else None,
+            "report_every_step": report_every_step,
+            "log_level": logging.getLogger("rosepo").getEffectiveLevel(),
+            "verbose": is_verbose(),
         },
         scaling_config=ray.train.ScalingConfig(num_workers=tcfg.num_workers, use_gpu=tcfg.use_gpu,
                                                resources_per_worker=resources),
@@ -150,6 +170,7 @@ def fit(task: TrainingTask, model_cfg: ModelConfig, *, model_path: str, adapter:
             failure_config=ray.train.FailureConfig(max_failures=tcfg.max_failures, controller_failure_limit=0),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             callbacks=callbacks,
+            logging_config=train_logging(),
         ),
         datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split=[]),
@@ -176,7 +197,6 @@ def _fit_result(result, resume_from: Path | None) -> dict:
 def train_loop_per_worker(config: dict) -> dict:
     """Ray Train worker: set up model + DeepSpeed, resume, train, checkpoint. Rank 0 returns
     ``{"history", "metrics", "resumed_from_step"}``."""
-    import ray.data
     import ray.train
     import torch
 
@@ -184,8 +204,8 @@ def train_loop_per_worker(config: dict) -> dict:
     tcfg = task.cfg
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    _worker_logging(rank, config["log_level"], config["verbose"])
 
-    ray.data.DataContext.get_current().enable_progress_bars = False  # one bar per worker is noise
     rows = _sorted_rows("train", task.key)
     eval_rows = _sorted_rows("eval", task.key) if config["has_eval"] else []
     global_batch = world * tcfg.micro_batch_size * tcfg.grad_accum
@@ -200,6 +220,7 @@ def train_loop_per_worker(config: dict) -> dict:
 
     bar = tqdm(total=total, initial=start_step, disable=rank != 0, desc=task.name)
     metrics: dict = {}
+    losses: list[float] = []  # since the last metrics line
     if eval_rows and start_step == 0:
         eval_history.append({"step": 0, **evaluate()})
         _log_scalars(writer, eval_history[-1], 0)
@@ -212,25 +233,62 @@ def train_loop_per_worker(config: dict) -> dict:
         metrics = _train_step(engine, task, [[rows[i] for i in idx] for idx in micro], tokenizer.pad_token_id)
         metrics.update(step=step + 1, epoch=(step + 1) * global_batch / len(rows))
         history.append({"step": step + 1, "loss": metrics["loss"]})
-        if eval_rows and (step + 1 == total or (task.eval_every and (step + 1) % task.eval_every == 0)):
+        losses.append(metrics["loss"])
+        evaluated = bool(eval_rows) and (step + 1 == total or (task.eval_every and (step + 1) % task.eval_every == 0))
+        if evaluated:
             scores = evaluate()
             metrics.update(scores)
             eval_history.append({"step": step + 1, **scores})
         _log_scalars(writer, metrics, step + 1)
         bar.update(1)
         bar.set_postfix(loss=f"{metrics['loss']:.4f}")
+        if rank == 0 and tcfg.logging_steps and ((step + 1) % tcfg.logging_steps == 0 or step + 1 == stop):
+            bar.clear()
+            log.info("%s", metrics_line(metrics, losses))
+            bar.refresh()
+            losses = []
         if step + 1 == stop or (tcfg.checkpoint_every and (step + 1) % tcfg.checkpoint_every == 0):
             state = {"global_step": step + 1, "epoch": metrics["epoch"],
                      "data_position": (step + 1) * global_batch, "num_rows": len(rows),
                      "global_batch": global_batch, "history": history, "eval_history": eval_history}
             _save_checkpoint(engine, tokenizer, state, metrics, rank, tcfg.model_config(config["model_cfg"]).finetune)
-        else:
+        elif evaluated or config["report_every_step"]:
             ray.train.report(metrics)
     bar.close()
     if writer is not None:
         writer.close()
     return {"history": history, "eval_history": eval_history, "metrics": metrics,
             "resumed_from_step": start_step}
+
+
+def metrics_line(metrics: dict, losses: list[float]) -> str:
+    """One line of a step's metrics as HF's Trainer logs them, ``{'loss': 0.4123, 'grad_norm': 1.02,
+    'learning_rate': 0.0005, ..., 'epoch': 0.12}``: ``loss`` is the mean over ``losses`` (the steps
+    since the last line), the rest are the step's own, held-out ``eval/...`` metrics included;
+    throughput (``perf/...``) and the step number are left to TensorBoard and the bar."""
+    first = ("loss", "grad_norm", "learning_rate")
+    rest = sorted(k for k in metrics if k not in first and k not in ("step", "epoch") and not k.startswith("perf/"))
+    line = {k: float(f"{metrics[k]:.4g}") for k in (*first, *rest) if k in metrics}
+    line["loss"] = float(f"{sum(losses) / len(losses):.4g}")
+    line["epoch"] = round(metrics["epoch"], 2)
+    return repr(line)
+
+
+def _worker_logging(rank: int, level: int, verbose: bool) -> None:
+    """Worker logging at the driver's ``rosepo`` ``level``: rank 0's records (the metrics lines)
+    as ``[rosepo] ...`` on stderr, which Ray forwards to the driver, the other ranks' from WARNING
+    up; unless ``verbose``, DeepSpeed's deprecation warnings off (`rosepo.runtime.quiet_warnings`)."""
+    import sys
+
+    logger = logging.getLogger("rosepo")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("[rosepo] %(message)s"))
+        logger.addHandler(handler)
+        logger.propagate = False  # Ray's root handler in the worker would print each record again
+    logger.setLevel(level if rank == 0 else max(level, logging.WARNING))
+    if not verbose:
+        quiet_warnings()
 
 
 def _tensorboard(folder: str | None):
