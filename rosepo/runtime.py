@@ -54,9 +54,21 @@ def set_console(verbose: bool) -> None:
 def quiet_warnings() -> None:
     """Silence, in this process, the third-party warnings that are no user's concern: DeepSpeed
     0.19 gathers ZeRO partitions through ``torch.distributed.all_gather_into_tensor``, which torch
-    2.13 deprecates with a FutureWarning once per process (every Train worker)."""
-    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
-                            category=FutureWarning)
+    2.13 deprecates with a FutureWarning once per process (every Train worker); peft 0.21 reads
+    ``is_gradient_checkpointing``, which transformers 5 deprecates (every LoRA load); Ray Train
+    2.60's own dataset manager passes Ray Data an option Ray Data deprecates (every training run)."""
+    for name in ("torch\\.distributed\\.all_gather_into_tensor", "is_gradient_checkpointing"):
+        warnings.filterwarnings("ignore", message=rf"`{name}` is deprecated", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=r"`ExecutionOptions\.exclude_resources` is deprecated",
+                            category=DeprecationWarning)
+
+
+def quiet_worker() -> None:
+    """Ray's ``worker_process_setup_hook`` of a quiet run (`init_ray`): in every Ray worker process
+    (Train workers and controller, Ray Data actors and tasks), `quiet_warnings` and Ray Data's
+    console lines from WARNING up."""
+    quiet_warnings()
+    _quiet_ray_data()
 
 
 _dashboard_url = ""
@@ -80,7 +92,7 @@ def init_ray(address: str = "", num_cpus: int | None = None) -> str:
     address = address or os.environ.get("RAY_ADDRESS", "")
     if address:
         # This machine's GPUs say nothing about the cluster's: leave DeepSpeed to detect them.
-        ctx = ray.init(address=address, runtime_env={"env_vars": worker_env_vars(use_gpu=True)},
+        ctx = ray.init(address=address, runtime_env=_runtime_env(worker_env_vars(use_gpu=True)),
                        logging_level=_ray_log_level())
     else:
         import torch
@@ -92,22 +104,30 @@ def init_ray(address: str = "", num_cpus: int | None = None) -> str:
         os.environ[API_SERVER_ENV] = f"http://127.0.0.1:{port}"
         env = {**worker_env_vars(torch.cuda.is_available()), API_SERVER_ENV: os.environ[API_SERVER_ENV]}
         ctx = ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
-                       dashboard_port=port, runtime_env={"env_vars": env}, logging_level=_ray_log_level())
+                       dashboard_port=port, runtime_env=_runtime_env(env), logging_level=_ray_log_level())
     _dashboard_url = ctx.dashboard_url or ""
     if not _verbose:
         _quiet_ray_data()
     return _dashboard_url
 
 
+def _runtime_env(env_vars: dict[str, str]) -> dict:
+    """The runtime_env of a rosepo job: ``env_vars``, and `quiet_worker` in every worker unless verbose."""
+    return {"env_vars": env_vars, **({} if _verbose else {"worker_process_setup_hook": "rosepo.runtime.quiet_worker"})}
+
+
 def _quiet_ray_data() -> None:
-    """Ray Data's console lines from WARNING up: its INFO lines are each dataset's execution plan
-    and, when stdout is no terminal, a progress block every few seconds. Its log file (the
-    session's ``ray-data.log``) keeps everything. Ray Data sets its handlers when imported."""
+    """Ray Data's console lines from WARNING up: its INFO lines are each dataset's execution plan,
+    a line when it finishes and, when stdout is no terminal, a progress block every few seconds;
+    and not its warning that progress bars are off (rosepo turns off the Train workers' own). Its
+    log file (the session's ``ray-data.log``) keeps everything. Ray Data sets its handlers when
+    imported."""
     import ray.data  # noqa: F401  (configures the "ray.data" logger)
 
     for handler in logging.getLogger("ray.data").handlers:
         if isinstance(handler, logging.StreamHandler):
             handler.setLevel(logging.WARNING)
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
 
 
 def is_verbose() -> bool:

@@ -53,7 +53,7 @@ from typing import Any
 from rosepo.config import ModelConfig, TrainConfig
 from rosepo.errors import ConfigError
 from rosepo.model.factory import apply_lora, export_model, load_model, load_tokenizer, resolve_dtype
-from rosepo.runtime import is_verbose, quiet_warnings, train_logging
+from rosepo.runtime import is_verbose, train_logging
 from rosepo.train.schedule import (TRAINER_STATE, check_resumable, find_latest_checkpoint, lr_factor, step_rows,
                                    total_steps, worker_micro_batches)
 from rosepo.train.zero_config import deepspeed_config, skip_shm_comm_build
@@ -277,8 +277,14 @@ def metrics_line(metrics: dict, losses: list[float]) -> str:
 def _worker_logging(rank: int, level: int, verbose: bool) -> None:
     """Worker logging at the driver's ``rosepo`` ``level``: rank 0's records (the metrics lines)
     as ``[rosepo] ...`` on stderr, which Ray forwards to the driver, the other ranks' from WARNING
-    up; unless ``verbose``, DeepSpeed's deprecation warnings off (`rosepo.runtime.quiet_warnings`)."""
+    up; unless ``verbose``, not Ray Train's INFO line per ``ray.train.report``."""
     import sys
+
+    from ray.train.v2._internal.execution import context
+
+    if not verbose:
+        # Ray 2.60 names that logger by its file's path, outside "ray.train": LoggingConfig misses it.
+        logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
     logger = logging.getLogger("rosepo")
     if not logger.handlers:
@@ -287,8 +293,6 @@ def _worker_logging(rank: int, level: int, verbose: bool) -> None:
         logger.addHandler(handler)
         logger.propagate = False  # Ray's root handler in the worker would print each record again
     logger.setLevel(level if rank == 0 else max(level, logging.WARNING))
-    if not verbose:
-        quiet_warnings()
 
 
 def _tensorboard(folder: str | None):
@@ -304,7 +308,8 @@ def _log_scalars(writer, metrics: dict, step: int) -> None:
     """TensorBoard scalars (rank 0 holds the writer; None elsewhere or when disabled)."""
     if writer is not None:
         for k, v in metrics.items():
-            writer.add_scalar(k, v, step)
+            # A tag may not hold "@": tensorboardX would rename eval/hr@1 so itself, logging each time.
+            writer.add_scalar(k.replace("@", "_"), v, step)
 
 
 def _sorted_rows(name: str, key: str) -> list[dict]:
