@@ -12,7 +12,7 @@ import math
 from pathlib import Path
 
 from rosepo.config import RunConfig
-from rosepo.eval.evaluate import markdown_table
+from rosepo.eval.evaluate import BASELINES, markdown_table
 from rosepo.experiments.plotting import pyplot, save_figure
 from rosepo.layout import WORK_DIR
 from rosepo.pipeline import read_run_record, run_folder
@@ -38,7 +38,8 @@ def write_summary(cfg: RunConfig, outs: dict[str, Path]) -> str:
     lines += ["", f"run folder: {folder}", f"TensorBoard: tensorboard --logdir {folder / WORK_DIR}"]
     if "eval" in outs:
         manifest = read_manifest(outs["eval"])
-        results = manifest["results"]
+        # The manifest's keys are sorted: the table's order is the eval stage's, baselines first.
+        results = {m: manifest["results"][m] for m in sorted(manifest["results"], key=_table_order)}
         _plot(results, folder / RESULTS_PNG)
         lines += [f"summary: {folder / SUMMARY_FILE}, {folder / RESULTS_PNG}", "",
                   f"Evaluation on {manifest['split']} ({_samples(outs['eval'])} samples):", "",
@@ -48,6 +49,11 @@ def write_summary(cfg: RunConfig, outs: dict[str, Path]) -> str:
     text = "\n".join(lines) + "\n"
     atomic_write_text(folder / SUMMARY_FILE, text)
     return text
+
+
+def _table_order(method: str) -> int:
+    """A method's row in the table: the `BASELINES` in their order, then the aligned model."""
+    return BASELINES.index(method) if method in BASELINES else len(BASELINES)
 
 
 def _samples(eval_dir: Path) -> int | str:
@@ -60,7 +66,7 @@ def _samples(eval_dir: Path) -> int | str:
 
 def _plot(results: dict[str, dict], path: Path) -> None:
     """Grouped bars: one group per `SUMMARY_METRICS` metric, one bar per method; an undefined
-    metric (null) is drawn as no bar."""
+    metric (null: no valid answer to take a head share of) is drawn at 0."""
     plt = pyplot()
     methods = list(results)
     width = 0.8 / len(methods)
