@@ -4,6 +4,11 @@ Ray Train V2 polls its workers for health every ``RAY_TRAIN_HEALTH_CHECK_INTERVA
 each ``ray.train.report`` waits for that poll: at the default (~2 s) a 0.1 s step takes 1.9 s.
 The variable is read by the Train controller, an actor, so it is set both in this process
 (inherited by a local cluster started here) and in the job's runtime_env (a joined cluster).
+
+The console of a run is quiet unless ``--verbose`` (`set_console`): the driver's ``ray`` logger
+at WARNING, Ray Data's console from WARNING up, Hugging Face's progress bars and third-party
+deprecation warnings off, in this process and, through the ``worker_process_setup_hook``
+`quiet_worker`, in every worker.
 """
 
 from __future__ import annotations
@@ -136,8 +141,8 @@ def is_verbose() -> bool:
 
 
 def train_logging():
-    """Ray Train's logging for a run: its INFO lines on the console (the worker group's start, one
-    line per ``ray.train.report`` per rank) only when verbose."""
+    """Ray Train's ``LoggingConfig`` for a run: its INFO lines on the console (resources requested,
+    the worker group's start, checkpoints created) only when verbose."""
     import ray.train
 
     return ray.train.LoggingConfig(log_level="INFO" if _verbose else "WARNING")
