@@ -70,10 +70,21 @@ def quiet_warnings() -> None:
 
 def quiet_worker() -> None:
     """Ray's ``worker_process_setup_hook`` of a quiet run (`init_ray`): in every Ray worker process
-    (Train workers and controller, Ray Data actors and tasks), `quiet_warnings` and Ray Data's
-    console lines from WARNING up."""
+    (Train workers and controller, Ray Data actors and tasks), `quiet_warnings`, Ray Data's
+    console lines from WARNING up and no line per Ray Train report."""
     quiet_warnings()
     _quiet_ray_data()
+    _quiet_train_reports()
+
+
+def _quiet_train_reports() -> None:
+    """Not Ray Train's INFO line per ``ray.train.report`` and rank (``Reporting training result N:
+    TrainingReport(...)``). Ray 2.60 names that logger by its file's path, outside ``ray.train``, so
+    Ray Train's ``LoggingConfig`` misses it; set by name, before the module is imported."""
+    import ray
+
+    path = os.path.join(os.path.dirname(ray.__file__), "train", "v2", "_internal", "execution", "context.py")
+    logging.getLogger(path).setLevel(logging.WARNING)
 
 
 _dashboard_url = ""

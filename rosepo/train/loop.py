@@ -159,7 +159,6 @@ def fit(task: TrainingTask, model_cfg: ModelConfig, *, model_path: str, adapter:
             "tensorboard_dir": str(ray_run_dir / "tensorboard") if tcfg.tensorboard else None,
             "report_every_step": report_every_step,
             "log_level": logging.getLogger("rosepo").getEffectiveLevel(),
-            "verbose": is_verbose(),
         },
         scaling_config=ray.train.ScalingConfig(num_workers=tcfg.num_workers, use_gpu=tcfg.use_gpu,
                                                resources_per_worker=resources),
@@ -204,7 +203,7 @@ def train_loop_per_worker(config: dict) -> dict:
     tcfg = task.cfg
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    _worker_logging(rank, config["log_level"], config["verbose"])
+    _worker_logging(rank, config["log_level"])
 
     rows = _sorted_rows("train", task.key)
     eval_rows = _sorted_rows("eval", task.key) if config["has_eval"] else []
@@ -274,17 +273,11 @@ def metrics_line(metrics: dict, losses: list[float]) -> str:
     return repr(line)
 
 
-def _worker_logging(rank: int, level: int, verbose: bool) -> None:
+def _worker_logging(rank: int, level: int) -> None:
     """Worker logging at the driver's ``rosepo`` ``level``: rank 0's records (the metrics lines)
     as ``[rosepo] ...`` on stderr, which Ray forwards to the driver, the other ranks' from WARNING
-    up; unless ``verbose``, not Ray Train's INFO line per ``ray.train.report``."""
+    up."""
     import sys
-
-    from ray.train.v2._internal.execution import context
-
-    if not verbose:
-        # Ray 2.60 names that logger by its file's path, outside "ray.train": LoggingConfig misses it.
-        logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
     logger = logging.getLogger("rosepo")
     if not logger.handlers:
