@@ -21,11 +21,12 @@ mid-epoch is exact, and 1 worker with ``grad_accum=2`` sees the same micro-batch
 2 workers with ``grad_accum=1``. A step may straddle two epochs; ``epoch`` is reported as the
 fraction of rows consumed. Total steps: ``max_steps`` or ``ceil(epochs * N / G)``.
 
-Console and metrics. Rank 0 shows one tqdm bar (steps, ETA, loss) and, every
-``logging_steps``, logs one line of metrics to the ``rosepo`` logger, as HF's Trainer prints them
-(`metrics_line`); every step's metrics go to TensorBoard from rank 0. Ray Train hears of the run
-only at evaluations and checkpoints (``ray.train.report``): a report every step cost a round trip
-through the controller per step and logged a ``TrainingReport`` line per rank (BENCHMARKS.md).
+Console and metrics. Rank 0 shows one progress bar (steps, ETA, loss; Ray's ``tqdm_ray``, which
+the driver draws) and, every ``logging_steps``, logs one line of metrics to the ``rosepo`` logger,
+as HF's Trainer prints them (`metrics_line`); every step's metrics go to TensorBoard from rank 0.
+Ray Train hears of the run only at evaluations and checkpoints (``ray.train.report``): a report
+every step cost a round trip through the controller per step and logged a ``TrainingReport`` line
+per rank (BENCHMARKS.md).
 
 Checkpoints (every ``checkpoint_every`` steps, at the end and at ``stop_at_step``): each rank
 saves its ZeRO shards with ``engine.save_checkpoint`` (frozen base weights excluded); rank 0
@@ -215,9 +216,12 @@ def train_loop_per_worker(config: dict) -> dict:
     start_step, history, eval_history = _resume(engine, config["resume_from"], len(rows), global_batch)
     evaluate = _evaluator(engine, task, tokenizer, eval_rows)
     writer = _tensorboard(config["tensorboard_dir"] if rank == 0 else None)
-    from tqdm import tqdm
+    from ray.experimental import tqdm_ray
 
-    bar = tqdm(total=total, initial=start_step, disable=rank != 0, desc=task.name)
+    # Rank 0's bar, drawn by the driver: Ray forwards a worker's own tqdm redraws one line each.
+    bar = tqdm_ray.tqdm(total=total, desc=task.name) if rank == 0 else None
+    if bar is not None:
+        bar.n = start_step
     metrics: dict = {}
     losses: list[float] = []  # since the last metrics line
     if eval_rows and start_step == 0:
@@ -239,12 +243,11 @@ def train_loop_per_worker(config: dict) -> dict:
             metrics.update(scores)
             eval_history.append({"step": step + 1, **scores})
         _log_scalars(writer, metrics, step + 1)
-        bar.update(1)
-        bar.set_postfix(loss=f"{metrics['loss']:.4f}")
+        if bar is not None:
+            bar.set_description(f"{task.name} loss={metrics['loss']:.4f}")
+            bar.update(1)
         if rank == 0 and tcfg.logging_steps and ((step + 1) % tcfg.logging_steps == 0 or step + 1 == stop):
-            bar.clear()
             log.info("%s", metrics_line(metrics, losses))
-            bar.refresh()
             losses = []
         if step + 1 == stop or (tcfg.checkpoint_every and (step + 1) % tcfg.checkpoint_every == 0):
             state = {"global_step": step + 1, "epoch": metrics["epoch"],
@@ -253,7 +256,8 @@ def train_loop_per_worker(config: dict) -> dict:
             _save_checkpoint(engine, tokenizer, state, metrics, rank, tcfg.model_config(config["model_cfg"]).finetune)
         elif evaluated or config["report_every_step"]:
             ray.train.report(metrics)
-    bar.close()
+    if bar is not None:
+        bar.close()
     if writer is not None:
         writer.close()
     return {"history": history, "eval_history": eval_history, "metrics": metrics,
