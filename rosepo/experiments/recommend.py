@@ -110,17 +110,22 @@ class Recommender:
         title given the prompt, descending)."""
         if k < 1:
             raise ConfigError(f"k must be >= 1, got {k}")
-        out = []
+        out: list[dict] = [{}] * len(queries)
+        by_size: dict[int, list[int]] = {}  # one batch scores the same number of candidates per prompt
+        for i, q in enumerate(queries):
+            by_size.setdefault(len(q["candidates"]), []).append(i)
         size = self.cfg.eval.batch_size
-        for start in range(0, len(queries), size):
-            chunk = queries[start:start + size]
-            scored = self.scorer(pa.Table.from_pylist(
-                [{"sample_id": str(i), "prompt": q["prompt"], "candidate_titles": q["candidates"]}
-                 for i, q in enumerate(chunk)])).to_pylist()
-            for q, s in zip(chunk, scored):
-                ranked = sorted(zip(q["candidates"], s["scores"]), key=lambda ts: -ts[1])[:k]
-                out.append({"history": q["history"], "answer": s["answer"], "num_candidates": len(q["candidates"]),
-                            "top": [{"title": t, "score": round(v, 4)} for t, v in ranked]})
+        for group in by_size.values():
+            for start in range(0, len(group), size):
+                chunk = group[start:start + size]
+                scored = self.scorer(pa.Table.from_pylist(
+                    [{"sample_id": str(i), "prompt": queries[i]["prompt"], "candidate_titles": queries[i]["candidates"]}
+                     for i in chunk])).to_pylist()
+                for i, s in zip(chunk, scored):
+                    q = queries[i]
+                    ranked = sorted(zip(q["candidates"], s["scores"]), key=lambda ts: -ts[1])[:k]
+                    out[i] = {"history": q["history"], "answer": s["answer"], "num_candidates": len(q["candidates"]),
+                              "top": [{"title": t, "score": round(v, 4)} for t, v in ranked]}
         return out
 
 
