@@ -125,6 +125,7 @@ def cmd_run(args) -> None:
     cfg = _load(args)
     runtime.init_ray(cfg.ray_address)
     outs = run_pipeline(cfg, until=args.until, force=tuple(args.force))
+    runtime.shutdown_ray()  # the workers' last lines now, so that the summary ends the output
     print(write_summary(cfg, outs), end="")
 
 

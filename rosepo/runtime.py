@@ -127,6 +127,17 @@ def init_ray(address: str = "", num_cpus: int | None = None) -> str:
     return _dashboard_url
 
 
+def shutdown_ray() -> None:
+    """Disconnect from Ray (stopping the local Ray `init_ray` started). Ray prints the workers'
+    last forwarded lines (a progress bar's final frame) as it does, so they come before what is
+    printed next, not after it at exit."""
+    import ray
+
+    global _dashboard_url
+    ray.shutdown()
+    _dashboard_url = ""
+
+
 def _runtime_env(env_vars: dict[str, str]) -> dict:
     """The runtime_env of a rosepo job: ``env_vars``, and `quiet_worker` in every worker unless verbose."""
     return {"env_vars": env_vars, **({} if _verbose else {"worker_process_setup_hook": "rosepo.runtime.quiet_worker"})}
