@@ -18,6 +18,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "eval": ("bench.eval_throughput", "ranking and generation evaluation, prompts/s, vs naive variants"),
     "sft-probe": ("bench.sft_probe", "SFT learning curves of the tiny model: ValidRatio, rank HR@1 per step (#14)"),
     "gpu": ("bench.gpu_step", "RosePO step of a ~1B Llama on one GPU (bf16; LoRA and full; prefix sharing on/off)"),
+    "report": ("bench.report_step", "SFT step time, ray.train.report every step vs at evaluations/checkpoints (#16)"),
 }
 
 

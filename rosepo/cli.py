@@ -2,8 +2,9 @@
 builds configs, starts or joins Ray and calls the package; no logic of its own.
 
 Progress goes to the ``rosepo`` logger (configured here: ``[rosepo] ...`` lines on stderr); what
-a command produces (folders, manifest summaries) is printed on stdout. Every rosepo error ends
-as one line on stderr and exit code 2.
+a command produces (folders, manifest summaries, a run's summary, recommendations) is printed on
+stdout. Ray's and the libraries' own logs stay off unless ``--verbose`` (`rosepo.runtime.set_console`).
+Every rosepo error ends as one line on stderr and exit code 2.
 
 The pipeline and the experiments import torch and Ray at module level, so each command imports
 its module when it runs: ``rosepo --help`` and a refused config answer in about a second. These
@@ -52,9 +53,19 @@ def configure_logging(level: int = logging.INFO) -> None:
     logger.setLevel(level)
 
 
+VERBOSE_HELP = ("show Ray's, Ray Data's, DeepSpeed's and Hugging Face's own logs, progress bars and "
+                "warnings, and rosepo's debug lines (default: rosepo's stage lines, bars and metrics only)")
+
+
+def _verbose_arg(p: argparse.ArgumentParser) -> None:
+    # SUPPRESS: unset here, so `rosepo --verbose run` (the top-level flag) is not overwritten.
+    p.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP)
+
+
 def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML config (default: the built-in defaults)")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. align.beta=0.2")
+    _verbose_arg(p)
 
 
 def _load(args):
@@ -106,15 +117,33 @@ def cmd_stage(args) -> None:
 
 
 def cmd_run(args) -> None:
-    """Run the whole pipeline (up to ``--until``); print the run folder and every stage's folder."""
-    from rosepo.pipeline import run_folder, run_pipeline
+    """Run the whole pipeline (up to ``--until``); print its summary (stage times, the run folder,
+    the TensorBoard command, the eval table), also written to ``summary.md`` and ``results.png``."""
+    from rosepo.experiments.summary import write_summary
+    from rosepo.pipeline import run_pipeline
 
     cfg = _load(args)
     runtime.init_ray(cfg.ray_address)
     outs = run_pipeline(cfg, until=args.until, force=tuple(args.force))
-    print(f"[rosepo] run folder: {run_folder(cfg)}")
-    for stage, path in outs.items():
-        print(f"[rosepo]   {stage:8s} {path}")
+    runtime.shutdown_ray()  # the workers' last lines now, so that the summary ends the output
+    print(write_summary(cfg, outs), end="")
+
+
+def cmd_recommend(args) -> None:
+    """The next item for a history (``--history``) or for each query of ``--input`` (JSONL out)."""
+    from rosepo.experiments.recommend import Recommender, format_result, recommend_file
+
+    if args.input and (args.history or args.candidates):
+        raise RosepoError("give either --history (and --candidates) or --input, not both")
+    if not args.input and args.history is None:
+        raise RosepoError("give --history TITLE ... (oldest first), or --input FILE.jsonl")
+    recommender = Recommender(args.run, args.stage)
+    if args.input:
+        for result in recommend_file(recommender, args.input, args.k):
+            print(json.dumps(result, ensure_ascii=False))
+    else:
+        query = recommender.query(args.history, args.candidates)
+        print(format_result(recommender.recommend([query], args.k)[0]))
 
 
 def cmd_bench(args) -> None:
@@ -156,6 +185,7 @@ STAGE_HELP = {
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``rosepo``."""
     parser = argparse.ArgumentParser(prog="rosepo", description=__doc__.splitlines()[0])
+    parser.add_argument("--verbose", action="store_true", default=False, help=VERBOSE_HELP)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("run", help="the whole pipeline: samples → oracle → model → sft → pairs → align → eval")
@@ -201,6 +231,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods",
                    help="comma-separated trained methods (default: all; see rosepo/experiments/methods.py)")
     p.set_defaults(func=cmd_compare)
+    p = sub.add_parser("recommend", help="the next item for a history of titles, from a finished run's model")
+    p.add_argument("--run", required=True, help="the run folder, e.g. runs/ml100k-tiny")
+    p.add_argument("--history", nargs="*", metavar="TITLE", help='catalogue titles, oldest first, e.g. "Fargo (1996)"')
+    p.add_argument("--candidates", nargs="*", metavar="TITLE",
+                   help="titles to rank (default: data.num_candidates drawn from the catalogue, as the samples are)")
+    p.add_argument("--k", type=int, default=5, help="candidates shown (default 5)")
+    p.add_argument("--stage", choices=("align", "sft"), default="align",
+                   help="the aligned model (default) or the SFT model")
+    p.add_argument("--input", help='JSONL of queries, one {"history": [...], "candidates": [...]} per line; '
+                                   "prints one JSON result per line")
+    _verbose_arg(p)
+    p.set_defaults(func=cmd_recommend)
     p = sub.add_parser("bench", help="run a benchmark (data, ...; see BENCHMARKS.md)")
     p.add_argument("name", help="benchmark name, or 'all'")
     p.add_argument("args", nargs=argparse.REMAINDER, help="the benchmark's own options")
@@ -211,7 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``rosepo`` console script."""
     args = build_parser().parse_args(argv)
-    configure_logging()
+    runtime.set_console(args.verbose)
+    configure_logging(logging.DEBUG if args.verbose else logging.INFO)
     try:
         args.func(args)
     except RosepoError as e:

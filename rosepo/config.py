@@ -204,6 +204,10 @@ class TrainConfig:
     seed: Seed = 0
     #: Log to TensorBoard under the run's storage path.
     tensorboard: bool = True
+    #: Every N optimiser steps rank 0 logs one line of the step's metrics (loss, grad_norm,
+    #: learning_rate, epoch), as TRL's ``logging_steps`` (0 = none; TensorBoard has every step).
+    #: What is printed, not what is trained: left out of the stage addresses (`UNHASHED`).
+    logging_steps: Annotated[int, Range(ge=0, note="0 = no metric lines")] = 10
 
     def model_config(self, model: "ModelConfig") -> "ModelConfig":
         """The model config this stage trains with: ``model`` with this stage's ``finetune``, if set."""
@@ -604,9 +608,21 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return _build(RunConfig, data).validate()
 
 
+#: Fields that change what a run prints, not what it makes: `config_hash` leaves them out, so
+#: changing them neither moves a stage's address nor redoes it.
+UNHASHED = frozenset({"logging_steps"})
+
+
+def _hashed(obj: Any) -> dict:
+    """``dataclasses.asdict(obj)`` without the `UNHASHED` fields (sections recursively)."""
+    return {f.name: _hashed(v) if dataclasses.is_dataclass(v := getattr(obj, f.name)) else v
+            for f in dataclasses.fields(obj) if f.name not in UNHASHED}
+
+
 def config_hash(*parts: Any) -> str:
-    """Short stable hash of config sections (dataclasses or plain data), for stage addressing."""
-    norm = [dataclasses.asdict(p) if dataclasses.is_dataclass(p) else p for p in parts]
+    """Short stable hash of config sections (dataclasses or plain data), for stage addressing;
+    the `UNHASHED` fields are left out."""
+    norm = [_hashed(p) if dataclasses.is_dataclass(p) else p for p in parts]
     blob = json.dumps(norm, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:12]
 

@@ -7,10 +7,15 @@ inputs' addresses: ``<storage>/<run name>/<stage>-<hash>/``. A stage's runner re
 those sections (`stage_sections`), so it cannot read a setting its address does not hash. A
 folder with a ``manifest.json`` is finished, so a rerun skips it; ``force`` redoes named stages
 (and so everything after them, since their addresses do not change but their outputs are rebuilt).
+
+`run_pipeline` also records the run in its folder: ``config.yaml`` (the resolved config, loadable
+by `rosepo.config.load_config`: what ``rosepo recommend --run`` reads) and ``run.json`` (each
+stage's folder and the seconds it took to build; `read_run_record`).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import time
@@ -27,11 +32,14 @@ from rosepo.model.base import build_base_model
 from rosepo.pairs.build import build_pairs
 from rosepo.pairs.oracle import train_oracle
 from rosepo.runtime import init_ray
-from rosepo.storage import confined, is_complete
+from rosepo.storage import atomic_write_text, confined, is_complete
 from rosepo.train.align import run_align
 from rosepo.train.sft import build_sft
 
 log = logging.getLogger(__name__)
+
+#: In the run folder: the config of the latest `run_pipeline`, and its stages' record.
+RUN_CONFIG, RUN_RECORD = "config.yaml", "run.json"
 
 #: name -> (config sections it depends on, upstream stages). Order = execution order.
 GRAPH: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
@@ -150,8 +158,34 @@ def run_pipeline(cfg: RunConfig, *, until: str | None = None, force: tuple[str, 
     if unknown:
         raise ConfigError(f"unknown stage(s) {sorted(unknown)}; stages: {', '.join(GRAPH)}")
     outs: dict[str, Path] = {}
+    record = read_run_record(run_folder(cfg))
     for stage in GRAPH:
+        reused = is_complete(stage_dir(cfg, stage)) and stage not in force
+        t0 = time.perf_counter()
         outs[stage] = run_stage(cfg, stage, force=stage in force, _ready=outs)
+        earlier = record.get(stage, {})
+        seconds = earlier.get("seconds") if reused and earlier.get("folder") == outs[stage].name else None
+        record[stage] = {"folder": outs[stage].name, "reused": reused,
+                         "seconds": seconds if reused else round(time.perf_counter() - t0, 1)}
         if stage == until:
             break
+    _write_run_record(cfg, record)
     return outs
+
+
+def read_run_record(folder: str | Path) -> dict[str, dict]:
+    """``run.json`` of a run folder: stage -> ``{"folder", "seconds", "reused"}`` (``reused``: found
+    finished by the latest run; ``seconds``: how long building it took, None when unknown); {} when none."""
+    path = Path(folder) / RUN_RECORD
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def _write_run_record(cfg: RunConfig, record: dict[str, dict]) -> None:
+    """``config.yaml`` and ``run.json``, atomically. A stage the config no longer addresses (an
+    earlier run's) is dropped; one not run this time (``until``) but still addressed is kept."""
+    import yaml
+
+    folder = run_folder(cfg)
+    record = {s: r for s, r in record.items() if s in GRAPH and r["folder"] == stage_key(cfg, s)}
+    atomic_write_text(folder / RUN_CONFIG, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    atomic_write_text(folder / RUN_RECORD, json.dumps(record, indent=2))

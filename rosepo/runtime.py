@@ -4,15 +4,26 @@ Ray Train V2 polls its workers for health every ``RAY_TRAIN_HEALTH_CHECK_INTERVA
 each ``ray.train.report`` waits for that poll: at the default (~2 s) a 0.1 s step takes 1.9 s.
 The variable is read by the Train controller, an actor, so it is set both in this process
 (inherited by a local cluster started here) and in the job's runtime_env (a joined cluster).
+
+The console of a run is quiet unless ``--verbose`` (`set_console`): the driver's ``ray`` logger
+at WARNING, Ray Data's console from WARNING up, Hugging Face's progress bars and third-party
+deprecation warnings off, in this process and, through the ``worker_process_setup_hook``
+`quiet_worker`, in every worker.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import warnings
 
 HEALTH_CHECK_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 HEALTH_CHECK_INTERVAL_S = "0.1"
 API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"
+#: Environment of a quiet run, driver and workers alike: Hugging Face's progress bars ("Loading
+#: weights", "Writing model shards", one per actor and model load) off.
+QUIET_ENV = {"HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+_verbose = False
 
 
 def worker_env_vars(use_gpu: bool) -> dict[str, str]:
@@ -27,7 +38,53 @@ def worker_env_vars(use_gpu: bool) -> dict[str, str]:
     }
     if not use_gpu:
         env["DS_ACCELERATOR"] = "cpu"
-    return env
+    return env if _verbose else {**env, **QUIET_ENV}
+
+
+def set_console(verbose: bool) -> None:
+    """Choose how much of Ray's and Hugging Face's own output a run prints. Quiet (the default):
+    Ray's INFO logs, Ray Data's progress logs, Hugging Face's progress bars and DeepSpeed's
+    deprecation warnings are off, in this process and (through `init_ray`) in every worker;
+    rosepo's own lines, stage bars and metrics remain. ``verbose`` keeps everything. Call it
+    before Ray starts and before transformers is imported (both read the environment then)."""
+    global _verbose
+    _verbose = verbose
+    if verbose:
+        return
+    for key, value in QUIET_ENV.items():
+        os.environ.setdefault(key, value)
+    quiet_warnings()
+
+
+def quiet_warnings() -> None:
+    """Silence, in this process, the third-party warnings that are no user's concern: DeepSpeed
+    0.19 gathers ZeRO partitions through ``torch.distributed.all_gather_into_tensor``, which torch
+    2.13 deprecates with a FutureWarning once per process (every Train worker); peft 0.21 reads
+    ``is_gradient_checkpointing``, which transformers 5 deprecates (every LoRA load); Ray Train
+    2.60's own dataset manager passes Ray Data an option Ray Data deprecates (every training run)."""
+    for name in ("torch\\.distributed\\.all_gather_into_tensor", "is_gradient_checkpointing"):
+        warnings.filterwarnings("ignore", message=rf"`{name}` is deprecated", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=r"`ExecutionOptions\.exclude_resources` is deprecated",
+                            category=DeprecationWarning)
+
+
+def quiet_worker() -> None:
+    """Ray's ``worker_process_setup_hook`` of a quiet run (`init_ray`): in every Ray worker process
+    (Train workers and controller, Ray Data actors and tasks), `quiet_warnings`, Ray Data's
+    console lines from WARNING up and no line per Ray Train report."""
+    quiet_warnings()
+    _quiet_ray_data()
+    _quiet_train_reports()
+
+
+def _quiet_train_reports() -> None:
+    """Not Ray Train's INFO line per ``ray.train.report`` and rank (``Reporting training result N:
+    TrainingReport(...)``). Ray 2.60 names that logger by its file's path, outside ``ray.train``, so
+    Ray Train's ``LoggingConfig`` misses it; set by name, before the module is imported."""
+    import ray
+
+    path = os.path.join(os.path.dirname(ray.__file__), "train", "v2", "_internal", "execution", "context.py")
+    logging.getLogger(path).setLevel(logging.WARNING)
 
 
 _dashboard_url = ""
@@ -51,7 +108,8 @@ def init_ray(address: str = "", num_cpus: int | None = None) -> str:
     address = address or os.environ.get("RAY_ADDRESS", "")
     if address:
         # This machine's GPUs say nothing about the cluster's: leave DeepSpeed to detect them.
-        ctx = ray.init(address=address, runtime_env={"env_vars": worker_env_vars(use_gpu=True)})
+        ctx = ray.init(address=address, runtime_env=_runtime_env(worker_env_vars(use_gpu=True)),
+                       logging_level=_ray_log_level())
     else:
         import torch
 
@@ -62,9 +120,59 @@ def init_ray(address: str = "", num_cpus: int | None = None) -> str:
         os.environ[API_SERVER_ENV] = f"http://127.0.0.1:{port}"
         env = {**worker_env_vars(torch.cuda.is_available()), API_SERVER_ENV: os.environ[API_SERVER_ENV]}
         ctx = ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
-                       dashboard_port=port, runtime_env={"env_vars": env})
+                       dashboard_port=port, runtime_env=_runtime_env(env), logging_level=_ray_log_level())
     _dashboard_url = ctx.dashboard_url or ""
+    if not _verbose:
+        _quiet_ray_data()
     return _dashboard_url
+
+
+def shutdown_ray() -> None:
+    """Disconnect from Ray (stopping the local Ray `init_ray` started). Ray prints the workers'
+    last forwarded lines (a progress bar's final frame) as it does, so they come before what is
+    printed next, not after it at exit."""
+    import ray
+
+    global _dashboard_url
+    ray.shutdown()
+    _dashboard_url = ""
+
+
+def _runtime_env(env_vars: dict[str, str]) -> dict:
+    """The runtime_env of a rosepo job: ``env_vars``, and `quiet_worker` in every worker unless verbose."""
+    return {"env_vars": env_vars, **({} if _verbose else {"worker_process_setup_hook": "rosepo.runtime.quiet_worker"})}
+
+
+def _quiet_ray_data() -> None:
+    """Ray Data's console lines from WARNING up: its INFO lines are each dataset's execution plan,
+    a line when it finishes and, when stdout is no terminal, a progress block every few seconds;
+    and not its warning that progress bars are off (rosepo turns off the Train workers' own). Its
+    log file (the session's ``ray-data.log``) keeps everything. Ray Data sets its handlers when
+    imported."""
+    import ray.data  # noqa: F401  (configures the "ray.data" logger)
+
+    for handler in logging.getLogger("ray.data").handlers:
+        if isinstance(handler, logging.StreamHandler):
+            handler.setLevel(logging.WARNING)
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
+
+
+def is_verbose() -> bool:
+    """Whether `set_console` asked for everything (``--verbose``)."""
+    return _verbose
+
+
+def train_logging():
+    """Ray Train's ``LoggingConfig`` for a run: its INFO lines on the console (resources requested,
+    the worker group's start, checkpoints created) only when verbose."""
+    import ray.train
+
+    return ray.train.LoggingConfig(log_level="INFO" if _verbose else "WARNING")
+
+
+def _ray_log_level() -> int:
+    """The driver's ``ray`` logger level: INFO (Ray's default) when verbose, WARNING otherwise."""
+    return logging.INFO if _verbose else logging.WARNING
 
 
 def free_port() -> int:

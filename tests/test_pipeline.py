@@ -54,6 +54,33 @@ def test_stage_addresses_follow_their_config(tmp_path):
     assert moved == {"align", "eval"}
     other_data = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, seed=1))
     assert all(pipeline.stage_key(other_data, s) != keys[s] for s in pipeline.GRAPH)
+    # How often metrics are printed changes no output: no stage moves (config.UNHASHED).
+    chatty = dataclasses.replace(cfg, sft=dataclasses.replace(cfg.sft, logging_steps=1),
+                                 align=dataclasses.replace(cfg.align, logging_steps=0))
+    assert {s: pipeline.stage_key(chatty, s) for s in pipeline.GRAPH} == keys
+
+
+def test_run_record_holds_the_config_and_stage_times(tmp_path, fake_runners):
+    """``config.yaml`` loads back as the run's config; ``run.json`` gives each stage's folder and
+    build time, kept (flagged reused) when a rerun finds the stage finished, dropped when the
+    config no longer addresses that folder."""
+    from rosepo.config import load_config
+
+    cfg = RunConfig(storage=str(tmp_path), name="r")
+    outs = pipeline.run_pipeline(cfg, until="sft")
+    folder = pipeline.run_folder(cfg)
+    assert load_config(folder / pipeline.RUN_CONFIG) == cfg
+    first = pipeline.read_run_record(folder)
+    assert list(first) == list(outs) == ["samples", "oracle", "model", "sft"]
+    assert all(r["folder"] == outs[s].name and not r["reused"] and r["seconds"] >= 0 for s, r in first.items())
+    pipeline.run_pipeline(cfg)
+    again = pipeline.read_run_record(folder)
+    assert list(again) == list(pipeline.GRAPH)
+    assert all(again[s] == {**first[s], "reused": True} for s in first)
+    assert not any(again[s]["reused"] for s in ("pairs", "align", "eval"))
+    moved = dataclasses.replace(cfg, align=dataclasses.replace(cfg.align, beta=0.5))
+    pipeline.run_pipeline(moved, until="pairs")
+    assert list(pipeline.read_run_record(folder)) == ["samples", "oracle", "model", "sft", "pairs"]
 
 
 def test_until_stops_after_the_stage(tmp_path, fake_runners):

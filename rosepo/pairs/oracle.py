@@ -27,6 +27,7 @@ from rosepo.config import OracleConfig
 from rosepo.data.samples import read_split
 from rosepo.errors import DataError
 from rosepo.pairs.sasrec import CONFIG, VOCAB, WEIGHTS, ItemVocab, build_model, evaluate_oracle, load_oracle
+from rosepo.runtime import train_logging
 from rosepo.storage import atomic_dir, write_manifest
 
 
@@ -129,7 +130,7 @@ def train_oracle(samples_dir: str | Path, cfg: OracleConfig, out_dir: str | Path
                                "item_ids": vocab.item_ids},
             scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=False),
             run_config=RunConfig(name="oracle", storage_path=str(tmp / "ray"),
-                                 failure_config=FailureConfig(max_failures=0)))
+                                 failure_config=FailureConfig(max_failures=0), logging_config=train_logging()))
         t_fit = time.perf_counter()
         result = trainer.fit()
         fit_seconds = time.perf_counter() - t_fit

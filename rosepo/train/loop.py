@@ -21,6 +21,13 @@ mid-epoch is exact, and 1 worker with ``grad_accum=2`` sees the same micro-batch
 2 workers with ``grad_accum=1``. A step may straddle two epochs; ``epoch`` is reported as the
 fraction of rows consumed. Total steps: ``max_steps`` or ``ceil(epochs * N / G)``.
 
+Console and metrics. Rank 0 shows one progress bar (steps, ETA, loss; Ray's ``tqdm_ray``, which
+the driver draws) and, every ``logging_steps``, logs one line of metrics to the ``rosepo`` logger,
+as HF's Trainer prints them (`metrics_line`); every step's metrics go to TensorBoard from rank 0.
+Ray Train hears of the run only at evaluations and checkpoints (``ray.train.report``): a report
+every step cost a round trip through the controller per step and logged a ``TrainingReport`` line
+per rank (BENCHMARKS.md).
+
 Checkpoints (every ``checkpoint_every`` steps, at the end and at ``stop_at_step``): each rank
 saves its ZeRO shards with ``engine.save_checkpoint`` (frozen base weights excluded); rank 0
 adds ``trainer_state.json`` and the HF export (``hf/``: the LoRA adapter, or the full model);
@@ -39,6 +46,7 @@ from __future__ import annotations
 import abc
 import functools
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -47,6 +55,7 @@ from rosepo.config import ModelConfig, TrainConfig
 from rosepo.errors import ConfigError
 from rosepo.model.factory import apply_lora, export_model, load_model, load_tokenizer, resolve_dtype
 from rosepo.model.items import attach_items
+from rosepo.runtime import is_verbose, train_logging
 from rosepo.train.schedule import (TRAINER_STATE, check_resumable, find_latest_checkpoint, lr_factor, step_rows,
                                    total_steps, worker_micro_batches)
 from rosepo.train.zero_config import deepspeed_config, skip_shm_comm_build
@@ -54,6 +63,10 @@ from rosepo.train.zero_config import deepspeed_config, skip_shm_comm_build
 HF_EXPORT = "hf"
 DS_SUBDIR = "deepspeed"
 DS_TAG = "state"
+
+log = logging.getLogger(__name__)
+
+
 class TrainingTask(abc.ABC):
     """What a stage trains through `fit`: its rows, batches, loss and optional evaluation.
 
@@ -100,16 +113,18 @@ class TrainingTask(abc.ABC):
 
 def fit(task: TrainingTask, model_cfg: ModelConfig, *, model_path: str, adapter: str | None,
         datasets: dict, output_dir: str, run_name: str, stop_at_step: int = 0,
-        callbacks: list | None = None, items_path: str | None = None) -> dict:
+        callbacks: list | None = None, report_every_step: bool = False, items_path: str | None = None) -> dict:
     """Train ``task`` (batch geometry, optimiser, checkpoints from ``task.cfg``; dtype, gradient
     checkpointing and LoRA from ``model_cfg``) on ``datasets["train"]`` with Ray Train + DeepSpeed;
     resume if ``<output_dir>/<run_name>`` holds a checkpoint of an interrupted run.
 
     ``stop_at_step`` (> 0) pauses the run at that global step (checkpointed); the learning-rate
     schedule still spans the whole run, so a later `fit` without it continues exactly as if never
-    stopped. ``callbacks``: Ray Train callbacks for the run's controller (Tune's, in a trial).
-    ``items_path``: an item file (`rosepo.model.items`): the model is wrapped with its item
-    tokens, and the projector trains and is exported with the model.
+    stopped. ``callbacks``: Ray Train callbacks for the run's controller (Tune's, in a trial); they
+    see the evaluations and checkpoints, or every step with ``report_every_step`` (a round trip
+    per step: BENCHMARKS.md, ``python -m bench report``). ``items_path``: an item file
+    (`rosepo.model.items`): the model is wrapped with its item tokens, and the projector trains
+    and is exported with the model.
 
     Returns ``metrics`` (the last step's), ``history`` (``[{"step", "loss"}]``, resumed steps
     included), ``eval_history`` (``[{"step", "eval/...": ...}]``), ``resumed_from_step``,
@@ -130,6 +145,9 @@ def fit(task: TrainingTask, model_cfg: ModelConfig, *, model_path: str, adapter:
     if resume_from is not None:
         check_resumable(resume_from, datasets["train"].count(),
                          tcfg.num_workers * tcfg.micro_batch_size * tcfg.grad_accum)
+    if not is_verbose():
+        for ds in datasets.values():  # each worker reads every dataset: one progress bar per worker is noise
+            ds.context.enable_progress_bars = False
     resources = {"CPU": tcfg.cpus_per_worker, **({"GPU": 1} if tcfg.use_gpu else {})}
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -144,6 +162,8 @@ def fit(task: TrainingTask, model_cfg: ModelConfig, *, model_path: str, adapter:
             "stop_at_step": stop_at_step,
             "has_eval": "eval" in datasets,
             "tensorboard_dir": str(ray_run_dir / "tensorboard") if tcfg.tensorboard else None,
+            "report_every_step": report_every_step,
+            "log_level": logging.getLogger("rosepo").getEffectiveLevel(),
         },
         scaling_config=ray.train.ScalingConfig(num_workers=tcfg.num_workers, use_gpu=tcfg.use_gpu,
                                                resources_per_worker=resources),
@@ -154,6 +174,7 @@ def fit(task: TrainingTask, model_cfg: ModelConfig, *, model_path: str, adapter:
             failure_config=ray.train.FailureConfig(max_failures=tcfg.max_failures, controller_failure_limit=0),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             callbacks=callbacks,
+            logging_config=train_logging(),
         ),
         datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split=[]),
@@ -180,7 +201,6 @@ def _fit_result(result, resume_from: Path | None) -> dict:
 def train_loop_per_worker(config: dict) -> dict:
     """Ray Train worker: set up model + DeepSpeed, resume, train, checkpoint. Rank 0 returns
     ``{"history", "metrics", "resumed_from_step"}``."""
-    import ray.data
     import ray.train
     import torch
 
@@ -188,8 +208,8 @@ def train_loop_per_worker(config: dict) -> dict:
     tcfg = task.cfg
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    _worker_logging(rank, config["log_level"])
 
-    ray.data.DataContext.get_current().enable_progress_bars = False  # one bar per worker is noise
     rows = _sorted_rows("train", task.key)
     eval_rows = _sorted_rows("eval", task.key) if config["has_eval"] else []
     global_batch = world * tcfg.micro_batch_size * tcfg.grad_accum
@@ -200,10 +220,14 @@ def train_loop_per_worker(config: dict) -> dict:
     start_step, history, eval_history = _resume(engine, config["resume_from"], len(rows), global_batch)
     evaluate = _evaluator(engine, task, tokenizer, eval_rows)
     writer = _tensorboard(config["tensorboard_dir"] if rank == 0 else None)
-    from tqdm import tqdm
+    from ray.experimental import tqdm_ray
 
-    bar = tqdm(total=total, initial=start_step, disable=rank != 0, desc=task.name)
+    # Rank 0's bar, drawn by the driver: Ray forwards a worker's own tqdm redraws one line each.
+    bar = tqdm_ray.tqdm(total=total, desc=task.name) if rank == 0 else None
+    if bar is not None:
+        bar.n = start_step
     metrics: dict = {}
+    losses: list[float] = []  # since the last metrics line
     if eval_rows and start_step == 0:
         eval_history.append({"step": 0, **evaluate()})
         _log_scalars(writer, eval_history[-1], 0)
@@ -216,25 +240,60 @@ def train_loop_per_worker(config: dict) -> dict:
         metrics = _train_step(engine, task, [[rows[i] for i in idx] for idx in micro], tokenizer.pad_token_id)
         metrics.update(step=step + 1, epoch=(step + 1) * global_batch / len(rows))
         history.append({"step": step + 1, "loss": metrics["loss"]})
-        if eval_rows and (step + 1 == total or (task.eval_every and (step + 1) % task.eval_every == 0)):
+        losses.append(metrics["loss"])
+        evaluated = bool(eval_rows) and (step + 1 == total or (task.eval_every and (step + 1) % task.eval_every == 0))
+        if evaluated:
             scores = evaluate()
             metrics.update(scores)
             eval_history.append({"step": step + 1, **scores})
         _log_scalars(writer, metrics, step + 1)
-        bar.update(1)
-        bar.set_postfix(loss=f"{metrics['loss']:.4f}")
+        if bar is not None:
+            bar.set_description(f"{task.name} loss={metrics['loss']:.4f}")
+            bar.update(1)
+        if rank == 0 and tcfg.logging_steps and ((step + 1) % tcfg.logging_steps == 0 or step + 1 == stop):
+            log.info("%s", metrics_line(metrics, losses))
+            losses = []
         if step + 1 == stop or (tcfg.checkpoint_every and (step + 1) % tcfg.checkpoint_every == 0):
             state = {"global_step": step + 1, "epoch": metrics["epoch"],
                      "data_position": (step + 1) * global_batch, "num_rows": len(rows),
                      "global_batch": global_batch, "history": history, "eval_history": eval_history}
             _save_checkpoint(engine, tokenizer, state, metrics, rank, tcfg.model_config(config["model_cfg"]).finetune)
-        else:
+        elif evaluated or config["report_every_step"]:
             ray.train.report(metrics)
-    bar.close()
+    if bar is not None:
+        bar.close()
     if writer is not None:
         writer.close()
     return {"history": history, "eval_history": eval_history, "metrics": metrics,
             "resumed_from_step": start_step}
+
+
+def metrics_line(metrics: dict, losses: list[float]) -> str:
+    """One line of a step's metrics as HF's Trainer logs them, ``{'loss': 0.4123, 'grad_norm': 1.02,
+    'learning_rate': 0.0005, ..., 'epoch': 0.12}``: ``loss`` is the mean over ``losses`` (the steps
+    since the last line), the rest are the step's own, held-out ``eval/...`` metrics included;
+    throughput (``perf/...``) and the step number are left to TensorBoard and the bar."""
+    first = ("loss", "grad_norm", "learning_rate")
+    rest = sorted(k for k in metrics if k not in first and k not in ("step", "epoch") and not k.startswith("perf/"))
+    line = {k: float(f"{metrics[k]:.4g}") for k in (*first, *rest) if k in metrics}
+    line["loss"] = float(f"{sum(losses) / len(losses):.4g}")
+    line["epoch"] = round(metrics["epoch"], 2)
+    return repr(line)
+
+
+def _worker_logging(rank: int, level: int) -> None:
+    """Worker logging at the driver's ``rosepo`` ``level``: rank 0's records (the metrics lines)
+    as ``[rosepo] ...`` on stderr, which Ray forwards to the driver, the other ranks' from WARNING
+    up."""
+    import sys
+
+    logger = logging.getLogger("rosepo")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("[rosepo] %(message)s"))
+        logger.addHandler(handler)
+        logger.propagate = False  # Ray's root handler in the worker would print each record again
+    logger.setLevel(level if rank == 0 else max(level, logging.WARNING))
 
 
 def _tensorboard(folder: str | None):
@@ -250,7 +309,8 @@ def _log_scalars(writer, metrics: dict, step: int) -> None:
     """TensorBoard scalars (rank 0 holds the writer; None elsewhere or when disabled)."""
     if writer is not None:
         for k, v in metrics.items():
-            writer.add_scalar(k, v, step)
+            # A tag may not hold "@": tensorboardX would rename eval/hr@1 so itself, logging each time.
+            writer.add_scalar(k.replace("@", "_"), v, step)
 
 
 def _sorted_rows(name: str, key: str) -> list[dict]:

@@ -98,3 +98,18 @@ def test_trl_benchmark_without_trl_says_so_and_exits_2(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "trl", None)  # import trl raises ImportError
     assert trl_align.run([]) == 2
     assert "pip install -e '.[bench]'" in capsys.readouterr().err
+
+
+def test_report_bench_step_gaps_leave_out_the_first_and_last_step(tmp_path):
+    """Steps 1..6 written at t = 0, 1, 3, 6, 10, 15 s: the gaps into steps 3, 4, 5 (2, 3, 4 s);
+    the first step's (warm-up) and the last one's (the final checkpoint) are not step times."""
+    from tensorboardX import SummaryWriter
+
+    from bench.report_step import step_gaps
+
+    writer = SummaryWriter(str(tmp_path))
+    for step, t in zip(range(1, 7), (0, 1, 3, 6, 10, 15)):
+        writer.add_scalar("loss", 1.0 / step, step, walltime=1000.0 + t)
+        writer.add_scalar("grad_norm", 1.0, step, walltime=2000.0 + t)  # another tag: not read
+    writer.close()
+    assert step_gaps(tmp_path) == [2.0, 3.0, 4.0]

@@ -1,0 +1,83 @@
+"""What ``rosepo run`` ends with: the run's result on one screen and in two files of its folder.
+
+`write_summary` renders the stage times (`rosepo.pipeline.read_run_record`), the run folder, the
+TensorBoard command and, once the eval stage has run, its table (method x the headline metrics
+below, from the eval manifest) as Markdown; writes it as ``summary.md`` and the table's bars as
+``results.png`` into the run folder, atomically; and returns the text for the console.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from rosepo.config import RunConfig
+from rosepo.eval.evaluate import BASELINES, markdown_table
+from rosepo.experiments.plotting import pyplot, save_figure
+from rosepo.layout import WORK_DIR
+from rosepo.pipeline import read_run_record, run_folder
+from rosepo.storage import atomic_write_text, read_manifest
+
+#: The eval table of the summary: HR@1, ValidRatio, rank HR@1, NDCG@5, hallucination, head share
+#: (the eval stage's ``table.md`` has more columns, ``metrics.json`` every metric).
+SUMMARY_METRICS = ("eval/hr@1", "eval/valid_ratio", "eval/rank/hr@1", "eval/rank/ndcg@5",
+                   "eval/hallucination/no_candidate", "eval/pop/head_share_rec")
+SUMMARY_FILE, RESULTS_PNG = "summary.md", "results.png"
+
+
+def write_summary(cfg: RunConfig, outs: dict[str, Path]) -> str:
+    """The summary of the run of ``cfg`` whose finished stages are ``outs`` (`run_pipeline`'s
+    return); ``summary.md`` and, with an eval stage, ``results.png`` written into the run folder."""
+    folder = run_folder(cfg)
+    record = read_run_record(folder)
+    lines = [f"# rosepo run {cfg.name}", "", "| stage | seconds | folder |", "|---|---|---|"]
+    for stage, path in outs.items():
+        entry = record.get(stage, {})
+        seconds = "?" if entry.get("seconds") is None else f"{entry['seconds']:.1f}"
+        lines.append(f"| {stage} | {seconds}{' (earlier run)' if entry.get('reused') else ''} | {path.name} |")
+    lines += ["", f"run folder: {folder}", f"TensorBoard: tensorboard --logdir {folder / WORK_DIR}"]
+    if "eval" in outs:
+        manifest = read_manifest(outs["eval"])
+        # The manifest's keys are sorted: the table's order is the eval stage's, baselines first.
+        results = {m: manifest["results"][m] for m in sorted(manifest["results"], key=_table_order)}
+        _plot(results, folder / RESULTS_PNG)
+        lines += [f"summary: {folder / SUMMARY_FILE}, {folder / RESULTS_PNG}", "",
+                  f"Evaluation on {manifest['split']} ({_samples(outs['eval'])} samples):", "",
+                  markdown_table(results, SUMMARY_METRICS).rstrip("\n")]
+    else:
+        lines.append(f"summary: {folder / SUMMARY_FILE} (no eval stage in this run: no table)")
+    text = "\n".join(lines) + "\n"
+    atomic_write_text(folder / SUMMARY_FILE, text)
+    return text
+
+
+def _table_order(method: str) -> int:
+    """A method's row in the table: the `BASELINES` in their order, then the aligned model."""
+    return BASELINES.index(method) if method in BASELINES else len(BASELINES)
+
+
+def _samples(eval_dir: Path) -> int | str:
+    """How many samples the eval stage scored (its aligned model's manifest says)."""
+    try:
+        return read_manifest(eval_dir / "aligned")["samples"]
+    except (OSError, KeyError):
+        return "?"
+
+
+def _plot(results: dict[str, dict], path: Path) -> None:
+    """Grouped bars: one group per `SUMMARY_METRICS` metric, one bar per method; an undefined
+    metric (null: no valid answer to take a head share of) is drawn at 0."""
+    plt = pyplot()
+    methods = list(results)
+    width = 0.8 / len(methods)
+    fig, ax = plt.subplots(figsize=(10, 4))
+    for i, method in enumerate(methods):
+        values = [results[method].get(m) for m in SUMMARY_METRICS]
+        values = [v if isinstance(v, (int, float)) and not math.isnan(v) else 0.0 for v in values]
+        ax.bar([k + (i - (len(methods) - 1) / 2) * width for k in range(len(SUMMARY_METRICS))], values,
+               width, label=method)
+    ax.set_xticks(range(len(SUMMARY_METRICS)), [m.removeprefix("eval/") for m in SUMMARY_METRICS], fontsize=8)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("value")
+    ax.legend(fontsize=8)
+    save_figure(fig, path, dpi=100)

@@ -1,0 +1,140 @@
+"""`rosepo run` as a user sees it, and `rosepo recommend` on the run it made.
+
+One smoke run (configs/smoke.yaml, every stage) in a subprocess, as `make run` starts it: its own
+Ray, its console captured whole (stdout and stderr, in order). The recommend tests ask that run's
+models through `rosepo.cli.main`, in this process (no Ray needed).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from rosepo.cli import main
+from rosepo.experiments.summary import RESULTS_PNG, SUMMARY_FILE
+from rosepo.storage import read_manifest
+
+REPO = Path(__file__).resolve().parents[1]
+#: Real MovieLens titles as the catalogue (RecBole's ml-100k.item) names them: no year.
+HISTORY = ["Toy Story", "Fargo", "Star Wars", "Twelve Monkeys"]
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory) -> tuple[str, str, Path]:
+    """``rosepo run`` of the smoke config: (stdout, the console as one stream, the run folder)."""
+    storage = tmp_path_factory.mktemp("cli")
+    # Not this session's Ray settings (its `ray.init` exports some): the run starts its own Ray.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_") or k == "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"}
+    env["PYTHONUNBUFFERED"] = "1"  # as `make run`: stdout and stderr interleave as written
+    cmd = [sys.executable, "-m", "rosepo.cli", "run", "--config", "configs/smoke.yaml", f"storage={storage}",
+           f"data.data_dir={REPO / 'data'}"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          timeout=1500)
+    assert proc.returncode == 0, proc.stdout[-5000:]
+    run = storage / "smoke"
+    return (run / SUMMARY_FILE).read_text(), proc.stdout, run
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1600)
+def test_run_ends_with_its_summary_and_prints_no_training_reports(smoke_run):
+    """The console of a whole run: no per-step Ray Train report, no per-actor FutureWarning, rank 0's
+    HF-style metrics lines, at most 150 lines; it ends with the summary (also summary.md): stage
+    times, the run folder, the TensorBoard command and the eval table, whose numbers are the eval
+    stage's; results.png is written."""
+    summary, console, run = smoke_run
+    assert "Reporting training result" not in console and "TrainingReport" not in console
+    assert "FutureWarning" not in console and "Loading weights" not in console
+    # The line follows the bar it cleared, after a carriage return.
+    assert re.search(r"\[rosepo\] \{'loss': [0-9.]+, 'grad_norm': [0-9.e+-]+, 'learning_rate': ", console)
+    lines = console.split("\n")  # a progress bar's redraws (carriage returns) are one line
+    assert len(lines) <= 150, f"{len(lines)} lines"
+    assert console.endswith(summary) and summary.startswith("# rosepo run smoke")
+    assert f"run folder: {run.resolve()}" in summary and f"tensorboard --logdir {run.resolve() / '.work'}" in summary
+    for stage in ("samples", "oracle", "model", "sft", "pairs", "align", "eval"):
+        assert re.search(rf"^\| {stage} \| [0-9.]+ \| {stage}-[0-9a-f]{{12}} \|$", summary, re.M), stage
+    ev = read_manifest(next(run.glob("eval-*")))
+    table = summary[summary.index("| method |"):].splitlines()
+    assert table[0] == ("| method | hr@1 | valid_ratio | rank/hr@1 | rank/ndcg@5 | hallucination/no_candidate "
+                        "| pop/head_share_rec |")
+    assert [row.split(" | ")[0].removeprefix("| ") for row in table[2:]] == [
+        "random", "most_popular", "sasrec", "sft", "aligned (rosepo)"]
+    aligned = ev["results"]["aligned (rosepo)"]
+    assert table[-1].startswith(f"| aligned (rosepo) | {aligned['eval/hr@1']:.3f} | {aligned['eval/valid_ratio']:.3f} "
+                                f"| {aligned['eval/rank/hr@1']:.3f} | {aligned['eval/rank/ndcg@5']:.3f} |")
+    assert "Evaluation on valid (16 samples)" in summary
+    assert (run / RESULTS_PNG).stat().st_size > 10_000
+    assert json.loads((run / "run.json").read_text())["eval"]["folder"] == next(run.glob("eval-*")).name
+
+
+def _recommend(capsys, run: Path, *args: str) -> tuple[int, str, str]:
+    rc = main(["recommend", "--run", str(run), *args])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1600)
+def test_recommend_answers_a_history_of_real_titles(smoke_run, capsys):
+    """The aligned model's greedy answer and the top k of 20 candidates drawn from the catalogue
+    (never a history title; the same 20 for the same history), log-probabilities descending."""
+    run = smoke_run[2]
+    rc, out, err = _recommend(capsys, run, "--history", *HISTORY, "--k", "5")
+    assert rc == 0, err
+    lines = out.splitlines()
+    assert lines[0].startswith("answer: ") and lines[1].startswith("top 5 of 20 candidates")
+    ranked = [re.fullmatch(r"  (\d)\. +(-?[0-9.]+)  (.+)", line) for line in lines[2:]]
+    assert [int(m.group(1)) for m in ranked] == [1, 2, 3, 4, 5]
+    scores = [float(m.group(2)) for m in ranked]
+    assert scores == sorted(scores, reverse=True) and all(s < 0 for s in scores)
+    titles = [m.group(3) for m in ranked]
+    assert len(set(titles)) == 5 and not set(titles) & set(HISTORY)
+    assert _recommend(capsys, run, "--history", *HISTORY, "--k", "5")[1] == out  # seeded: the same draw
+
+    rc, out, err = _recommend(capsys, run, "--stage", "sft", "--history", *HISTORY,
+                              "--candidates", "Fargo", "Heat", "Casino", "--k", "9")
+    assert rc == 0, err
+    assert out.splitlines()[1].startswith("top 3 of 3 candidates")  # k beyond the candidates: all of them
+    assert {line.split("  ")[-1] for line in out.splitlines()[2:]} == {"Fargo", "Heat", "Casino"}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1600)
+def test_recommend_batch_from_jsonl(smoke_run, capsys, tmp_path):
+    """--input: one JSON result per query line (blank lines skipped), k candidates each."""
+    queries = tmp_path / "q.jsonl"
+    queries.write_text(json.dumps({"history": HISTORY}) + "\n\n"
+                       + json.dumps({"history": HISTORY[:2], "candidates": ["Heat", "Casino"]}) + "\n")
+    rc, out, err = _recommend(capsys, smoke_run[2], "--input", str(queries), "--k", "3")
+    assert rc == 0, err
+    first, second = [json.loads(line) for line in out.splitlines()]
+    assert first["history"] == HISTORY and first["num_candidates"] == 20 and len(first["top"]) == 3
+    assert second["num_candidates"] == 2 and {c["title"] for c in second["top"]} == {"Heat", "Casino"}
+    assert all(a["score"] >= b["score"] for r in (first, second) for a, b in zip(r["top"], r["top"][1:]))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1600)
+def test_recommend_refuses_bad_input_naming_it(smoke_run, capsys, tmp_path):
+    """An unknown title is named with its close matches, an empty history is refused, a bad
+    JSONL line is named: one error line and exit code 2 each, nothing on stdout."""
+    run = smoke_run[2]
+    rc, out, err = _recommend(capsys, run, "--history", "Fargo", "Toy Story (1995)")
+    assert (rc, out) == (2, "")
+    assert "unknown title 'Toy Story (1995)' (history title 2)" in err and "'Toy Story'" in err
+    rc, out, err = _recommend(capsys, run, "--history")
+    assert (rc, out) == (2, "") and "the history is empty" in err
+    rc, out, err = _recommend(capsys, run, "--history", *HISTORY, "--candidates", "Heat", "Hea")
+    assert rc == 2 and "unknown title 'Hea' (candidate 2)" in err and "'Heat'" in err
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"history": HISTORY}) + "\n" + json.dumps({"history": []}) + "\n")
+    rc, out, err = _recommend(capsys, run, "--input", str(bad))
+    assert (rc, out) == (2, "") and f"file {bad}, line 2: the history is empty" in err
+    rc, out, err = _recommend(capsys, run.parent, "--history", *HISTORY)
+    assert rc == 2 and "holds no config.yaml" in err
