@@ -62,6 +62,8 @@ PER_USER = pa.schema([("user_id", pa.string()), ("split", pa.string()), ("sample
 PARTITION_BYTES = 8 * 2**20
 #: ``_pos`` = file index << FILE_SHIFT | row index in the file: input order, and where an event came from.
 FILE_SHIFT = 40
+#: Folder of the stage's temporary folder where read tasks leave the errors of refused files.
+REFUSED = ".refused"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,7 +145,7 @@ def list_files(spec: str, filesystem=None) -> tuple[object, list[str], list[str]
 
 def open_source(cfg: DataConfig) -> tuple[Source, pa.Table, str]:
     """Read and check the catalog, list the interaction files (none is read); returns
-    ``(source, catalog, catalog name)``. Refuses a catalog with too few distinct titles."""
+    ``(source, catalog, catalog name)``."""
     if cfg.format == "movielens-100k":
         folder = fetch("movielens-100k", cfg.data_dir)
         fmt, inter_spec, item_spec = "recbole", str(folder / "ml-100k.inter"), str(folder / "ml-100k.item")
@@ -160,12 +162,6 @@ def open_source(cfg: DataConfig) -> tuple[Source, pa.Table, str]:
     item_fs, item_path, _ = _filesystem(item_spec)
     catalog = readers.read_catalog(fmt, item_path, filesystem=item_fs, name=item_spec, delimiter=cfg.delimiter,
                                    columns=columns)
-    need = cfg.max_history + cfg.num_candidates
-    distinct = len(pc.unique(catalog.column("title")))
-    if distinct < need:
-        raise DataError(f"the catalog has {distinct} distinct titles but samples need at least {need} "
-                        f"(data.max_history + data.num_candidates) to draw distinct candidates outside the "
-                        "history", file=item_spec)
     return source, catalog, item_spec
 
 
@@ -182,11 +178,18 @@ def clean_events(events: pa.Table, known: pa.Array, cfg: DataConfig) -> tuple[pa
     return kept, {"duplicates_dropped": repeats, "unknown_items_dropped": unknown}, repeat
 
 
-def check_counts(name: str, events: int, users: int, longest: int, cfg: DataConfig) -> None:
-    """Refuse, with the counts, input that cannot give one sample: no events, or no user with
-    ``min_history + 1`` of them."""
+def check_counts(name: str, events: int, users: int, longest: int, catalog: pa.Table, catalog_name: str,
+                 cfg: DataConfig) -> None:
+    """Refuse, with the counts, input that cannot give one sample: no events, too few distinct
+    titles to draw candidates from, or no user with ``min_history + 1`` events."""
     if events == 0:
         raise DataError("no interactions to build samples from", file=name)
+    need = cfg.max_history + cfg.num_candidates
+    distinct = len(pc.unique(catalog.column("title")))
+    if distinct < need:
+        raise DataError(f"the catalog has {distinct} distinct titles but samples need at least {need} "
+                        f"(data.max_history + data.num_candidates) to draw distinct candidates outside the "
+                        "history", file=catalog_name)
     if longest < cfg.min_history + 1:
         raise DataError(f"no samples to build: {users} user(s) with {events} events, the longest with "
                         f"{longest}, but a sample needs data.min_history + 1 = {cfg.min_history + 1} events of one "
@@ -200,7 +203,7 @@ def load_source(cfg: DataConfig) -> tuple[pa.Table, pa.Table, dict]:
     and checks, the same refusals), for baselines and tests; `build_samples` never gathers the
     interactions.
     """
-    source, catalog, _ = open_source(cfg)
+    source, catalog, catalog_name = open_source(cfg)
     known = None if cfg.drop_unknown_items else catalog.column("item_id")
     events = pa.concat_tables([INTERACTIONS.empty_table().append_column("_pos", pa.array([], pa.int64())),
                                *(b for i in range(len(source.files)) for b in source.events(i, known))])
@@ -208,7 +211,7 @@ def load_source(cfg: DataConfig) -> tuple[pa.Table, pa.Table, dict]:
     if repeat is not None and not cfg.drop_duplicates:
         raise readers.duplicate_error(repeat, **source.where(repeat["_pos"]))
     counts = pc.value_counts(events.column("user_id")).field("counts")
-    check_counts(source.name, len(events), len(counts), pc.max(counts).as_py() or 0, cfg)
+    check_counts(source.name, len(events), len(counts), pc.max(counts).as_py() or 0, catalog, catalog_name, cfg)
     return events.drop_columns(["_pos"]), catalog, stats
 
 
@@ -383,11 +386,22 @@ def user_blocks(inter: pa.Table, num_blocks: int, max_rows: int = MAX_BLOCK_ROWS
             for i, (a, b) in enumerate(zip(cuts, cuts[1:])) if b > a]
 
 
-def read_events(files: pa.Table, *, source: Source, known: pa.Array | None) -> Iterator[pa.Table]:
+def read_events(files: pa.Table, *, source: Source, known: pa.Array | None, refused: str) -> Iterator[pa.Table]:
     """Ray Data task: the checked events of the files whose indices are ``files["file"]``
-    (`Source.events`), block by block."""
+    (`Source.events`), block by block. A refused file's `DataError` is written to
+    ``{refused}/{file index}.json`` for the driver (`build_samples`), then the task fails."""
+    from ray.data.exceptions import UserCodeException
+
     for i in files.column("file").to_pylist():
-        yield from source.events(i, known)
+        try:
+            yield from source.events(i, known)
+        except DataError as e:
+            Path(refused).mkdir(exist_ok=True)
+            where = {"file": e.file, "row": e.row, "column": e.column, "line": e.line}
+            (Path(refused) / f"{i:08d}.json").write_text(json.dumps({"message": e.reason, **where}))
+            # Ray wraps a generator's errors as its own internal errors (logged with their stacks) and
+            # loses a DataError's fields on the way: fail as the user-code error this is, quietly.
+            raise UserCodeException(str(e)) from None
 
 
 def partition_stats(part: pa.Table, *, known: pa.Array, cfg: DataConfig) -> pa.Table:
@@ -426,17 +440,6 @@ def build_partition(part: pa.Table, *, out_dir: str, titles: dict[str, str], ite
                                                 cfg=cfg, shard=shard) for b in blocks])
 
 
-def _data_error(e: BaseException) -> DataError | None:
-    """The `DataError` a Ray task raised, as a plain one (Ray wraps it in its task error), or None."""
-    seen = set()
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        if isinstance(e, DataError):
-            return DataError(e.reason, file=e.file, row=e.row, column=e.column, line=e.line)
-        e = getattr(e, "cause", None) or e.__cause__ or e.__context__
-    return None
-
-
 def _arrow(ds) -> list[pa.Table]:
     import ray
 
@@ -450,31 +453,33 @@ def build_samples(cfg: DataConfig, out_dir: str | Path, *, start_ray: Callable[[
     catalog and the list of interaction files are checked first; ``start_ray`` (e.g.
     `rosepo.runtime.init_ray` with the run's address) is called only then: the interactions are
     read, checked and grouped on Ray Data (the module's docstring has the stages). A refused
-    input raises the `DataError` a task raised, and leaves nothing behind.
+    input raises the `DataError` of the first refused file (in input order, of those read), and
+    leaves nothing behind.
     """
     t0 = time.perf_counter()
     check_domain(cfg.domain)
     if cfg.format == "llara-json":
         return import_llara(cfg, out_dir)
-    source, catalog, _ = open_source(cfg)
+    source, catalog, catalog_name = open_source(cfg)
     if start_ray is not None:
         start_ray()
     with atomic_dir(Path(out_dir), overwrite=True) as tmp:
         for split in SPLITS:
             (tmp / split).mkdir()
         try:
-            manifest = _build(cfg, source, catalog, tmp)
-        except Exception as e:
-            err = _data_error(e)
-            if err is None:
+            manifest = _build(cfg, source, catalog, catalog_name, tmp)
+        except Exception:
+            refused = sorted((tmp / REFUSED).glob("*.json"))  # the first file of those refused
+            if not refused:
                 raise
-            raise err from None
+            where = json.loads(refused[0].read_text())
+            raise DataError(where.pop("message"), **where) from None
         manifest["seconds"] = round(time.perf_counter() - t0, 2)
         write_manifest(tmp, manifest)
     return manifest
 
 
-def _build(cfg: DataConfig, source: Source, catalog: pa.Table, tmp: Path) -> dict:
+def _build(cfg: DataConfig, source: Source, catalog: pa.Table, catalog_name: str, tmp: Path) -> dict:
     """The Ray part of `build_samples`: read, shuffle, stats, checks, build; returns the manifest."""
     import ray
 
@@ -483,7 +488,8 @@ def _build(cfg: DataConfig, source: Source, catalog: pa.Table, tmp: Path) -> dic
     known = pa.array(item_ids, pa.string())
     files = ray.data.from_items([{"file": i} for i in range(len(source.files))], override_num_blocks=len(source.files))
     events = files.map_batches(read_events, batch_size=1, batch_format="pyarrow",
-                               fn_kwargs={"source": source, "known": None if cfg.drop_unknown_items else known})
+                               fn_kwargs={"source": source, "known": None if cfg.drop_unknown_items else known,
+                                          "refused": str(tmp / REFUSED)})
     partitions = max(cfg.num_partitions, math.ceil(source.size / PARTITION_BYTES))
     parts = events.repartition(partitions, keys=["user_id"]).materialize()
     stats = _arrow(parts.map_batches(partition_stats, batch_size=None, batch_format="pyarrow", zero_copy_batch=True,
@@ -496,7 +502,7 @@ def _build(cfg: DataConfig, source: Source, catalog: pa.Table, tmp: Path) -> dic
     users = pc.list_flatten(stats.column("users"))
     events_per_user = pc.list_flatten(stats.column("events"))
     n_events = pc.sum(events_per_user).as_py() or 0
-    check_counts(source.name, n_events, len(users), pc.max(events_per_user).as_py() or 0, cfg)
+    check_counts(source.name, n_events, len(users), pc.max(events_per_user).as_py() or 0, catalog, catalog_name, cfg)
     policies = {"duplicates_dropped": pc.sum(stats.column("duplicates")).as_py(),
                 "unknown_items_dropped": pc.sum(stats.column("unknown")).as_py()}
     seen = np.bitwise_or.reduce([np.frombuffer(b, np.uint8) for b in stats.column("items").to_pylist()])
