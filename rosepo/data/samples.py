@@ -11,7 +11,7 @@ Stage graph of this module (`build_samples`):
 3. shuffle: ``repartition(keys=["user_id"])``, Ray Data's hash shuffle, materialised in the
    object store; every partition is one block holding whole users.
 4. stats: one task per partition drops (or finds) duplicate events and counts events per user;
-   only per-user counts and split keys come back. The driver refuses duplicates, empty input or
+   only the user ids and their counts come back. The driver refuses duplicates, empty input or
    too-short users, and turns the user-level split into two split-key bounds.
 5. build: one task per partition sorts it by (user, time, item), cuts it at user boundaries into
    blocks of at most `MAX_BLOCK_ROWS` interactions, builds each block's sliding windows,
@@ -132,7 +132,7 @@ def list_files(spec: str, filesystem=None) -> tuple[object, list[str], list[str]
             raise DataError("file does not exist", file=spec)
         base = path.rstrip("/")
     else:
-        base = path[:star].rsplit("/", 1)[0] if "/" in path[:star] else "."
+        base = (path[:star].rsplit("/", 1)[0] or "/") if "/" in path[:star] else "."
     found = fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
     found = sorted((f for f in found if f.type == pafs.FileType.File
                     and not any(part[:1] in "._" for part in f.path[len(base):].split("/") if part)
