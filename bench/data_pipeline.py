@@ -3,10 +3,11 @@
 Two implementations of the same samples (same windows, splits, candidates, templates, prompts,
 so the same ``content_hash``):
 
-- ``rosepo``: `rosepo.data.samples.build_samples` as shipped: Arrow read + sort in the driver,
-  blocks of at most `rosepo.data.samples.MAX_BLOCK_ROWS` interactions, one Ray Data
-  ``map_batches`` task per block that builds, writes and digests its users' samples; only the
-  per-user digests come back to the driver.
+- ``rosepo``: `rosepo.data.samples.build_samples` as shipped: Ray Data reads and checks the
+  input file by file, hash-shuffles it by user, counts per partition, then one task per partition
+  sorts it and builds, writes and digests its users' samples in blocks of at most
+  `rosepo.data.samples.MAX_BLOCK_ROWS` interactions; the driver holds the catalog and per-user
+  rows only.
 - ``pandas``: `build_samples_pandas`, one process: pandas sort + ``groupby``, the per-sample
   functions of rosepo (`draw_candidates`, `choose_template`, `render_prompt`, `assign_splits`) in
   a loop of its own, Parquet written in bounded batches, the content hash made from the per-user
@@ -16,9 +17,9 @@ Input: MovieLens-100K replicated ``k`` times with remapped user ids (copy ``r``:
 ``f"{u}-r{r}"``) as a Parquet interactions file plus the catalog (`scaled_input`).
 
 Each measured build runs in its own child process (``python -m bench.data_pipeline child ...``);
-the parent samples the RSS of the child and all its descendants (Ray's raylet, GCS, workers)
-every 0.1 s and kills the tree if it passes a memory cap, so one oversized run cannot take
-the machine down.
+the parent samples the RSS of the child (the driver) and of the child and all its descendants
+(Ray's raylet, GCS, workers) every 0.1 s and kills the tree if it passes a memory cap, so one
+oversized run cannot take the machine down.
 """
 
 from __future__ import annotations
@@ -295,7 +296,8 @@ def measure(impl: str, copies: int, *, cap_bytes: int, timeout_s: float, interva
     """Run one build of ``impl`` on the ``copies``x input in a child process and return its result.
 
     Added to the child's own result: ``peak_rss`` (bytes, summed over the child and all its
-    descendants, Ray's included, sampled every ``interval_s``), ``peak_pss`` (the same with PSS,
+    descendants, Ray's included, sampled every ``interval_s``), ``driver_peak_rss`` (the child
+    alone: the driver of a Ray build), ``peak_pss`` (the same with PSS,
     every ``pss_every`` samples: shared pages counted once), ``idle_rss`` (the tree once Ray is
     up, before the build), ``cpu_s`` (user + system seconds of the tree during the build, as last
     sampled: the measure of work least disturbed by other load on the machine), ``phase_peak_rss``
@@ -314,7 +316,8 @@ def measure(impl: str, copies: int, *, cap_bytes: int, timeout_s: float, interva
                                   str(cat_path), str(out_dir)], cwd=REPO, env=env, stdout=subprocess.PIPE,
                                  stderr=err, text=True)
     proc = psutil.Process(child.pid)
-    st = {"peak": 0, "pss": 0, "phase": 0, "status": "ok", "idle": None, "cpu_ready": 0.0, "cpu_done": None}
+    st = {"peak": 0, "driver": 0, "pss": 0, "phase": 0, "status": "ok", "idle": None, "cpu_ready": 0.0,
+          "cpu_done": None}
     cpu: dict[int, float] = {}  # pid -> user + system seconds, last seen
     seen: dict[int, psutil.Process] = {}  # every process of the tree, to reap what Ray leaves behind
     phase_peaks: dict[str, int] = {}
@@ -337,6 +340,7 @@ def measure(impl: str, copies: int, *, cap_bytes: int, timeout_s: float, interva
                     pass
             if st["cpu_done"] is None:
                 st["peak"] = max(st["peak"], rss)
+                st["driver"] = max(st["driver"], _tree_sum(procs[:1], "rss"))
             st["phase"] = max(st["phase"], rss)
             low = psutil.virtual_memory().available < MIN_AVAILABLE
             over = ("killed-memory" if rss > cap_bytes or low else
@@ -368,7 +372,8 @@ def measure(impl: str, copies: int, *, cap_bytes: int, timeout_s: float, interva
     if not result and st["status"] == "ok":
         st["status"] = "failed"
     cpu_end = st["cpu_done"] if st["cpu_done"] is not None else sum(cpu.values())
-    result.update(impl=impl, copies=copies, rows=copies * ML100K_ROWS, peak_rss=st["peak"], peak_pss=st["pss"],
+    result.update(impl=impl, copies=copies, rows=copies * ML100K_ROWS, peak_rss=st["peak"],
+                  driver_peak_rss=st["driver"], peak_pss=st["pss"],
                   idle_rss=st["idle"], cpu_s=cpu_end - st["cpu_ready"], phase_peak_rss=phase_peaks,
                   status=st["status"])
     if st["status"] != "ok":
@@ -391,6 +396,13 @@ def _median_spread(values: list[float]) -> str:
     return f"{med:.1f} ({min(values):.1f}–{max(values):.1f})" if len(values) > 1 else f"{med:.1f}"
 
 
+def _ratio(med, ka, kb, field: str) -> str:
+    try:
+        return f"×{med(kb, field) / med(ka, field):.2f}"
+    except (KeyError, TypeError, ZeroDivisionError):  # results of an older run, without the field
+        return "-"
+
+
 def summarise(results: list[dict]) -> str:
     """Markdown tables: per (size, impl) wall time (median, range), rows/s, CPU time, peak memory;
     ratios against the pandas baseline with the equality check; growth with size; steps."""
@@ -403,8 +415,8 @@ def summarise(results: list[dict]) -> str:
         return statistics.median(vals) if vals else None
 
     lines = ["| interactions | impl | runs ok/all | wall s, median (min–max) | interactions/s | CPU s | peak RSS MiB "
-             "(max) | peak PSS MiB | of which idle Ray RSS | Ray start s (not in wall) | samples | status |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "(max) | driver peak RSS MiB | peak PSS MiB | of which idle Ray RSS | Ray start s (not in wall) | samples "
+             "| status |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for k in keys:
         rows, impl = k
         rs = every[k]
@@ -413,12 +425,14 @@ def summarise(results: list[dict]) -> str:
         cpu = f"{med(k, 'cpu_s'):.0f}" if secs else "-"
         peaks = [r["peak_rss"] for r in rs]
         pss = [r["peak_pss"] for r in rs]
+        driver = [r.get("driver_peak_rss") for r in rs if r.get("driver_peak_rss")]
         idle = [r["idle_rss"] for r in rs if r.get("idle_rss") and r["impl"] != "pandas"]
         samples = f"{sum(ok[k][0]['samples'].values()):,}" if secs else "-"
         starts = [r["ray_start_s"] for r in rs if "ray_start_s" in r]
         status = ", ".join(sorted({r["status"] for r in rs}))
         lines.append(f"| {rows:,} | {impl} | {len(ok[k])}/{len(rs)} | {_median_spread(secs)} | {rate} | {cpu} | "
                      f"{_fmt_mib(statistics.median(peaks))} ({_fmt_mib(max(peaks))}) | "
+                     f"{_fmt_mib(statistics.median(driver)) if driver else '-'} | "
                      f"{_fmt_mib(statistics.median(pss))} | {_fmt_mib(statistics.median(idle)) if idle else '-'} | "
                      f"{_median_spread(starts)} | {samples} | {status} |")
     lines += ["", "| interactions | impl | throughput / pandas | CPU s / pandas | peak RSS / pandas | rows equal "
@@ -440,9 +454,11 @@ def summarise(results: list[dict]) -> str:
             ka, kb = (a, impl), (b, impl)
             growth.append(f"| {impl} | {a:,} → {b:,} (×{b / a:g}) | ×{med(kb, 'seconds') / med(ka, 'seconds'):.1f} | "
                           f"×{med(kb, 'cpu_s') / med(ka, 'cpu_s'):.1f} | "
-                          f"×{med(kb, 'peak_rss') / med(ka, 'peak_rss'):.2f} |")
+                          f"×{med(kb, 'peak_rss') / med(ka, 'peak_rss'):.2f} | "
+                          f"{_ratio(med, ka, kb, 'driver_peak_rss')} |")
     if growth:
-        lines += ["", "| impl | size | wall time | CPU time | peak RSS |", "|---|---|---|---|---|"] + growth
+        lines += ["", "| impl | size | wall time | CPU time | peak RSS | driver peak RSS |",
+                  "|---|---|---|---|---|---|", *growth]
     stepped = [k for k in keys if ok[k] and ok[k][0].get("phases")]
     if stepped:
         lines += ["", "| interactions | impl | step | wall s (median) | peak RSS MiB in the step (- : shorter than "
@@ -500,7 +516,8 @@ def run(argv: list[str] | None = None) -> int:
         r = measure(impl, c, cap_bytes=cap, timeout_s=args.timeout)
         results.append(r)
         print(f"  {impl:>13} {c * ML100K_ROWS:>11,}: {r.get('seconds', float('nan')):7.1f} s  peak "
-              f"{_fmt_mib(r['peak_rss'])} MiB  {r['status']}  {r.get('content_hash', '')[:12]}  "
+              f"{_fmt_mib(r['peak_rss'])} MiB (driver {_fmt_mib(r['driver_peak_rss'])})  "
+              f"{r['status']}  {r.get('content_hash', '')[:12]}  "
               f"load {os.getloadavg()[0]:.1f}", flush=True)
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(results, indent=1))

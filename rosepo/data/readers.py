@@ -14,8 +14,9 @@ import decimal
 import json
 import math
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -27,18 +28,36 @@ INTERACTION_COLUMNS = ("user_id", "item_id", "timestamp")
 CATALOG_COLUMNS = ("item_id", "title")
 
 
-def _read_bytes(path: str | Path) -> bytes:
-    p = Path(path)
-    if p.is_dir():
-        raise DataError("is a directory; expected a file", file=str(p))
-    if not p.is_file():
-        raise DataError("file does not exist", file=str(p))
+def _file_info(path: str | Path, filesystem=None, name: str | None = None):
+    """The `pyarrow.fs.FileInfo` of a file that exists and is not a folder (else `DataError`)."""
+    import pyarrow.fs as pafs
+
+    fs, name = filesystem or pafs.LocalFileSystem(), name or str(path)
     try:
-        data = p.read_bytes()
+        info = fs.get_file_info(str(path))
+    except OSError as e:  # an object store that refuses, a malformed path
+        raise DataError(f"cannot read the file: {e}", file=name) from None
+    if info.type == pafs.FileType.Directory:
+        raise DataError("is a directory; expected a file", file=name)
+    if info.type != pafs.FileType.File:
+        raise DataError("file does not exist", file=name)
+    return info
+
+
+def _read_bytes(path: str | Path, filesystem=None, name: str | None = None) -> bytes:
+    """The bytes of a file on ``filesystem`` (a `pyarrow.fs.FileSystem`; local when None);
+    errors name it ``name`` (``path`` when None)."""
+    import pyarrow.fs as pafs
+
+    fs, name = filesystem or pafs.LocalFileSystem(), name or str(path)
+    _file_info(path, fs, name)
+    try:
+        with fs.open_input_stream(str(path)) as f:
+            data = f.read()
     except OSError as e:  # unreadable (permissions), or gone since
-        raise DataError(f"cannot read the file: {e.strerror or e}", file=str(p)) from None
+        raise DataError(f"cannot read the file: {e.strerror or e}", file=name) from None
     if not data.strip():
-        raise DataError("file is empty", file=str(p))
+        raise DataError("file is empty", file=name)
     return data
 
 
@@ -70,14 +89,15 @@ def _decode(data: bytes, path: str | Path, encoding: str, header_lines: int) -> 
 
 
 def _read_delimited(path: str | Path, delimiter: str, *, header: bool, names: list[str] | None = None,
-                    encoding: str = "utf-8") -> pa.Table:
+                    encoding: str = "utf-8", filesystem=None, name: str | None = None) -> pa.Table:
     """Read a delimited text file as a table of string columns, refusing ragged rows."""
     import pyarrow.csv as pacsv
 
+    name = name or str(path)
     if len(delimiter) != 1:
         raise DataError(f"the delimiter must be one character, got {delimiter!r} (data.delimiter)",
-                        file=str(path))
-    text = _decode(_read_bytes(path), path, encoding, 1 if header else 0)
+                        file=name)
+    text = _decode(_read_bytes(path, filesystem, name), name, encoding, 1 if header else 0)
     bad: list = []
 
     def on_invalid(row):  # pyarrow gives the first ragged row; we stop at it
@@ -94,7 +114,7 @@ def _read_delimited(path: str | Path, delimiter: str, *, header: bool, names: li
     try:
         table = pacsv.read_csv(pa.py_buffer(text.encode("utf-8")), read, parse, convert)
     except pa.ArrowInvalid as e:
-        raise DataError(f"cannot parse as {delimiter!r}-delimited text: {e}", file=str(path)) from None
+        raise DataError(f"cannot parse as {delimiter!r}-delimited text: {e}", file=name) from None
     if bad:
         row = bad[0]
         number = row.number
@@ -104,7 +124,7 @@ def _read_delimited(path: str | Path, delimiter: str, *, header: bool, names: li
         if number is not None and header:
             number -= 1
         raise DataError(f"expected {row.expected_columns} fields, found {row.actual_columns}: "
-                        f"{row.text[:120]!r}", file=str(path), row=number)
+                        f"{row.text[:120]!r}", file=name, row=number)
     return table
 
 
@@ -280,81 +300,186 @@ def canonical_catalog(table: pa.Table, file: str, mapping: dict | None = None,
     return pa.Table.from_arrays([ids, pa.array(out, pa.string())], schema=CATALOG)
 
 
+#: Formats of interaction and catalog files (`interaction_blocks`, `read_catalog`).
+FILE_FORMATS = ("recbole", "ml100k-raw", "csv", "parquet")
+#: Most rows in one table that `interaction_blocks` yields.
+BLOCK_ROWS = 100_000
+_ML100K_DATA = ["user_id", "item_id", "rating", "timestamp"]
+_ML100K_ITEM = ["item_id", "title", "release", "video_release", "url"] + [f"g{i}" for i in range(19)]
+#: What pyarrow raises on a file that is not Parquet, or whose pages or strings are corrupt.
+_PARQUET_ERRORS = (pa.ArrowException, OSError, UnicodeDecodeError)
+
+
+def _recbole_names(table: pa.Table) -> pa.Table:
+    """RecBole headers are ``name:type`` (``user_id:token``): keep the names."""
+    return table.rename_columns([c.split(":")[0] for c in table.column_names])
+
+
+def _parquet_tables(path: str | Path, filesystem, name: str, batch_rows: int):
+    """A Parquet file as raw tables: first its schema (no rows), then its rows in batches of at most
+    ``batch_rows``, each checked readable (strings must be UTF-8); read as it is consumed."""
+    import pyarrow.fs as pafs
+    import pyarrow.parquet as pq
+
+    fs = filesystem or pafs.LocalFileSystem()
+    if _file_info(path, fs, name).size == 0:
+        raise DataError("file is empty", file=name)
+    try:
+        pf = pq.ParquetFile(fs.open_input_file(str(path)))
+        yield pf.schema_arrow.empty_table()  # decoded lazily: a corrupted footer fails here
+        for batch in pf.iter_batches(batch_size=batch_rows):
+            table = pa.Table.from_batches([batch])
+            table.validate(full=True)
+            yield table
+    except _PARQUET_ERRORS as e:
+        raise DataError(f"not a readable Parquet file: {e}", file=name) from None
+
+
+def _shifted(e: DataError, offset: int) -> DataError:
+    """``e`` with its row counted from the file's first row instead of its block's."""
+    return DataError(e.reason, file=e.file, row=None if e.row is None else e.row + offset, column=e.column,
+                     line=e.line)
+
+
+def interaction_blocks(fmt: str, path: str | Path, *, filesystem=None, name: str | None = None,
+                       delimiter: str = ",", columns: dict | None = None,
+                       block_rows: int = BLOCK_ROWS) -> Iterator[pa.Table]:
+    """One interaction file of format ``fmt`` (`FILE_FORMATS`) as `INTERACTIONS` tables of at most
+    ``block_rows`` rows, in file order; ``filesystem`` a `pyarrow.fs.FileSystem` (local when None),
+    ``name`` the file in errors, whose rows count from the file's first data row.
+
+    Parquet streams batch by batch (memory bounded by a block, whatever the file's size; the columns
+    and their types are checked before any row is read). Text is read and checked whole (a
+    ragged row or a byte that does not decode is found only by reading the text): shard large
+    text logs into several files.
+    """
+    name = name or str(path)
+    if fmt == "parquet":
+        tables = _parquet_tables(path, filesystem, name, block_rows)
+        canonical_interactions(next(tables), name, columns)
+        offset = 0
+        for table in tables:
+            try:
+                block = canonical_interactions(table, name, columns)
+            except DataError as e:
+                raise _shifted(e, offset) from None
+            offset += len(table)
+            yield block
+        return
+    where = {"filesystem": filesystem, "name": name}
+    if fmt == "recbole":
+        raw = _recbole_names(_read_delimited(path, "\t", header=True, **where))
+    elif fmt == "ml100k-raw":
+        raw = _read_delimited(path, "\t", header=False, names=_ML100K_DATA, **where)
+    elif fmt == "csv":
+        raw = _read_delimited(path, delimiter, header=True, **where)
+    else:
+        raise DataError(f"unknown interaction file format {fmt!r}; expected one of {', '.join(FILE_FORMATS)}")
+    table = canonical_interactions(raw, name, columns)
+    for batch in table.to_batches(max_chunksize=block_rows):
+        yield pa.Table.from_batches([batch], schema=INTERACTIONS)
+
+
+def read_catalog(fmt: str, path: str | Path, *, filesystem=None, name: str | None = None, delimiter: str = ",",
+                 columns: dict | None = None) -> pa.Table:
+    """A catalog file of format ``fmt`` (`FILE_FORMATS`) as `CATALOG`; RecBole and ML-100K titles
+    normalised (``"Usual Suspects, The (1995)"`` -> ``"The Usual Suspects"``), the others kept."""
+    name = name or str(path)
+    where = {"filesystem": filesystem, "name": name}
+    if fmt == "recbole":
+        items = _recbole_names(_read_delimited(path, "\t", header=True, **where))
+        title_col = "movie_title" if "movie_title" in items.column_names else "title"
+        return canonical_catalog(items, name, {"title": title_col})
+    if fmt == "ml100k-raw":
+        return canonical_catalog(_read_delimited(path, "|", header=False, names=_ML100K_ITEM, encoding="latin-1",
+                                                 **where), name)
+    if fmt == "csv":
+        return canonical_catalog(_read_delimited(path, delimiter, header=True, **where), name, columns,
+                                 normalize=False)
+    if fmt == "parquet":
+        table = pa.concat_tables(list(_parquet_tables(path, filesystem, name, BLOCK_ROWS)))
+        return canonical_catalog(table, name, columns, normalize=False)
+    raise DataError(f"unknown catalog file format {fmt!r}; expected one of {', '.join(FILE_FORMATS)}")
+
+
+def _read_pair(fmt: str, inter_path, item_path, **kw) -> tuple[pa.Table, pa.Table]:
+    inter = pa.concat_tables([INTERACTIONS.empty_table(), *interaction_blocks(fmt, inter_path, **kw)])
+    return inter, read_catalog(fmt, item_path, **kw)
+
+
 def read_recbole(inter_path: str | Path, item_path: str | Path) -> tuple[pa.Table, pa.Table]:
     """RecBole atomic files: TSV with ``name:type`` headers (``user_id:token`` ...)."""
-    raw = _read_delimited(inter_path, "\t", header=True)
-    raw = raw.rename_columns([c.split(":")[0] for c in raw.column_names])
-    inter = canonical_interactions(raw, str(inter_path))
-    items = _read_delimited(item_path, "\t", header=True)
-    items = items.rename_columns([c.split(":")[0] for c in items.column_names])
-    title_col = "movie_title" if "movie_title" in items.column_names else "title"
-    catalog = canonical_catalog(items, str(item_path), {"title": title_col})
-    return inter, catalog
+    return _read_pair("recbole", inter_path, item_path)
 
 
 def read_ml100k_raw(data_path: str | Path, item_path: str | Path) -> tuple[pa.Table, pa.Table]:
     """GroupLens ML-100K raw files: ``u.data`` (tab, no header) and ``u.item`` (pipe, latin-1)."""
-    raw = _read_delimited(data_path, "\t", header=False, names=["user_id", "item_id", "rating", "timestamp"])
-    inter = canonical_interactions(raw, str(data_path))
-    names = ["item_id", "title", "release", "video_release", "url"] + [f"g{i}" for i in range(19)]
-    items = _read_delimited(item_path, "|", header=False, names=names, encoding="latin-1")
-    return inter, canonical_catalog(items, str(item_path))
+    return _read_pair("ml100k-raw", data_path, item_path)
 
 
 def read_csv_files(inter_path: str | Path, item_path: str | Path, *, delimiter: str = ",",
                    columns: dict | None = None) -> tuple[pa.Table, pa.Table]:
     """CSV/TSV with a header; ``columns`` maps canonical names to the files' column names."""
-    inter = canonical_interactions(_read_delimited(inter_path, delimiter, header=True), str(inter_path), columns)
-    items = _read_delimited(item_path, delimiter, header=True)
-    return inter, canonical_catalog(items, str(item_path), columns, normalize=False)
+    return _read_pair("csv", inter_path, item_path, delimiter=delimiter, columns=columns)
 
 
 def read_parquet_files(inter_path: str | Path, item_path: str | Path, *,
                        columns: dict | None = None) -> tuple[pa.Table, pa.Table]:
     """Parquet files; ``columns`` maps canonical names to the files' column names."""
-    import pyarrow.parquet as pq
+    return _read_pair("parquet", inter_path, item_path, columns=columns)
 
-    def read(p):
-        _read_bytes(p)
-        try:
-            table = pq.read_table(p)
-            table.validate(full=True)  # string columns must hold UTF-8
-            table.column_names  # decoded lazily: a corrupted footer fails here
-            return table
-        except (pa.ArrowException, OSError, UnicodeDecodeError) as e:
-            raise DataError(f"not a readable Parquet file: {e}", file=str(p)) from None
 
-    inter = canonical_interactions(read(inter_path), str(inter_path), columns)
-    return inter, canonical_catalog(read(item_path), str(item_path), columns, normalize=False)
+def check_known(events: pa.Table, known: pa.Array, file: str, offset: int = 0) -> None:
+    """Refuse the first event whose item is not in ``known`` (the catalog's ids), naming its row:
+    ``offset`` + its index in ``events`` + 1."""
+    ok = pc.is_in(events.column("item_id"), value_set=known)
+    if not pc.all(ok, min_count=0).as_py():  # min_count=0: True, not null, for no events
+        i = pc.index(ok, False).as_py()
+        raise DataError(f"item {events.column('item_id')[i].as_py()!r} is not in the catalog; fix the "
+                        "data or set data.drop_unknown_items=true", file=file, row=offset + i + 1, column="item_id")
+
+
+def drop_unknown(events: pa.Table, known: pa.Array) -> tuple[pa.Table, int]:
+    """``events`` whose item is in ``known``, and how many were not."""
+    ok = pc.is_in(events.column("item_id"), value_set=known)
+    kept = events.filter(ok)
+    return kept, len(events) - len(kept)
+
+
+def drop_repeats(events: pa.Table, order: str) -> tuple[pa.Table, int | None, int]:
+    """``events`` without repeats of one (user, item, timestamp): of each, the event first in input
+    order (``order``: a column of distinct integers) is kept, in place. Also returns the index in
+    ``events`` of the earliest repeat (None when there is none) and the number dropped."""
+    firsts = events.group_by(["user_id", "item_id", "timestamp"], use_threads=False).aggregate([(order, "min")])
+    if len(firsts) == len(events):
+        return events, None, 0
+    keep = pc.is_in(events.column(order), value_set=firsts.column(f"{order}_min"))
+    earliest = pc.min(pc.filter(events.column(order), pc.invert(keep)))
+    return events.filter(keep), pc.index(events.column(order), earliest).as_py(), len(events) - len(firsts)
+
+
+def duplicate_error(event: dict, file: str, row: int) -> DataError:
+    """The refusal of a repeated (user, item, timestamp) event."""
+    return DataError(f"duplicate event user {event['user_id']!r} item {event['item_id']!r} at {event['timestamp']}; "
+                     "fix the data or set data.drop_duplicates=true", file=file, row=row)
 
 
 def check_consistency(inter: pa.Table, catalog: pa.Table, file: str, *, drop_duplicates: bool,
                       drop_unknown_items: bool) -> tuple[pa.Table, dict]:
-    """Refuse (or, when the policy flag is on, drop and count) duplicate events and unknown items."""
+    """Refuse (or, when the policy flag is on, drop and count) duplicate events and unknown items,
+    of one table in this process (`rosepo.data.samples` does the same per partition, on Ray)."""
     stats = {"duplicates_dropped": 0, "unknown_items_dropped": 0}
-    known = pc.is_in(inter.column("item_id"), value_set=catalog.column("item_id"))
-    if not pc.all(known, min_count=0).as_py():  # min_count=0: True, not null, for no events
-        if not drop_unknown_items:
-            i = pc.index(known, False).as_py()
-            raise DataError(f"item {inter.column('item_id')[i].as_py()!r} is not in the catalog; fix the "
-                            "data or set data.drop_unknown_items=true", file=file, row=i + 1, column="item_id")
-        stats["unknown_items_dropped"] = int(len(inter) - pc.sum(known).as_py())
-        inter = inter.filter(known)
-    # duplicate = same user, item and timestamp
-    indexed = inter.append_column("_row", pa.array(range(len(inter)), pa.int64()))
-    firsts = indexed.group_by(["user_id", "item_id", "timestamp"], use_threads=False).aggregate(
-        [("_row", "min"), ("_row", "count")])
-    if len(firsts) < len(inter):
-        if not drop_duplicates:
-            keep = pc.is_in(indexed.column("_row"), value_set=firsts.column("_row_min"))
-            i = pc.index(keep, False).as_py()
-            r = inter.slice(i, 1).to_pylist()[0]
-            raise DataError(f"duplicate event user {r['user_id']!r} item {r['item_id']!r} at {r['timestamp']}; "
-                            "fix the data or set data.drop_duplicates=true", file=file, row=i + 1)
-        stats["duplicates_dropped"] = len(inter) - len(firsts)
-        keep = pc.is_in(indexed.column("_row"), value_set=firsts.column("_row_min"))
-        inter = inter.filter(keep)
-    return inter, stats
+    known = catalog.column("item_id")
+    inter = inter.append_column("_row", pa.array(np.arange(len(inter), dtype=np.int64)))
+    if drop_unknown_items:
+        inter, stats["unknown_items_dropped"] = drop_unknown(inter, known)
+    else:
+        check_known(inter, known, file)
+    kept, first, stats["duplicates_dropped"] = drop_repeats(inter, "_row")
+    if first is not None and not drop_duplicates:
+        event = inter.slice(first, 1).to_pylist()[0]
+        raise duplicate_error(event, file, event["_row"] + 1)
+    return kept.drop_columns(["_row"]), stats
 
 
 def read_llara_json(path: str | Path, split: str = "train", num_candidates: int = 2) -> list[dict]:

@@ -1,30 +1,42 @@
 """Build recommendation samples from interaction logs, on Ray Data.
 
-Stage graph of this module: read + validate (Arrow, driver) → sort by (user, time, item) and
-cut into blocks of at most `MAX_BLOCK_ROWS` interactions at user boundaries → one Ray Data
-``map_batches`` task per block builds its users' sliding windows, candidates and prompts, writes
-them as Parquet shards per split and returns one small row per user (split, count, digest) →
-``manifest.json`` with the counts and the content hash made from those digests.
+Stage graph of this module (`build_samples`):
 
-Grouping users is a sort plus block cuts at user boundaries instead of a Ray Data
-``groupby().map_groups()`` (a full shuffle: 17 s for 100k rows on 2 cores, against well under
-a second for the Arrow sort), so blocks hold whole users and need no further exchange. Nothing
-but the input and the per-user rows passes through the driver or the object store: memory is
-bounded by the block size, not by the output (7.9M samples from 10M interactions).
+1. driver: read and check the catalog (small), list the interaction files (one file, a folder or
+   a glob of shards; local paths or URIs through `pyarrow.fs`). No interaction is read here.
+2. read: one Ray Data task per file reads it (`readers.interaction_blocks`: Parquet streamed by
+   batches, text whole), maps and checks its columns, refuses unknown items against a broadcast of
+   the catalog's ids, and tags every event with ``_pos`` (file index, row in the file): errors
+   name the file and its exact row.
+3. shuffle: ``repartition(keys=["user_id"])``, Ray Data's hash shuffle, materialised in the
+   object store; every partition is one block holding whole users.
+4. stats: one task per partition drops (or finds) duplicate events and counts events per user;
+   only the user ids and their counts come back. The driver refuses duplicates, empty input or
+   too-short users, and turns the user-level split into two split-key bounds.
+5. build: one task per partition sorts it by (user, time, item), cuts it at user boundaries into
+   blocks of at most `MAX_BLOCK_ROWS` interactions, builds each block's sliding windows,
+   candidates and prompts, writes them as Parquet shards per split and returns one small row per
+   user (split, count, digest) -> ``manifest.json`` with the counts and the content hash.
+
+Nothing but the catalog, the file list and O(users) small rows passes through the driver: its
+memory does not grow with the number of interactions (the user ids do: the split ranks users).
+Nothing is written outside the stage's temporary folder until every task has succeeded.
 
 Determinism: every random choice (split, candidates, template) derives from the seed and a
-stable hash of the user or sample id, never from block order, so output content is the same
-for any parallelism; the manifest's ``content_hash`` proves it.
+stable hash of the user or sample id, never from partition, block or file order, so the output
+content is the same for any parallelism and file layout; the manifest's ``content_hash`` proves it.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import fnmatch
 import hashlib
 import json
 import math
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -35,78 +47,201 @@ from rosepo.data import readers
 from rosepo.data.fetch import fetch
 from rosepo.data.prompts import check_domain, choose_template, render_prompt, stable_int
 from rosepo.errors import DataError
-from rosepo.schema import SAMPLES
+from rosepo.schema import INTERACTIONS, SAMPLES
 from rosepo.storage import atomic_dir, write_manifest
 
 SPLITS = ("train", "valid", "test")
-#: Most interactions one Ray task turns into samples (about 0.8 samples each, ~2.5 KB per sample
-#: as Python objects): bounds a worker's memory whatever the input size.
+#: Most interactions one Ray task turns into samples at a time (about 0.8 samples each, ~2.5 KB
+#: per sample as Python objects): bounds a worker's memory whatever the input size.
 MAX_BLOCK_ROWS = 100_000
+#: What the build returns of each user with samples (`write_user_windows`).
+PER_USER = pa.schema([("user_id", pa.string()), ("split", pa.string()), ("samples", pa.int64()),
+                      ("digest", pa.binary())])
+#: Input bytes per shuffle partition (at least ``data.num_partitions`` partitions): a partition of
+#: ML-100K-shaped Parquet is then about 1.5M interactions, ~60 MB in a worker.
+PARTITION_BYTES = 8 * 2**20
+#: ``_pos`` = file index << FILE_SHIFT | row index in the file: input order, and where an event came from.
+FILE_SHIFT = 40
+#: Folder of the stage's temporary folder where read tasks leave the errors of refused files.
+REFUSED = ".refused"
 
 
-def _movielens_100k(cfg: DataConfig) -> tuple[pa.Table, pa.Table, Path, Path]:
-    folder = fetch("movielens-100k", cfg.data_dir)
-    inter_path, item_path = folder / "ml-100k.inter", folder / "ml-100k.item"
-    return (*readers.read_recbole(inter_path, item_path), inter_path, item_path)
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """The interaction files of an input, listed but not read; shipped to every read task."""
+
+    #: Reader format of the files (`readers.FILE_FORMATS`).
+    fmt: str
+    #: The input as configured (a file, folder, glob or URI): named by errors about the whole input.
+    name: str
+    #: Each file as errors name it, and its path on ``filesystem``, in input order.
+    files: tuple
+    paths: tuple
+    filesystem: object
+    #: Bytes of all files (sizes the shuffle).
+    size: int
+    delimiter: str = ","
+    columns: dict = dataclasses.field(default_factory=dict)
+
+    def events(self, i: int, known: pa.Array | None) -> Iterator[pa.Table]:
+        """The events of file ``i`` in blocks with ``_pos``; unknown items refused when ``known``
+        (the catalog's ids) is given."""
+        offset = 0
+        for block in readers.interaction_blocks(self.fmt, self.paths[i], filesystem=self.filesystem,
+                                                name=self.files[i], delimiter=self.delimiter, columns=self.columns):
+            if known is not None:
+                readers.check_known(block, known, self.files[i], offset)
+            pos = np.arange(offset, offset + len(block), dtype=np.int64) + (i << FILE_SHIFT)
+            yield block.append_column("_pos", pa.array(pos))
+            offset += len(block)
+
+    def where(self, pos: int) -> dict:
+        """``file`` and 1-based ``row`` of the event at ``_pos`` ``pos``."""
+        return {"file": self.files[pos >> FILE_SHIFT], "row": (pos & ((1 << FILE_SHIFT) - 1)) + 1}
 
 
-def _files(read):
-    """A source reading ``data.interactions`` and ``data.catalog`` with ``read(inter, catalog, cfg)``."""
-    def source(cfg: DataConfig) -> tuple[pa.Table, pa.Table, str, str]:
+def _filesystem(spec: str):
+    """``(pyarrow filesystem, path on it, prefix)`` of a local path or a URI (``s3://``, ``gs://``,
+    ``file://``, ...); ``prefix + path`` names a file of it in errors."""
+    import pyarrow.fs as pafs
+
+    if "://" not in spec:
+        return pafs.LocalFileSystem(), spec, ""
+    try:
+        fs, path = pafs.FileSystem.from_uri(spec)
+    except (pa.ArrowException, OSError, ValueError) as e:
+        raise DataError(f"cannot open the file system of this URI: {e}", file=spec) from None
+    return fs, path, spec[: spec.index("://") + 3]
+
+
+def list_files(spec: str, filesystem=None) -> tuple[object, list[str], list[str], int]:
+    """The files of an input: one file, a folder (every file under it, in path order, skipping
+    names that start with ``.`` or ``_`` such as ``_SUCCESS``) or a glob (``*``, ``?``, ``[...]``
+    in the path). ``spec`` is a local path or a URI, or a path on ``filesystem`` when given.
+    Returns ``(filesystem, paths, names in errors, total bytes)``; a single file keeps ``spec``
+    as its name."""
+    import pyarrow.fs as pafs
+
+    fs, path, prefix = (filesystem, spec, "") if filesystem is not None else _filesystem(spec)
+    star = next((i for i, ch in enumerate(path) if ch in "*?["), None)
+    if star is None:
+        info = fs.get_file_info(path)
+        if info.type == pafs.FileType.File:
+            return fs, [path], [spec], info.size
+        if info.type != pafs.FileType.Directory:
+            raise DataError("file does not exist", file=spec)
+        base = path.rstrip("/")
+    else:
+        base = (path[:star].rsplit("/", 1)[0] or "/") if "/" in path[:star] else "."
+    found = fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
+    found = sorted((f for f in found if f.type == pafs.FileType.File
+                    and not any(part[:1] in "._" for part in f.path[len(base):].split("/") if part)
+                    and (star is None or fnmatch.fnmatchcase(f.path, path))), key=lambda f: f.path)
+    if not found:
+        raise DataError("no file matches this pattern" if star is not None else "the folder holds no file",
+                        file=spec)
+    return fs, [f.path for f in found], [prefix + f.path for f in found], sum(f.size for f in found)
+
+
+def open_source(cfg: DataConfig) -> tuple[Source, pa.Table, str]:
+    """Read and check the catalog, list the interaction files (none is read); returns
+    ``(source, catalog, catalog name)``."""
+    if cfg.format == "movielens-100k":
+        folder = fetch("movielens-100k", cfg.data_dir)
+        fmt, inter_spec, item_spec = "recbole", str(folder / "ml-100k.inter"), str(folder / "ml-100k.item")
+    elif cfg.format in readers.FILE_FORMATS:
         if not cfg.interactions or not cfg.catalog:
             raise DataError(f"data.format={cfg.format} needs data.interactions and data.catalog paths")
-        return (*read(cfg.interactions, cfg.catalog, cfg), cfg.interactions, cfg.catalog)
-    return source
+        fmt, inter_spec, item_spec = cfg.format, cfg.interactions, cfg.catalog
+    else:
+        raise DataError(f"unknown data.format {cfg.format!r}; expected movielens-100k, "
+                        f"{', '.join(readers.FILE_FORMATS)} or llara-json")
+    columns = dict(cfg.columns) if fmt in ("csv", "parquet") else {}
+    fs, paths, names, size = list_files(inter_spec)
+    source = Source(fmt, inter_spec, tuple(names), tuple(paths), fs, size, cfg.delimiter, columns)
+    item_fs, item_path, _ = _filesystem(item_spec)
+    catalog = readers.read_catalog(fmt, item_path, filesystem=item_fs, name=item_spec, delimiter=cfg.delimiter,
+                                   columns=columns)
+    return source, catalog, item_spec
 
 
-#: ``data.format`` -> reader of interactions and catalog (``llara-json``, prepared samples, is
-#: `import_llara`). The names are `rosepo.config.DataFormat`'s; a test checks they agree.
-SOURCES = {
-    "movielens-100k": _movielens_100k,
-    "recbole": _files(lambda i, c, cfg: readers.read_recbole(i, c)),
-    "ml100k-raw": _files(lambda i, c, cfg: readers.read_ml100k_raw(i, c)),
-    "csv": _files(lambda i, c, cfg: readers.read_csv_files(i, c, delimiter=cfg.delimiter, columns=cfg.columns)),
-    "parquet": _files(lambda i, c, cfg: readers.read_parquet_files(i, c, columns=cfg.columns)),
-}
+def clean_events(events: pa.Table, known: pa.Array, cfg: DataConfig) -> tuple[pa.Table, dict, dict | None]:
+    """``events`` (with ``_pos``) without unknown items (``data.drop_unknown_items``) and repeats
+    of one (user, item, timestamp), the first in input order kept. Returns the events, the counts
+    dropped and the earliest repeat (a row with ``_pos``; None when there is none), which
+    refuses the input unless ``data.drop_duplicates``."""
+    unknown = 0
+    if cfg.drop_unknown_items:
+        events, unknown = readers.drop_unknown(events, known)
+    kept, first, repeats = readers.drop_repeats(events, "_pos")
+    repeat = None if first is None else events.slice(first, 1).to_pylist()[0]
+    return kept, {"duplicates_dropped": repeats, "unknown_items_dropped": unknown}, repeat
 
 
-def load_source(cfg: DataConfig) -> tuple[pa.Table, pa.Table, dict]:
-    """Read and validate interactions and catalog per ``cfg.format``; returns (inter, catalog, stats).
-
-    Refuses, with the counts, an input that cannot give one sample: no interactions, too few
-    distinct titles to draw candidates from, or no user with ``min_history + 1`` events.
-    """
-    if cfg.format not in SOURCES:
-        raise DataError(f"unknown data.format {cfg.format!r}; expected one of {', '.join(SOURCES)} or llara-json")
-    inter, catalog, inter_path, item_path = SOURCES[cfg.format](cfg)
-    inter, stats = readers.check_consistency(inter, catalog, str(inter_path),
-                                             drop_duplicates=cfg.drop_duplicates,
-                                             drop_unknown_items=cfg.drop_unknown_items)
-    if len(inter) == 0:
-        raise DataError("no interactions to build samples from", file=str(inter_path))
+def check_counts(name: str, events: int, users: int, longest: int, catalog: pa.Table, catalog_name: str,
+                 cfg: DataConfig) -> None:
+    """Refuse, with the counts, input that cannot give one sample: no events, too few distinct
+    titles to draw candidates from, or no user with ``min_history + 1`` events."""
+    if events == 0:
+        raise DataError("no interactions to build samples from", file=name)
     need = cfg.max_history + cfg.num_candidates
     distinct = len(pc.unique(catalog.column("title")))
     if distinct < need:
         raise DataError(f"the catalog has {distinct} distinct titles but samples need at least {need} "
                         f"(data.max_history + data.num_candidates) to draw distinct candidates outside the "
-                        "history", file=str(item_path))
-    events = pc.value_counts(inter.column("user_id")).field("counts")
-    longest = pc.max(events).as_py()
+                        "history", file=catalog_name)
     if longest < cfg.min_history + 1:
-        raise DataError(f"no samples to build: {len(events)} user(s) with {len(inter)} events, the longest with "
+        raise DataError(f"no samples to build: {users} user(s) with {events} events, the longest with "
                         f"{longest}, but a sample needs data.min_history + 1 = {cfg.min_history + 1} events of one "
-                        "user; lower data.min_history or add events", file=str(inter_path))
-    return inter, catalog, stats
+                        "user; lower data.min_history or add events", file=name)
+
+
+def load_source(cfg: DataConfig) -> tuple[pa.Table, pa.Table, dict]:
+    """Read and validate the whole input in this process: ``(interactions, catalog, stats)``.
+
+    The single-process reference of `build_samples`' read and checks (the same per-file reader
+    and checks, the same refusals), for baselines and tests; `build_samples` never gathers the
+    interactions.
+    """
+    source, catalog, catalog_name = open_source(cfg)
+    known = None if cfg.drop_unknown_items else catalog.column("item_id")
+    events = pa.concat_tables([INTERACTIONS.empty_table().append_column("_pos", pa.array([], pa.int64())),
+                               *(b for i in range(len(source.files)) for b in source.events(i, known))])
+    events, stats, repeat = clean_events(events, catalog.column("item_id"), cfg)
+    if repeat is not None and not cfg.drop_duplicates:
+        raise readers.duplicate_error(repeat, **source.where(repeat["_pos"]))
+    counts = pc.value_counts(events.column("user_id")).field("counts")
+    check_counts(source.name, len(events), len(counts), pc.max(counts).as_py() or 0, catalog, catalog_name, cfg)
+    return events.drop_columns(["_pos"]), catalog, stats
+
+
+def _split_key(user: str, seed: int) -> tuple:
+    return stable_int("split", seed, user), user
+
+
+def split_bounds(users, fractions: tuple, seed: int) -> tuple:
+    """The split keys (`_split_key`) where train and valid end, over all ``users`` ordered by a
+    seeded stable hash and cut by ``fractions`` (exact counts); None: no user beyond. With them,
+    `user_split` gives any user's split without the list of users."""
+    keys = sorted(_split_key(u, seed) for u in users)
+    n_train = round(fractions[0] * len(keys))
+    n_valid = round(fractions[1] * len(keys))
+    return tuple(keys[i] if i < len(keys) else None for i in (n_train, n_train + n_valid))
+
+
+def user_split(user: str, bounds: tuple, seed: int) -> str:
+    """The split of ``user`` given `split_bounds`."""
+    key = _split_key(user, seed)
+    for split, bound in zip(SPLITS, bounds):
+        if bound is None or key < bound:
+            return split
+    return SPLITS[-1]
 
 
 def assign_splits(users: list[str], fractions: tuple, seed: int) -> dict[str, str]:
     """User-level split: users ordered by a seeded stable hash, cut by ``fractions`` (exact counts)."""
-    order = sorted(users, key=lambda u: (stable_int("split", seed, u), u))
-    n = len(order)
-    n_train = round(fractions[0] * n)
-    n_valid = round(fractions[1] * n)
-    return {u: ("train" if i < n_train else "valid" if i < n_train + n_valid else "test")
-            for i, u in enumerate(order)}
+    bounds = split_bounds(users, fractions, seed)
+    return {u: user_split(u, bounds, seed) for u in users}
 
 
 def draw_candidates(sample_id: str, target: str, history: list[str], item_ids: list[str],
@@ -187,9 +322,9 @@ def _row_json(row) -> bytes:
 
 
 def write_user_windows(block: pa.Table, *, out_dir: str, titles: dict[str, str], item_ids: list[str],
-                       split_of: dict[str, str], cfg: DataConfig) -> pa.Table:
-    """Ray Data task: the samples of one `user_blocks` block, written as
-    ``{out_dir}/{split}/part-{block:05d}.parquet``; returns one row per user with samples:
+                       split_of: dict[str, str], cfg: DataConfig, shard: str = "") -> pa.Table:
+    """The samples of one `user_blocks` block, written as
+    ``{out_dir}/{split}/part-{shard}{block:05d}.parquet``; returns one row per user with samples:
     ``user_id``, ``split``, ``samples`` (count) and ``digest`` (sha256 of its rows, `users_digest`)."""
     import pyarrow.parquet as pq
 
@@ -209,9 +344,8 @@ def write_user_windows(block: pa.Table, *, out_dir: str, titles: dict[str, str],
             users[key].append(value)
     for split, rows in per_split.items():
         if rows:
-            pq.write_table(_table(rows), Path(out_dir) / split / f"part-{block_id:05d}.parquet")
-    return pa.table({"user_id": pa.array(users["user_id"], pa.string()), "split": pa.array(users["split"], pa.string()),
-                     "samples": pa.array(users["samples"], pa.int64()), "digest": pa.array(users["digest"], pa.binary())})
+            pq.write_table(_table(rows), Path(out_dir) / split / f"part-{shard}{block_id:05d}.parquet")
+    return pa.table(users, schema=PER_USER)
 
 
 def users_digest(entries) -> str:
@@ -252,61 +386,150 @@ def user_blocks(inter: pa.Table, num_blocks: int, max_rows: int = MAX_BLOCK_ROWS
             for i, (a, b) in enumerate(zip(cuts, cuts[1:])) if b > a]
 
 
+def read_events(files: pa.Table, *, source: Source, known: pa.Array | None, refused: str) -> Iterator[pa.Table]:
+    """Ray Data task: the checked events of the files whose indices are ``files["file"]``
+    (`Source.events`), block by block. A refused file's `DataError` is written to
+    ``{refused}/{file index}.json`` for the driver (`build_samples`), then the task fails."""
+    from ray.data.exceptions import UserCodeException
+
+    for i in files.column("file").to_pylist():
+        try:
+            yield from source.events(i, known)
+        except DataError as e:
+            Path(refused).mkdir(exist_ok=True)
+            where = {"file": e.file, "row": e.row, "column": e.column, "line": e.line}
+            (Path(refused) / f"{i:08d}.json").write_text(json.dumps({"message": e.reason, **where}))
+            # Ray wraps a generator's errors as its own internal errors (logged with their stacks) and
+            # loses a DataError's fields on the way: fail as the user-code error this is, quietly.
+            raise UserCodeException(str(e)) from None
+
+
+def partition_stats(part: pa.Table, *, known: pa.Array, cfg: DataConfig) -> pa.Table:
+    """Ray Data task: of one shuffle partition (whole users), once cleaned (`clean_events`): one row
+    with its users, their event counts, the counts dropped, the earliest repeat (JSON, "" for none)
+    and the catalog items it holds (bits over the catalog's ids, sorted)."""
+    part, dropped, repeat = clean_events(part, known, cfg)
+    per_user = pc.value_counts(part.column("user_id"))
+    seen = np.zeros(len(known), bool)
+    seen[pc.index_in(part.column("item_id"), value_set=known).to_numpy(zero_copy_only=False)] = True
+    return pa.table({"users": [per_user.field("values")], "events": [per_user.field("counts")],
+                     "duplicates": [dropped["duplicates_dropped"]], "unknown": [dropped["unknown_items_dropped"]],
+                     "repeat": [json.dumps(repeat) if repeat else ""], "items": [np.packbits(seen).tobytes()]},
+                    schema=_STATS)
+
+
+_STATS = pa.schema([("users", pa.list_(pa.string())), ("events", pa.list_(pa.int64())), ("duplicates", pa.int64()),
+                    ("unknown", pa.int64()), ("repeat", pa.string()), ("items", pa.binary())])
+
+
+def build_partition(part: pa.Table, *, out_dir: str, titles: dict[str, str], item_ids: list[str], bounds: tuple,
+                    known: pa.Array, clean: bool, cfg: DataConfig) -> pa.Table:
+    """Ray Data task: the samples of one shuffle partition (whole users): cleaned when ``clean``
+    (`clean_events`), sorted and cut by `user_blocks`, written by `write_user_windows` one block
+    at a time (shards named by the partition's first user, so names never collide); returns
+    the per-user rows (`PER_USER`)."""
+    if clean:
+        part = clean_events(part, known, cfg)[0]
+    blocks = user_blocks(part.drop_columns(["_pos"]), 1)
+    if not blocks:
+        return PER_USER.empty_table()
+    shard = hashlib.sha256(blocks[0].column("user_id")[0].as_py().encode()).hexdigest()[:12] + "-"
+    users = pc.unique(part.column("user_id")).to_pylist()
+    splits = {u: user_split(u, bounds, cfg.seed) for u in users}
+    return pa.concat_tables([write_user_windows(b, out_dir=out_dir, titles=titles, item_ids=item_ids, split_of=splits,
+                                                cfg=cfg, shard=shard) for b in blocks])
+
+
+def _arrow(ds) -> list[pa.Table]:
+    import ray
+
+    return [t for t in ray.get(ds.to_arrow_refs()) if len(t)]
+
+
 def build_samples(cfg: DataConfig, out_dir: str | Path, *, start_ray: Callable[[], object] | None = None) -> dict:
     """Build the samples of ``cfg`` into ``out_dir`` (atomically) and return its manifest.
 
     ``out_dir`` gets ``train/``, ``valid/``, ``test/`` Parquet shards and ``manifest.json``. The
-    input is read and validated first; ``start_ray`` (e.g. `rosepo.runtime.init_ray`
-    with the run's address) is called only then, so a refused input costs no Ray start.
+    catalog and the list of interaction files are checked first; ``start_ray`` (e.g.
+    `rosepo.runtime.init_ray` with the run's address) is called only then: the interactions are
+    read, checked and grouped on Ray Data (the module's docstring has the stages). A refused
+    input raises the `DataError` of the first refused file (in input order, of those read), and
+    leaves nothing behind.
     """
-    import ray
-
     t0 = time.perf_counter()
     check_domain(cfg.domain)
     if cfg.format == "llara-json":
         return import_llara(cfg, out_dir)
-    inter, catalog, stats = load_source(cfg)
-    titles = dict(zip(catalog.column("item_id").to_pylist(), catalog.column("title").to_pylist()))
-    item_ids = sorted(titles)
-    users = pc.unique(inter.column("user_id")).to_pylist()
-    split_of = assign_splits(users, cfg.split, cfg.seed)
-    too_short = pc.sum(pc.less(pc.value_counts(inter.column("user_id")).field("counts"),
-                               cfg.min_history + 1)).as_py()
-    facts = {"users": len(users), "items": len(catalog), "interactions": len(inter),
-             "items_interacted": len(pc.unique(inter.column("item_id")))}
-    blocks = user_blocks(inter, cfg.num_partitions)
-    del inter  # the blocks hold a sorted copy; once Ray holds them, the driver keeps neither table
+    source, catalog, catalog_name = open_source(cfg)
     if start_ray is not None:
         start_ray()
     with atomic_dir(Path(out_dir), overwrite=True) as tmp:
         for split in SPLITS:
             (tmp / split).mkdir()
-        ds = ray.data.from_arrow(blocks)
-        del blocks
-        ds = ds.map_batches(
-            write_user_windows, batch_format="pyarrow", batch_size=None, zero_copy_batch=True,
-            fn_kwargs={"out_dir": str(tmp), "titles": titles, "item_ids": item_ids, "split_of": split_of,
-                       "cfg": cfg})
-        per_user = pa.concat_tables(ray.get(ds.to_arrow_refs()))
-        splits = per_user.column("split").to_pylist()
-        counts = {s: pc.sum(pc.filter(per_user.column("samples"), pc.equal(per_user.column("split"), s))).as_py() or 0
-                  for s in SPLITS}
-        # Users with no sample: too few events, or every target already in its history window.
-        dropped = {"too_short": too_short, "no_new_target": len(users) - len(per_user) - too_short}
-        if not sum(counts.values()):
-            raise DataError(f"no samples: all {len(users)} users were dropped ({dropped['too_short']} with fewer "
-                            f"than data.min_history + 1 = {cfg.min_history + 1} events, {dropped['no_new_target']} "
-                            "whose every target is already in its history); lower data.min_history")
-        manifest = {
-            "stage": "samples",
-            "config": cfg.__dict__ | {"split": list(cfg.split)},
-            **facts, "samples": counts, "policies": stats, "users_dropped": dropped,
-            "content_hash": users_digest(zip(splits, per_user.column("user_id").to_pylist(),
-                                             per_user.column("digest").to_pylist())),
-            "seconds": round(time.perf_counter() - t0, 2),
-        }
+        try:
+            manifest = _build(cfg, source, catalog, catalog_name, tmp)
+        except Exception:
+            refused = sorted((tmp / REFUSED).glob("*.json"))  # the first file of those refused
+            if not refused:
+                raise
+            where = json.loads(refused[0].read_text())
+            raise DataError(where.pop("message"), **where) from None
+        manifest["seconds"] = round(time.perf_counter() - t0, 2)
         write_manifest(tmp, manifest)
     return manifest
+
+
+def _build(cfg: DataConfig, source: Source, catalog: pa.Table, catalog_name: str, tmp: Path) -> dict:
+    """The Ray part of `build_samples`: read, shuffle, stats, checks, build; returns the manifest."""
+    import ray
+
+    titles = dict(zip(catalog.column("item_id").to_pylist(), catalog.column("title").to_pylist()))
+    item_ids = sorted(titles)
+    known = pa.array(item_ids, pa.string())
+    files = ray.data.from_items([{"file": i} for i in range(len(source.files))], override_num_blocks=len(source.files))
+    events = files.map_batches(read_events, batch_size=1, batch_format="pyarrow",
+                               fn_kwargs={"source": source, "known": None if cfg.drop_unknown_items else known,
+                                          "refused": str(tmp / REFUSED)})
+    partitions = max(cfg.num_partitions, math.ceil(source.size / PARTITION_BYTES))
+    parts = events.repartition(partitions, keys=["user_id"]).materialize()
+    stats = _arrow(parts.map_batches(partition_stats, batch_size=None, batch_format="pyarrow", zero_copy_batch=True,
+                                     fn_kwargs={"known": known, "cfg": cfg}))
+    stats = pa.concat_tables([_STATS.empty_table(), *stats])
+    repeats = [json.loads(r) for r in stats.column("repeat").to_pylist() if r]
+    if repeats and not cfg.drop_duplicates:
+        first = min(repeats, key=lambda r: r["_pos"])
+        raise readers.duplicate_error(first, **source.where(first["_pos"]))
+    users = pc.list_flatten(stats.column("users"))
+    events_per_user = pc.list_flatten(stats.column("events"))
+    n_events = pc.sum(events_per_user).as_py() or 0
+    check_counts(source.name, n_events, len(users), pc.max(events_per_user).as_py() or 0, catalog, catalog_name, cfg)
+    policies = {"duplicates_dropped": pc.sum(stats.column("duplicates")).as_py(),
+                "unknown_items_dropped": pc.sum(stats.column("unknown")).as_py()}
+    seen = np.bitwise_or.reduce([np.frombuffer(b, np.uint8) for b in stats.column("items").to_pylist()])
+    facts = {"users": len(users), "items": len(catalog), "interactions": n_events,
+             "items_interacted": int(np.unpackbits(seen)[: len(item_ids)].sum())}
+    too_short = pc.sum(pc.less(events_per_user, cfg.min_history + 1)).as_py()
+    bounds = split_bounds(users.to_pylist(), cfg.split, cfg.seed)
+    del stats, users, events_per_user
+    per_user = pa.concat_tables([PER_USER.empty_table(), *_arrow(parts.map_batches(
+        build_partition, batch_size=None, batch_format="pyarrow", zero_copy_batch=True,
+        fn_kwargs={"out_dir": str(tmp), "titles": titles, "item_ids": item_ids, "bounds": bounds, "known": known,
+                   "clean": any(policies.values()), "cfg": cfg}))])
+    counts = {s: pc.sum(pc.filter(per_user.column("samples"), pc.equal(per_user.column("split"), s))).as_py() or 0
+              for s in SPLITS}
+    # Users with no sample: too few events, or every target already in its history window.
+    dropped = {"too_short": too_short, "no_new_target": facts["users"] - len(per_user) - too_short}
+    if not sum(counts.values()):
+        raise DataError(f"no samples: all {facts['users']} users were dropped ({dropped['too_short']} with fewer "
+                        f"than data.min_history + 1 = {cfg.min_history + 1} events, {dropped['no_new_target']} "
+                        "whose every target is already in its history); lower data.min_history")
+    return {
+        "stage": "samples",
+        "config": cfg.__dict__ | {"split": list(cfg.split)},
+        **facts, "samples": counts, "policies": policies, "users_dropped": dropped,
+        "content_hash": users_digest(zip(per_user.column("split").to_pylist(), per_user.column("user_id").to_pylist(),
+                                         per_user.column("digest").to_pylist())),
+    }
 
 
 def import_llara(cfg: DataConfig, out_dir: str | Path) -> dict:

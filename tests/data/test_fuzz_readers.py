@@ -522,7 +522,7 @@ _INTER_OK = "user_id,item_id,timestamp\n" + "".join(f"u{u},{i},{i}\n" for u in r
     ("user_id,item_id,timestamp\nu1,1,1\nu1,2,2\n", "item_id,title\n1,A\n2,B\n", "distinct titles"),
     (_INTER_OK + "u9,1,3,4\n", _ITEMS_OK, "expected 3 fields"),
 ])
-def test_build_samples_refuses_and_leaves_nothing(tmp_path, inter, items, match):
+def test_build_samples_refuses_and_leaves_nothing(tmp_path, inter, items, match, ray_session):
     """A refused build raises DataError before any output exists: no output folder, no
     ``.tmp-*`` sibling; an earlier output of the same folder is left untouched."""
     from rosepo.data.samples import build_samples
