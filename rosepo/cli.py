@@ -93,7 +93,7 @@ def cmd_model_import_gguf(args) -> None:
 
 
 def cmd_data_build(args) -> None:
-    """Build the samples; Ray starts only once the input has been read and found valid."""
+    """Build the samples; Ray starts only once the catalog and the list of input files are checked."""
     from rosepo.pipeline import run_stage
 
     cfg = _load(args)

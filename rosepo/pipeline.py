@@ -86,7 +86,7 @@ def work_dir(out: Path) -> Path:
 
 
 def _samples(c: SimpleNamespace, out: Path, inputs: dict[str, Path]) -> dict:
-    # Ray starts (or is joined) only once the input has been read and found valid.
+    # Ray starts (or is joined) only once the catalog and the list of input files are checked.
     return build_samples(c.data, out, start_ray=lambda: init_ray(c.ray_address))
 
 
