@@ -26,7 +26,8 @@ from typing import Annotated, Any, Literal
 
 from rosepo.errors import ConfigError
 
-#: ``data.format``: the sources of `rosepo.data.samples.SOURCES`, and ``llara-json`` (prepared samples).
+#: ``data.format``: the fetched ``movielens-100k``, the file formats of `rosepo.data.readers.FILE_FORMATS`,
+#: and ``llara-json`` (prepared samples).
 DataFormat = Literal["movielens-100k", "ml100k-raw", "recbole", "csv", "parquet", "llara-json"]
 #: ``data.prompt_style``: `rosepo.data.prompts.STYLES`.
 PromptStyle = Literal["paraphrase", "list"]

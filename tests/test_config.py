@@ -258,14 +258,15 @@ def test_name_sets_match_their_registries():
     """config.py holds each set of names (it may not import the modules above it); each
     registry of those modules must hold exactly the same names."""
     from rosepo.data.prompts import DOMAINS, STYLES
-    from rosepo.data.samples import SOURCES, SPLITS
+    from rosepo.data.readers import FILE_FORMATS
+    from rosepo.data.samples import SPLITS
     from rosepo.losses import LOSSES
     from rosepo.model.factory import resolve_dtype
     from rosepo.pairs.embed import EMBEDDERS
     from rosepo.pairs.strategies import STRATEGIES
     from rosepo.schema import CATALOG, INTERACTIONS
 
-    assert set(typing.get_args(DataFormat)) == set(SOURCES) | {"llara-json"}
+    assert set(typing.get_args(DataFormat)) == set(FILE_FORMATS) | {"movielens-100k", "llara-json"}
     assert typing.get_args(Split) == SPLITS
     assert set(typing.get_args(PromptStyle)) == set(STYLES)
     assert set(typing.get_args(Domain)) == set(DOMAINS)
