@@ -84,8 +84,9 @@ class EvalScorer:
         import torch
 
         mc, ec = self.cfg.model, self.cfg.eval
-        rows = batch.select(["sample_id", "prompt", "history_item_ids", "history_titles", "candidate_item_ids",
-                             "candidate_titles"]).to_pylist()
+        # A model with item tokens reads the items of the history and the candidates too.
+        items = ["history_item_ids", "history_titles", "candidate_item_ids"] if self.items else []
+        rows = batch.select(["sample_id", "prompt", "candidate_titles", *items]).to_pylist()
         prompt_ids = [encode_prompt(self.tok, r["prompt"], mc.max_prompt_tokens,
                                     self.items.prompt_items(r) if self.items else None) for r in rows]
         # Titles go to encode_answer as SFT and the pairs stage pass them, so all score alike.
