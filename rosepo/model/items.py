@@ -170,10 +170,3 @@ def attach_items(lm, path: str | Path, *, trainable: bool):
     projector.load_state_dict({k.removeprefix("projector."): v for k, v in tensors.items()})
     projector.to(device=emb.device, dtype=emb.dtype).requires_grad_(trainable)
     return HybridItemLM(lm, table.to(emb.device), projector, items)
-
-
-def unwrap(model):
-    """The LM inside a `HybridItemLM` (the model itself otherwise)."""
-    return model.lm if isinstance(model, HybridItemLM) else model
-
-
