@@ -1,8 +1,10 @@
 """`rosepo run` as a user sees it, and `rosepo recommend` on the run it made.
 
-One smoke run (configs/smoke.yaml, every stage) in a subprocess, as `make run` starts it: its own
-Ray, its console captured whole (stdout and stderr, in order). The recommend tests ask that run's
-models through `rosepo.cli.main`, in this process (no Ray needed).
+One smoke run (configs/smoke.yaml, every stage, with hybrid item tokens) in a subprocess, as `make
+run` starts it: its own Ray, its console captured whole (stdout and stderr, in order). The same run
+is the item-token pipeline test (the projector trains in SFT and alignment; one run serves both:
+each smoke pipeline costs minutes). The recommend tests ask that run's models through
+`rosepo.cli.main`, in this process (no Ray needed).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ def smoke_run(tmp_path_factory) -> tuple[str, str, Path]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_") or k == "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"}
     env["PYTHONUNBUFFERED"] = "1"  # as `make run`: stdout and stderr interleave as written
     cmd = [sys.executable, "-m", "rosepo.cli", "run", "--config", "configs/smoke.yaml", f"storage={storage}",
-           f"data.data_dir={REPO / 'data'}"]
+           f"data.data_dir={REPO / 'data'}", "model.item_embeddings=sasrec"]
     proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           timeout=1500)
     assert proc.returncode == 0, proc.stdout[-5000:]
@@ -75,6 +77,34 @@ def test_run_ends_with_its_summary_and_prints_no_training_reports(smoke_run):
     assert "Evaluation on valid (16 samples)" in summary
     assert (run / RESULTS_PNG).stat().st_size > 10_000
     assert json.loads((run / "run.json").read_text())["eval"]["folder"] == next(run.glob("eval-*")).name
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1600)
+def test_the_run_trains_the_item_projector_in_sft_and_alignment(smoke_run):
+    """Every stage with item tokens on MovieLens-100K: the model stage writes the item file, SFT
+    and alignment each export a projector unlike the one they started from (same item table),
+    the pairs' prompts hold item tokens, and the eval stage scores SFT and RosePO."""
+    import torch
+    from safetensors.torch import load_file
+
+    from rosepo.layout import find_items, read_pairs
+    from rosepo.model.items import ItemTokens
+
+    run = smoke_run[2]
+    stage = {name: next(run.glob(f"{name}-*")) for name in ("model", "sft", "pairs", "align", "eval")}
+    files = {name: load_file(find_items(folder)) for name, folder in
+             (("model", stage["model"]), ("sft", stage["sft"] / "model"), ("align", stage["align"] / "adapter"))}
+    for earlier, later in (("model", "sft"), ("sft", "align")):
+        assert torch.equal(files[earlier]["table"], files[later]["table"])
+        moved = (files[later]["projector.2.weight"] - files[earlier]["projector.2.weight"]).abs().max()
+        assert moved > 1e-6, f"{later} did not train the projector"
+    offset = ItemTokens.read(find_items(stage["model"])).offset
+    prompt_ids = read_pairs(stage["pairs"], "train").column("prompt_ids").to_pylist()
+    assert all(sum(t >= offset for t in p) >= 10 for p in prompt_ids)  # ≥ 3 history + 20 candidates
+    for method in ("sft", "aligned"):
+        metrics = json.loads((stage["eval"] / method / "metrics.json").read_text(encoding="utf-8"))
+        assert 0 <= metrics["eval/rank/hr@1"] <= 1 and metrics["eval/n"] == 16, metrics
 
 
 def _recommend(capsys, run: Path, *args: str) -> tuple[int, str, str]:

@@ -37,7 +37,7 @@ from rosepo.layout import ANSWERS_FILE, METRICS_FILE, TABLE_FILE, aligned_adapte
 from rosepo.model.factory import load_for_inference, load_tokenizer
 from rosepo.model.generate import constrained_answers, greedy_answers
 from rosepo.model.logprobs import answer_logps
-from rosepo.model.tokenize import encode_answer, encode_prompt
+from rosepo.model.tokenize import encode_answer, encode_sample_prompt
 from rosepo.pairs.sasrec import load_oracle
 from rosepo.storage import atomic_dir, write_manifest
 
@@ -87,8 +87,7 @@ class EvalScorer:
         # A model with item tokens reads the items of the history and the candidates too.
         items = ["history_item_ids", "history_titles", "candidate_item_ids"] if self.items else []
         rows = batch.select(["sample_id", "prompt", "candidate_titles", *items]).to_pylist()
-        prompt_ids = [encode_prompt(self.tok, r["prompt"], mc.max_prompt_tokens,
-                                    self.items.prompt_items(r) if self.items else None) for r in rows]
+        prompt_ids = [encode_sample_prompt(self.model, self.tok, r, mc.max_prompt_tokens) for r in rows]
         # Titles go to encode_answer as SFT and the pairs stage pass them, so all score alike.
         cand_ids = [[encode_answer(self.tok, t, mc.max_answer_tokens) for t in r["candidate_titles"]]
                     for r in rows]

@@ -33,20 +33,22 @@ def build_base_model(cfg: ModelConfig, data_dir: str, samples_dir: Path, oracle_
     model, and every prompt and answer of the samples is within the token limits (refused with
     the usual one line rather than inside a Ray Data task of SFT, pairs or eval).
     """
+    hybrid = cfg.item_embeddings == "sasrec"
+    uses_oracle = hybrid or (cfg.name_or_path == "tiny" and cfg.title_init == "sasrec")
+    item_vectors = load_oracle(oracle_dir).item_vectors() if uses_oracle else None  # loaded once
     with atomic_dir(out, overwrite=True) as tmp:
         if cfg.name_or_path == "tiny":
             texts, titles = tokenizer_texts(cfg, samples_dir)
-            vectors = title_vectors(samples_dir, oracle_dir) if cfg.title_init == "sasrec" else None
+            vectors = title_vectors(samples_dir, item_vectors) if cfg.title_init == "sasrec" else None
             built = build_tiny_model(cfg, texts, tmp / TINY_MODEL_DIR, titles=titles, title_vectors=vectors)
             path = str(out / TINY_MODEL_DIR)  # where it will be once the folder is in place
         else:
             path = built = resolve_model(cfg.name_or_path, data_dir)
         if cfg.finetune == "lora":
             check_lora_targets(cfg, model_linear_layers(built))
-        hybrid = cfg.item_embeddings == "sasrec"
         if hybrid:
             rows, hidden = embedding_shape(built)
-            write_items(tmp / ITEM_EMBEDDINGS, load_oracle(oracle_dir).item_vectors(), rows, hidden)
+            write_items(tmp / ITEM_EMBEDDINGS, item_vectors, rows, hidden)
         longest = check_sample_lengths(load_tokenizer(built), {s: read_split(samples_dir, s) for s in SPLITS},
                                        cfg.max_prompt_tokens, cfg.max_answer_tokens, str(samples_dir), items=hybrid)
         manifest = {"stage": "model", MODEL_PATH_KEY: path, "config": dataclasses.asdict(cfg), "longest": longest}
@@ -71,9 +73,9 @@ def tokenizer_texts(cfg: ModelConfig, samples_dir: Path) -> tuple[list[str], lis
     return texts, sorted(titles)
 
 
-def title_vectors(samples_dir: Path, oracle_dir: Path) -> dict:
-    """Title -> the oracle's item vector (the mean, for a title two items share)."""
-    item_vectors = load_oracle(oracle_dir).item_vectors()
+def title_vectors(samples_dir: Path, item_vectors: dict[str, np.ndarray]) -> dict:
+    """Title -> the oracle's item vector (``item_vectors``: item id -> vector; the mean, for a
+    title two items share)."""
     by_title: dict[str, dict[str, np.ndarray]] = {}
     for split in SPLITS:
         table = read_split(samples_dir, split)

@@ -53,6 +53,14 @@ def encode_prompt(tokenizer, prompt: str, max_tokens: int, items: list[tuple[str
     return ids
 
 
+def encode_sample_prompt(model, tokenizer, sample: dict, max_tokens: int) -> list[int]:
+    """`encode_prompt` of ``sample["prompt"]`` for ``model``: with the sample's item tokens when
+    the model has them (a `rosepo.model.items.HybridItemLM`, whose ``items`` names them; the
+    sample then holds the history's and candidates' item ids and titles), plain text otherwise."""
+    items = getattr(model, "items", None)
+    return encode_prompt(tokenizer, sample["prompt"], max_tokens, items.prompt_items(sample) if items else None)
+
+
 def _title_spans(prompt: str, titles: list[str]) -> list[tuple[int, int]]:
     """Character spans of ``titles``, found in order in ``prompt``; an occurrence between quotes
     or line breaks (how every template sets a title off) is preferred to a bare one."""

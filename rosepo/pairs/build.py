@@ -27,7 +27,7 @@ from rosepo.layout import pairs_file
 from rosepo.model.factory import load_for_inference, load_tokenizer
 from rosepo.model.generate import greedy_answers
 from rosepo.model.logprobs import answer_logps
-from rosepo.model.tokenize import encode_answer, encode_prompt
+from rosepo.model.tokenize import encode_answer, encode_sample_prompt
 from rosepo.pairs.embed import embed_titles, history_similarity
 from rosepo.pairs.sasrec import load_oracle
 from rosepo.pairs.strategies import STRATEGIES, SampleContext, assign_strategy
@@ -46,7 +46,6 @@ class PairScorer:
         self.cfg = run_cfg
         self.tok = load_tokenizer(base_model)
         self.model = load_for_inference(base_model, adapter)
-        self.items = getattr(self.model, "items", None)
         self.oracle = load_oracle(oracle_dir)
         self.vectors = item_vectors
         self.popularity = popularity
@@ -56,8 +55,7 @@ class PairScorer:
 
         pc, mc = self.cfg.pairs, self.cfg.model
         rows = batch.to_pylist()
-        prompt_ids = [encode_prompt(self.tok, r["prompt"], mc.max_prompt_tokens,
-                                    self.items.prompt_items(r) if self.items else None) for r in rows]
+        prompt_ids = [encode_sample_prompt(self.model, self.tok, r, mc.max_prompt_tokens) for r in rows]
         cand_ids = [[encode_answer(self.tok, t, mc.max_answer_tokens) for t in r["candidate_titles"]] for r in rows]
         # One sample per forward. Batched, a sample's scores move in the last bits with the rows it
         # shares a batch with (the matmul shapes follow the batch size and padding width, and BLAS

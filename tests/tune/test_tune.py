@@ -337,7 +337,8 @@ def test_a_failing_trial_is_retried_per_failure_config(ray_session, tune_inputs,
     from rosepo.experiments.tune import run_tune
 
     cfg = _cfg(max_steps=2, eval_every=0, eval_rec_samples=0)
-    search = {"num_samples": 1, "max_concurrent_trials": 1, "metric": METRIC, "mode": "min",
+    # Both trials at once (one CPU each): the fault file is created atomically, so one trial fails.
+    search = {"num_samples": 1, "max_concurrent_trials": 2, "metric": METRIC, "mode": "min",
               "scheduler": {"name": "fifo"}, "space": {"align.eps_max": {"grid": [0.05, 0.4]}}}
 
     monkeypatch.setenv(FAULT_ENV, str(tmp_path / "fault-retried"))
