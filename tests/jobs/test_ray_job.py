@@ -112,15 +112,6 @@ def _smoke_args(storage: Path) -> list[str]:
     return ["--config", "configs/smoke.yaml", f"storage={storage}", f"data.data_dir={REPO / 'data'}"]
 
 
-@pytest.fixture(scope="module")
-def unbroken(cluster, tmp_path_factory):
-    """One `ray job submit` of jobs/train.py through SFT, never interrupted: (stdout, run folder)."""
-    storage = tmp_path_factory.mktemp("unbroken")
-    proc = _submit(_smoke_args(storage) + ["--until", "sft"])
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc.stdout, storage / "smoke"
-
-
 def _sft_losses(run: Path) -> list[float]:
     manifest = json.loads(next(run.glob("sft-*/manifest.json")).read_text())
     return [h["loss"] for h in manifest["history"]]
@@ -128,23 +119,11 @@ def _sft_losses(run: Path) -> list[float]:
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_submit_runs_the_job_to_success(unbroken):
-    """`ray job submit` of jobs/train.py (through SFT) succeeds and fills the run folder."""
-    stdout, run = unbroken
-    assert "succeeded" in stdout
-    samples = next(run.glob("samples-*"))
-    manifest = json.loads((samples / "manifest.json").read_text())
-    assert manifest["users"] == 943 and manifest["interactions"] == 100000
-    assert (next(run.glob("model-*")) / "hf" / "model.safetensors").is_file()
-    assert len(_sft_losses(run)) == 4  # configs/smoke.yaml: sft.max_steps 4
-    assert f"run folder: {run}" in stdout
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(900)
-def test_killed_job_resumes_without_redoing_finished_stages(cluster, unbroken, tmp_path):
-    """Stop the job while SFT runs; the resubmitted job skips samples and model, finishes SFT
-    with the unbroken run's losses, and no partial stage folder is ever visible."""
+def test_killed_job_resumes_without_redoing_finished_stages_and_succeeds(cluster, tmp_path):
+    """`ray job submit` of jobs/train.py through SFT, stopped while SFT runs: no partial stage
+    folder is ever visible; the resubmitted job skips samples and model, finishes SFT and
+    succeeds, and the run folder holds every stage's output. (One job pair, not an extra
+    unbroken job: each costs ~3 min here, and SFT's exact resume is tests/train's.)"""
     args = _smoke_args(tmp_path) + ["--until", "sft"]
     job = _submit(args, wait=False)
     run = tmp_path / "smoke"
@@ -157,7 +136,13 @@ def test_killed_job_resumes_without_redoing_finished_stages(cluster, unbroken, t
     assert not list(run.glob("sft-*")), "a partial SFT output is visible"
     proc = _submit(args)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "succeeded" in proc.stdout
     assert "samples: done earlier, skipped" in proc.stdout and "model: done earlier, skipped" in proc.stdout
     assert "sft: running" in proc.stdout
     assert list(run.glob("sft-*/manifest.json")) and not list(run.glob(".tmp-*"))
-    assert _sft_losses(run) == pytest.approx(_sft_losses(unbroken[1]), abs=1e-5)
+    manifest = json.loads((next(run.glob("samples-*")) / "manifest.json").read_text())
+    assert manifest["users"] == 943 and manifest["interactions"] == 100000
+    assert (next(run.glob("model-*")) / "hf" / "model.safetensors").is_file()
+    losses = _sft_losses(run)
+    assert len(losses) == 4 and all(0 < x < 20 for x in losses)  # configs/smoke.yaml: sft.max_steps 4
+    assert f"run folder: {run}" in proc.stdout
