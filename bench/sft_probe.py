@@ -61,7 +61,7 @@ def probe(cfg, steps: int, eval_every: int, eval_samples: int, threads: int) -> 
     path = base_model_path(model_stage)
     torch.set_num_threads(threads)
     train = read_split(samples, "train").to_pandas()
-    rows = _tokenize(train, path, cfg)
+    rows = _tokenize(train, path, cfg, run_stage(cfg, "oracle"))
     valid = read_split(samples, "valid").to_pylist()[:eval_samples]
     tok = load_tokenizer(path)
     torch.manual_seed(cfg.sft.seed)
@@ -94,12 +94,16 @@ def probe(cfg, steps: int, eval_every: int, eval_samples: int, threads: int) -> 
     return curve
 
 
-def _tokenize(train, path: str, cfg) -> list[dict]:
+def _tokenize(train, path: str, cfg, oracle_dir) -> list[dict]:
     """The SFT rows of every train sample, tokenised by the SFT task's own UDF."""
     from rosepo.train import sft
 
+    distill = cfg.sft.oracle_weight > 0
     out = sft.tokenize_batch(train, path, cfg.model.max_prompt_tokens, cfg.model.max_answer_tokens,
-                             candidates=cfg.sft.candidate_weight > 0, history=cfg.sft.history_weight > 0)
+                             candidates=cfg.sft.candidate_weight > 0 or distill,
+                             history=cfg.sft.history_weight > 0,
+                             oracle_path=str(oracle_dir) if distill else None,
+                             oracle_temperature=cfg.sft.oracle_temperature)
     return out.to_dict("records")
 
 

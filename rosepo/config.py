@@ -227,6 +227,12 @@ class SFTConfig(TrainConfig):
     #: Weight of next-item prediction over the history: the cross-entropy of history titles
     #: 2..n given the prompt before each (SASRec's objective, inside the prompt). 0 = off.
     history_weight: Annotated[float, Range(ge=0, note="0 = off")] = 0.0
+    #: Weight of distilling the oracle's ranking: the cross-entropy of the answer's first token
+    #: against the oracle's (SASRec's) softmax over the sample's candidates (`rosepo.train.sft`).
+    #: 0 = off; > 0 makes the sft stage read the oracle.
+    oracle_weight: Annotated[float, Range(ge=0, note="0 = off")] = 0.0
+    #: Temperature of that softmax: > 1 flattens the oracle's ranking, < 1 sharpens it.
+    oracle_temperature: PositiveFloat = 1.0
 
 
 @dataclass

@@ -47,7 +47,8 @@ GRAPH: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "oracle": (("oracle",), ("samples",)),
     # data: where a named model is fetched to; oracle: model.title_init: sasrec reads it.
     "model": (("model", "data"), ("samples", "oracle")),
-    "sft": (("sft", "model"), ("samples", "model")),
+    # oracle: sft.oracle_weight distils its ranking.
+    "sft": (("sft", "model"), ("samples", "model", "oracle")),
     "pairs": (("pairs", "model"), ("samples", "model", "sft", "oracle")),
     "align": (("align", "model"), ("pairs", "model", "sft")),
     # data: the random baseline's seed; align: the aligned method's name in the table.
@@ -96,7 +97,7 @@ def _model(c: SimpleNamespace, out: Path, inputs: dict[str, Path]) -> dict:
 
 def _sft(c: SimpleNamespace, out: Path, inputs: dict[str, Path]) -> dict:
     return build_sft(c, inputs["samples"], base_model_path(inputs["model"]), work_dir(out), out,
-                     find_items(inputs["model"]))
+                     find_items(inputs["model"]), inputs["oracle"])
 
 
 def _oracle(c: SimpleNamespace, out: Path, inputs: dict[str, Path]) -> dict:

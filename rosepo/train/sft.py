@@ -18,6 +18,15 @@ predicted from the prompt before it (`rosepo.model.tokenize.history_title_positi
 prediction, SASRec's objective, over the history the prompt already holds, so a sample teaches
 up to ten transitions instead of one. The LM head runs on those positions only.
 
+With ``sft.oracle_weight`` w > 0 it adds w · mean(−Σ_c q_c log p(c)), q the oracle's (SASRec's)
+softmax over the sample's candidates at ``sft.oracle_temperature`` and p(c) the probability the
+answer's first token gives candidate c (knowledge distillation, Hinton et al. 2015, restricted to
+the candidates). The target answer is one bit per sample; q ranks all twenty, and its mass is on
+the candidates only, so the same term teaches "answer a candidate" and "in the oracle's order"
+(the candidate term alone teaches "answer a popular candidate": BENCHMARKS.md, SFT levers). The
+oracle scores each sample once, in the tokenising pipeline; ``sft/oracle_kl`` is KL(q ‖ p
+renormalised over the candidates), 0 when the model ranks as the oracle does.
+
 Tokenisation runs in the Ray Data pipeline (`sft_dataset`), once, before training; the loop
 only pads. The stage (`build_sft`) trains on a seeded random slice of ``sft.max_samples`` train
 samples (`rosepo.data.samples.select_samples`: the first sample ids would be a few users only);
@@ -35,10 +44,12 @@ from typing import Any
 
 from rosepo.config import SFTConfig
 from rosepo.data.samples import read_split, select_samples
+from rosepo.errors import ConfigError
 from rosepo.layout import SFT_MODEL_DIR
 from rosepo.model.factory import load_tokenizer
 from rosepo.model.items import ItemTokens
 from rosepo.model.tokenize import IGNORE, encode_answer, encode_sft, history_title_positions
+from rosepo.pairs.sasrec import load_oracle
 from rosepo.storage import atomic_dir, write_manifest
 from rosepo.train.loop import TrainingTask, fit
 
@@ -81,6 +92,8 @@ def collate(rows: list[dict], pad_id: int) -> dict:
         # Index, among the kept logits, of the one that predicts each row's first answer token.
         batch["first_pos"] = keep - 1 - torch.tensor(answer_lengths, dtype=torch.long)
         batch["candidate_first_ids"] = torch.tensor([r["candidate_first_ids"] for r in rows], dtype=torch.long)
+    if rows[0].get("oracle_logp") is not None:
+        batch["oracle_logp"] = torch.tensor([r["oracle_logp"] for r in rows], dtype=torch.float32)
     return batch
 
 
@@ -92,6 +105,19 @@ def candidate_mass_logp(first_logits, candidate_first_ids):
     allowed = torch.zeros_like(first_logits, dtype=torch.bool).scatter_(1, candidate_first_ids, True)
     return (torch.logsumexp(first_logits.masked_fill(~allowed, float("-inf")), -1)
             - torch.logsumexp(first_logits, -1))
+
+
+def oracle_distillation(first_logits, candidate_first_ids, oracle_logp):
+    """Per row: the cross-entropy −Σ_c q_c log p(c) of the model's first answer token (logits
+    (B, V), full-vocabulary softmax) against the oracle's log-distribution ``oracle_logp`` (B, C)
+    over the candidates (first tokens (B, C)), and KL(q ‖ p renormalised over the candidates)."""
+    import torch
+
+    logp = first_logits.log_softmax(-1).gather(1, candidate_first_ids)
+    q = oracle_logp.exp()
+    cross_entropy = -(q * logp).sum(-1)
+    kl = (q * (oracle_logp - (logp - torch.logsumexp(logp, -1, keepdim=True)))).sum(-1)
+    return cross_entropy, kl
 
 
 def token_cross_entropy(logits, labels):
@@ -125,7 +151,7 @@ class SFTTask(TrainingTask):
     def compute_loss(self, model, batch: dict) -> tuple[Any, dict]:
         """SFT loss of a micro-batch and its metrics (``sft/token_accuracy``, and
         ``sft/candidate_mass`` with ``candidate_weight``, ``sft/history_loss`` with
-        ``history_weight``)."""
+        ``history_weight``, ``sft/oracle_kl`` with ``oracle_weight``)."""
         import torch
         import torch.nn.functional as F
 
@@ -143,11 +169,16 @@ class SFTTask(TrainingTask):
             history_loss = F.cross_entropy(history_logits, batch["history_targets"])
             loss = loss + self.cfg.history_weight * history_loss
             metrics["sft/history_loss"] = history_loss.detach()
-        if self.cfg.candidate_weight:
+        if self.cfg.candidate_weight or self.cfg.oracle_weight:
             first = logits[torch.arange(len(logits)), batch["first_pos"]].float()
+        if self.cfg.candidate_weight:
             log_mass = candidate_mass_logp(first, batch["candidate_first_ids"])
             loss = loss - self.cfg.candidate_weight * log_mass.mean()
             metrics["sft/candidate_mass"] = log_mass.exp().mean().detach()
+        if self.cfg.oracle_weight:
+            cross_entropy, kl = oracle_distillation(first, batch["candidate_first_ids"], batch["oracle_logp"])
+            loss = loss + self.cfg.oracle_weight * cross_entropy.mean()
+            metrics["sft/oracle_kl"] = kl.mean().detach()
         return loss, metrics
 
     def num_tokens(self, batch: dict) -> int:
@@ -160,14 +191,21 @@ def _tokenizer(path: str):
     return load_tokenizer(path)
 
 
+@functools.lru_cache(maxsize=1)
+def _oracle(path: str):
+    return load_oracle(path)
+
+
 def tokenize_batch(batch, model_path: str, max_prompt_tokens: int, max_answer_tokens: int,
-                   candidates: bool = False, history: bool = False, items_path: str | None = None):
+                   candidates: bool = False, history: bool = False, items_path: str | None = None,
+                   oracle_path: str | None = None, oracle_temperature: float = 1.0):
     """Ray Data UDF (pandas batches): ``sample_id, prompt, answer`` -> ``sample_id, input_ids,
     labels``; with ``candidates`` also ``candidate_first_ids`` (the first token of each of
     ``candidate_titles`` as an answer), with ``history`` ``history_positions`` (of
     ``history_titles`` 2..n); with ``items_path`` the prompts hold item tokens (from the
-    ``history_item_ids`` / ``candidate_item_ids`` columns). The tokenizer is loaded once per Ray
-    worker process."""
+    ``history_item_ids`` / ``candidate_item_ids`` columns); with ``oracle_path`` (and
+    ``candidates``) ``oracle_logp``, the oracle's log-softmax over the candidates at
+    ``oracle_temperature``. The tokenizer and the oracle are loaded once per Ray worker process."""
     import pandas as pd
 
     tok = _tokenizer(model_path)
@@ -185,26 +223,39 @@ def tokenize_batch(batch, model_path: str, max_prompt_tokens: int, max_answer_to
                 if t not in first:
                     first[t] = encode_answer(tok, t, max_answer_tokens)[0]
         out["candidate_first_ids"] = [[first[t] for t in titles] for titles in batch["candidate_titles"]]
+    if oracle_path:
+        import torch
+
+        scores = _oracle(oracle_path).score([list(h) for h in batch["history_item_ids"]],
+                                            [list(c) for c in batch["candidate_item_ids"]])
+        logp = torch.from_numpy(scores / oracle_temperature).double().log_softmax(-1).float().numpy()
+        out["oracle_logp"] = list(logp)
     if history:
         out["history_positions"] = [history_title_positions(tok, p, list(h), e["labels"].count(IGNORE), i)
                                     for p, h, e, i in zip(batch["prompt"], batch["history_titles"], enc, items)]
     return pd.DataFrame(out)
 
 
-def sft_dataset(run_cfg: Any, samples_ds, base_model: str, items_path: str | None = None):
+def sft_dataset(run_cfg: Any, samples_ds, base_model: str, items_path: str | None = None,
+                oracle_path: str | None = None):
     """The tokenised, materialised SFT training set: ``sample_id, input_ids, labels``.
 
     ``run_cfg`` holds the ``sft`` and ``model`` sections. ``samples_ds`` is a Ray Dataset with the
     SAMPLES columns (``sample_id``, ``prompt`` and ``answer`` are used); a non-zero
     ``sft.max_samples`` keeps the first N by ``sample_id`` (the stage passes a slice of that
-    size already). ``items_path``: prompts with item tokens (`tokenize_batch`). Materialised
-    once here so the workers, which each read the whole set, do not tokenise it again.
+    size already). ``items_path``: prompts with item tokens (`tokenize_batch`); ``oracle_path``:
+    the oracle folder, read when ``sft.oracle_weight`` > 0. Materialised once here so the
+    workers, which each read the whole set, do not tokenise it again.
     """
-    mcfg = run_cfg.model
-    candidates, history = run_cfg.sft.candidate_weight > 0, run_cfg.sft.history_weight > 0
+    mcfg, scfg = run_cfg.model, run_cfg.sft
+    distill = scfg.oracle_weight > 0
+    if distill and not oracle_path:
+        raise ConfigError("sft.oracle_weight > 0 needs the oracle's folder (the sft stage passes it)")
+    candidates, history = scfg.candidate_weight > 0 or distill, scfg.history_weight > 0
     columns = {"sample_id", "prompt", "answer"}
     columns |= {"candidate_titles"} if candidates else set()
     columns |= {"history_titles"} if history else set()
+    columns |= {"history_item_ids", "candidate_item_ids"} if distill else set()
     if items_path:
         columns |= {"history_item_ids", "history_titles", "candidate_item_ids", "candidate_titles"}
     ds = samples_ds.select_columns(sorted(columns))
@@ -215,21 +266,23 @@ def sft_dataset(run_cfg: Any, samples_ds, base_model: str, items_path: str | Non
                                      "max_prompt_tokens": mcfg.max_prompt_tokens,
                                      "max_answer_tokens": mcfg.max_answer_tokens,
                                      "candidates": candidates, "history": history,
-                                     "items_path": items_path}).materialize()
+                                     "items_path": items_path,
+                                     "oracle_path": str(oracle_path) if distill else None,
+                                     "oracle_temperature": scfg.oracle_temperature}).materialize()
 
 
 def run_sft(run_cfg: Any, samples_ds, base_model: str, output_dir: str, run_name: str,
-            items_path: str | None = None) -> dict:
+            items_path: str | None = None, oracle_path: str | None = None) -> dict:
     """Fine-tune ``base_model`` on the samples (`sft_dataset`) with `rosepo.train.loop.fit`,
     then copy the final HF export (the LoRA adapter, or the full model; with ``items_path``, the
     item file with the trained projector beside it) atomically to ``<output_dir>/model``.
-    ``run_cfg`` holds the ``sft`` and ``model`` sections.
+    ``run_cfg`` holds the ``sft`` and ``model`` sections; ``oracle_path`` as in `sft_dataset`.
 
     Returns fit's result plus ``model_path``. The Ray run (checkpoints, TensorBoard) lives in
     ``<output_dir>/<run_name>``; re-running with the same ``run_name`` resumes an interrupted run.
     """
     result = fit(SFTTask(run_cfg.sft), run_cfg.model, model_path=str(base_model), adapter=None,
-                 datasets={"train": sft_dataset(run_cfg, samples_ds, base_model, items_path)},
+                 datasets={"train": sft_dataset(run_cfg, samples_ds, base_model, items_path, oracle_path)},
                  output_dir=output_dir, run_name=run_name, items_path=items_path)
     final = Path(output_dir) / SFT_MODEL_DIR
     with atomic_dir(final, overwrite=True) as tmp:
@@ -238,15 +291,17 @@ def run_sft(run_cfg: Any, samples_ds, base_model: str, output_dir: str, run_name
 
 
 def build_sft(cfg: Any, samples_dir: Path, base_model: str, work: Path, out: Path,
-              items_path: str | None = None) -> dict:
+              items_path: str | None = None, oracle_path: Path | None = None) -> dict:
     """The sft stage: `run_sft` on a seeded random slice of the train samples (``sft.max_samples``,
     ``sft.seed``; the first ids would be a few users only), its Ray run under ``work``; the model
     into ``out/model`` with a manifest (history, last metrics), atomically. ``cfg`` holds the
-    ``sft`` and ``model`` sections; ``items_path`` is the model stage's item file, if any."""
+    ``sft`` and ``model`` sections; ``items_path`` is the model stage's item file, if any;
+    ``oracle_path`` the oracle stage's folder (read with ``sft.oracle_weight`` > 0)."""
     import ray
 
     train = select_samples(read_split(samples_dir, "train"), cfg.sft.max_samples, cfg.sft.seed)
-    result = run_sft(cfg, ray.data.from_arrow(train), base_model, str(work), "sft", items_path)
+    result = run_sft(cfg, ray.data.from_arrow(train), base_model, str(work), "sft", items_path,
+                     str(oracle_path) if oracle_path else None)
     with atomic_dir(out, overwrite=True) as tmp:
         shutil.copytree(result["model_path"], tmp / SFT_MODEL_DIR)
         manifest = {"stage": "sft", "metrics": result["metrics"], "history": result["history"],

@@ -9,6 +9,7 @@ does a run whose worker is SIGKILLed),
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -384,6 +385,89 @@ def test_candidate_weight_adds_the_candidate_mass_term():
         log_m = sft.candidate_mass_logp(first, torch.tensor([r["candidate_first_ids"] for r in rows]))
     assert float(loss) == pytest.approx(float(ce - 0.5 * log_m.mean()), abs=1e-5)
     assert float(metrics["sft/candidate_mass"]) == pytest.approx(float(log_m.exp().mean()), abs=1e-6)
+
+
+def test_oracle_distillation_hand_computed():
+    """Logits [0, ln3, 0, ln2] give p = (1, 3, 1, 2) / 7. Candidates are tokens 1 and 3, the
+    oracle's distribution over them q = (1/4, 3/4). Cross-entropy −(¼ ln 3/7 + ¾ ln 2/7); over the
+    candidates p renormalises to (3/5, 2/5), so KL = ¼ ln((1/4)/(3/5)) + ¾ ln((3/4)/(2/5))."""
+    import torch
+
+    from rosepo.train.sft import oracle_distillation
+
+    logits = torch.tensor([[0.0, math.log(3), 0.0, math.log(2)]])
+    q = torch.tensor([[0.25, 0.75]])
+    ce, kl = oracle_distillation(logits, torch.tensor([[1, 3]]), q.log())
+    assert float(ce) == pytest.approx(-(0.25 * math.log(3 / 7) + 0.75 * math.log(2 / 7)), abs=1e-6)
+    assert float(kl) == pytest.approx(0.25 * math.log(0.25 / 0.6) + 0.75 * math.log(0.75 / 0.4), abs=1e-6)
+    # Ranking the candidates as the oracle does gives KL 0, whatever mass goes elsewhere (token 0).
+    _, kl = oracle_distillation(torch.tensor([[5.0, 0.0, 2.0, math.log(3)]]), torch.tensor([[1, 3]]), q.log())
+    assert float(kl) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_oracle_weight_adds_the_distillation_term():
+    """With oracle_weight w the loss is the SFT cross-entropy + w · the mean distillation
+    cross-entropy −Σ q_c log p(c), read at the logit that predicts each row's first answer token
+    (the right-padded forward as the reference, answers of different lengths)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from rosepo.train import sft
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2)).eval()
+    q = [[0.5, 0.3, 0.2], [0.1, 0.1, 0.8]]
+    rows = [{"input_ids": [5, 6, 7, 8, 9, 10, 11], "labels": [-100] * 4 + [9, 10, 11],
+             "candidate_first_ids": [9, 20, 21], "oracle_logp": [math.log(x) for x in q[0]]},
+            {"input_ids": [5, 6, 7, 12, 13], "labels": [-100] * 3 + [12, 13], "candidate_first_ids": [30, 12, 31],
+             "oracle_logp": [math.log(x) for x in q[1]]}]
+    task = sft.SFTTask(SFTConfig(oracle_weight=0.7))
+    with torch.no_grad():
+        loss, metrics = task.compute_loss(model, sft.collate(rows, 0))
+        right = _right_pad(rows, 0)
+        logits = model(input_ids=right["input_ids"], attention_mask=right["attention_mask"]).logits
+        ce, _ = sft.token_cross_entropy(logits, right["labels"])
+        # Row 0's first answer token (index 4) is predicted at position 3, row 1's (index 3) at 2.
+        logp = torch.stack([logits[0, 3], logits[1, 2]]).log_softmax(-1)
+        distill = [-sum(q[i][c] * float(logp[i, t]) for c, t in enumerate(rows[i]["candidate_first_ids"]))
+                   for i in range(2)]
+    assert float(loss) == pytest.approx(float(ce) + 0.7 * sum(distill) / 2, abs=1e-5)
+    assert "sft/oracle_kl" in metrics and "sft/candidate_mass" not in metrics
+
+
+def test_tokenize_batch_gives_the_oracles_candidate_distribution(sft_samples, tiny_model_dir, tmp_path):
+    """With an oracle folder the UDF adds ``oracle_logp``: the oracle's scores of the row's
+    candidates (`Oracle.score`) over the temperature, log-softmaxed; without one, no such column."""
+    import numpy as np
+    import pandas as pd
+    import torch
+    from safetensors.torch import save_file
+
+    from rosepo.config import OracleConfig
+    from rosepo.pairs.sasrec import ItemVocab, build_model, load_oracle
+    from rosepo.train.sft import tokenize_batch
+
+    titles = sorted({r["answer"] for r in sft_samples})
+    ids = {t: f"i{k}" for k, t in enumerate(titles)}
+    torch.manual_seed(0)
+    cfg, vocab = OracleConfig(hidden_size=8, num_layers=1, num_heads=2), ItemVocab(ids.values())
+    save_file(build_model(cfg, len(vocab)).state_dict(), str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps(dataclasses.asdict(cfg) | {"vocab_size": len(vocab)}))
+    vocab.save(tmp_path / "vocab.json")
+    rng = np.random.default_rng(0)
+    rows = [{"sample_id": r["sample_id"], "prompt": r["prompt"], "answer": r["answer"],
+             "history_item_ids": [ids[t] for t in rng.choice(titles, 3)],
+             "candidate_titles": (cands := [r["answer"]] + [t for t in titles if t != r["answer"]][:2]),
+             "candidate_item_ids": [ids[t] for t in cands]} for r in sft_samples[:6]]
+    batch = pd.DataFrame(rows)
+    out = tokenize_batch(batch, str(tiny_model_dir), 512, 48, candidates=True, oracle_path=str(tmp_path),
+                         oracle_temperature=2.0)
+    scores = load_oracle(tmp_path).score([r["history_item_ids"] for r in rows], [r["candidate_item_ids"] for r in rows])
+    expected = torch.from_numpy(scores / 2.0).double().log_softmax(-1).numpy()
+    np.testing.assert_allclose(np.stack(out["oracle_logp"]), expected, atol=1e-6)
+    assert not np.allclose(expected, np.log(1 / 3))  # the oracle does rank: a uniform q would pass trivially
+    assert "oracle_logp" not in tokenize_batch(batch, str(tiny_model_dir), 512, 48, candidates=True)
 
 
 def _right_pad(rows: list[dict], pad_id: int) -> dict:
