@@ -308,6 +308,11 @@ class AlignConfig(TrainConfig):
     eps_constant: float = 0.1
     #: Weight of the NLL-on-chosen regulariser.
     sft_weight: NonNegFloat = 0.0
+    #: Weight of the candidate-set term, as ``sft.candidate_weight``: −log of the probability
+    #: mass the answer's first token puts on the sample's candidates (`rosepo.train.align`).
+    #: Every rejected answer is a candidate, so pushing it down moves mass off the candidates
+    #: too; this term keeps it there. 0 = off.
+    candidate_weight: NonNegFloat = 0.0
     #: ``precomputed`` (from pair rows) or ``online`` (adapter disabled).
     reference: Literal["precomputed", "online"] = "precomputed"
     prefix_sharing: bool = True

@@ -203,6 +203,35 @@ def test_online_reference_equals_precomputed(ml100k_pairs):
     assert float(l_on) == pytest.approx(float(l_pre), abs=1e-3)
 
 
+def test_candidate_weight_adds_the_candidate_mass_of_the_first_answer_token(ml100k_pairs):
+    """With align.candidate_weight w the loss is the preference loss − w · mean log m, m the mass
+    of the first answer token on the candidates' first tokens (shared ones counted once): m
+    checked against the full softmax of a plain forward of each prompt (`sft.candidate_mass_logp`)."""
+    import torch
+
+    from rosepo.layout import read_pairs
+    from rosepo.model.factory import apply_lora, load_model, load_tokenizer
+    from rosepo.train import align, sft
+
+    model_dir, pairs = ml100k_pairs
+    cfg = _cfg()
+    tok = load_tokenizer(str(model_dir))
+    model = apply_lora(load_model(str(model_dir), dtype=torch.float32), cfg.align.model_config(cfg.model)).eval()
+    table = align.with_candidate_first_ids(read_pairs(pairs, "train").slice(0, 6), tok, 48)
+    rows = table.to_pylist()
+    assert any(len(set(r["candidate_first_ids"])) < 20 for r in rows)  # BPE titles share first tokens
+    batch = align.collate(rows, tok.pad_token_id)
+    with_term = dataclasses.replace(cfg.align, candidate_weight=0.5)
+    with torch.no_grad():
+        plain, plain_metrics = align.AlignTask(cfg.align, cfg.model, tok.pad_token_id).compute_loss(model, batch)
+        loss, metrics = align.AlignTask(with_term, cfg.model, tok.pad_token_id).compute_loss(model, batch)
+        first = torch.stack([model(input_ids=torch.tensor([r["prompt_ids"]])).logits[0, -1] for r in rows])
+        log_m = sft.candidate_mass_logp(first, batch["candidate_first_ids"])
+    assert float(loss) == pytest.approx(float(plain - 0.5 * log_m.mean()), abs=1e-5)
+    assert float(metrics["candidate_mass"]) == pytest.approx(float(log_m.exp().mean()), abs=1e-6)
+    assert metrics["rewards/margins"] == pytest.approx(float(plain_metrics["rewards/margins"]), abs=1e-6)
+
+
 def test_eps_enters_the_loss(ml100k_pairs):
     """On the same batch with the policy moved off the reference, RosePO's loss differs from DPO's
     and equals the hand formula −[(1−ε)log σ(βh) + ε log σ(−βh)] with the batch's ε."""
