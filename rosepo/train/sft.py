@@ -25,7 +25,8 @@ the candidates). The target answer is one bit per sample; q ranks all twenty, an
 the candidates only, so the same term teaches "answer a candidate" and "in the oracle's order"
 (the candidate term alone teaches "answer a popular candidate": BENCHMARKS.md, SFT levers). The
 oracle scores each sample once, in the tokenising pipeline; ``sft/oracle_kl`` is KL(q ‖ p
-renormalised over the candidates), 0 when the model ranks as the oracle does.
+renormalised over the candidates), 0 when the model ranks as the oracle does. With multi-token
+titles both read the candidates' first tokens, the candidate term's relaxation.
 
 Tokenisation runs in the Ray Data pipeline (`sft_dataset`), once, before training; the loop
 only pads. The stage (`build_sft`) trains on a seeded random slice of ``sft.max_samples`` train
