@@ -107,6 +107,17 @@ def test_the_run_trains_the_item_projector_in_sft_and_alignment(smoke_run):
         assert 0 <= metrics["eval/rank/hr@1"] <= 1 and metrics["eval/n"] == 16, metrics
 
 
+def test_the_run_trains_with_the_candidate_and_distillation_terms(smoke_run):
+    """configs/smoke.yaml turns on the default's extra terms (`sft.candidate_weight`,
+    `sft.oracle_weight`, `align.candidate_weight`): the stages' last metrics hold each term's
+    measure, in range, so the smoke run went through them on real data."""
+    run = smoke_run[2]
+    sft = read_manifest(next(run.glob("sft-*")))["metrics"]
+    align = read_manifest(next(run.glob("align-*")))["metrics"]
+    assert 0 < sft["sft/candidate_mass"] <= 1 and 0 < align["candidate_mass"] <= 1
+    assert sft["sft/oracle_kl"] > 0  # an untrained 4-step model does not rank as SASRec does
+
+
 def _recommend(capsys, run: Path, *args: str) -> tuple[int, str, str]:
     rc = main(["recommend", "--run", str(run), *args])
     out, err = capsys.readouterr()

@@ -97,6 +97,20 @@ def encode_answer(tokenizer, answer: str, max_tokens: int) -> list[int]:
     return ids
 
 
+def candidate_first_ids(tokenizer, candidate_titles, max_tokens: int) -> list[list[int]]:
+    """Per row of ``candidate_titles`` (lists of titles), the first token of each title as an
+    answer (`encode_answer`): what the candidate-set terms of SFT and alignment read. Titles
+    recur across rows; each is tokenised once."""
+    first: dict[str, int] = {}
+    out = []
+    for titles in candidate_titles:
+        for t in titles:
+            if t not in first:
+                first[t] = encode_answer(tokenizer, t, max_tokens)[0]
+        out.append([first[t] for t in titles])
+    return out
+
+
 def encode_sft(tokenizer, prompt: str, answer: str, max_prompt_tokens: int,
                max_answer_tokens: int, items: list[tuple[str, int]] | None = None) -> dict:
     """One SFT row: ``input_ids`` = prompt (with ``items``, `encode_prompt`) + answer + EOS;

@@ -39,7 +39,7 @@ from rosepo.losses import preference_loss, sft_regularizer
 from rosepo.model.factory import load_tokenizer
 from rosepo.model.generate import greedy_answers
 from rosepo.model.logprobs import answer_logps
-from rosepo.model.tokenize import encode_answer
+from rosepo.model.tokenize import candidate_first_ids, encode_answer
 from rosepo.pairs.smoothing import eps_summary, smoothing_eps
 from rosepo.storage import atomic_dir, write_manifest
 from rosepo.train.loop import TrainingTask, fit
@@ -77,14 +77,8 @@ def collate(rows: list[dict], pad_id: int) -> dict:
 
 def with_candidate_first_ids(pairs: pa.Table, tokenizer, max_answer_tokens: int) -> pa.Table:
     """``pairs`` plus ``candidate_first_ids``: the first token of each of ``candidate_titles`` as
-    an answer (`encode_answer`), what the candidate term reads."""
-    first: dict[str, int] = {}
-    ids = []
-    for titles in pairs.column("candidate_titles").to_pylist():
-        for t in titles:
-            if t not in first:
-                first[t] = encode_answer(tokenizer, t, max_answer_tokens)[0]
-        ids.append([first[t] for t in titles])
+    an answer (`candidate_first_ids`), what the candidate term reads."""
+    ids = candidate_first_ids(tokenizer, pairs.column("candidate_titles").to_pylist(), max_answer_tokens)
     return pairs.append_column("candidate_first_ids", pa.array(ids, type=pa.list_(pa.int32())))
 
 

@@ -49,7 +49,7 @@ from rosepo.errors import ConfigError
 from rosepo.layout import SFT_MODEL_DIR
 from rosepo.model.factory import load_tokenizer
 from rosepo.model.items import ItemTokens
-from rosepo.model.tokenize import IGNORE, encode_answer, encode_sft, history_title_positions
+from rosepo.model.tokenize import IGNORE, candidate_first_ids, encode_sft, history_title_positions
 from rosepo.pairs.sasrec import load_oracle
 from rosepo.storage import atomic_dir, write_manifest
 from rosepo.train.loop import TrainingTask, fit
@@ -218,12 +218,7 @@ def tokenize_batch(batch, model_path: str, max_prompt_tokens: int, max_answer_to
     out = {"sample_id": list(batch["sample_id"]), "input_ids": [e["input_ids"] for e in enc],
            "labels": [e["labels"] for e in enc]}
     if candidates:
-        first: dict[str, int] = {}  # titles recur across samples: tokenise each once
-        for titles in batch["candidate_titles"]:
-            for t in titles:
-                if t not in first:
-                    first[t] = encode_answer(tok, t, max_answer_tokens)[0]
-        out["candidate_first_ids"] = [[first[t] for t in titles] for titles in batch["candidate_titles"]]
+        out["candidate_first_ids"] = candidate_first_ids(tok, batch["candidate_titles"], max_answer_tokens)
     if oracle_path:
         import torch
 
