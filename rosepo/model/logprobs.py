@@ -23,7 +23,7 @@ def sequence_token_count(answer_ids: list[list[list[int]]]):
 
 
 def answer_logps(model, prompt_ids: list[list[int]], answer_ids: list[list[list[int]]], *,
-                 prefix_sharing: bool, pad_id: int):
+                 prefix_sharing: bool, pad_id: int, first_token_ids=None):
     """Summed log-probs (B, A), float32, of each answer's tokens (EOS included) given its prompt.
 
     ``answer_ids[b]`` holds the A answers of prompt b (A equal for all b). Returns the sums and
@@ -33,6 +33,10 @@ def answer_logps(model, prompt_ids: list[list[int]], answer_ids: list[list[list[
     ``logits_to_keep``, as transformers' Llama, Qwen2, Mistral and Gemma-3 do with sdpa or eager
     attention, and whose logits are ``get_output_embeddings()`` of the last of its
     ``hidden_states`` (no logit soft-capping or scaling: refused).
+
+    ``first_token_ids`` (B, C), optional: also return, third, the log-probs (B, C) of those
+    tokens as the first answer token of each prompt, read from the logit every answer's first
+    token is read from (no extra positions run).
     """
     import torch
 
@@ -69,7 +73,14 @@ def answer_logps(model, prompt_ids: list[list[int]], answer_ids: list[list[list[
     token_logps = logps[inverse, target]
     sums = torch.zeros(len(prompt_ids) * num_answers, dtype=torch.float32, device=device)
     sums = sums.index_add(0, owner, token_logps)
-    return sums.view(len(prompt_ids), num_answers), sequence_token_count(answer_ids).to(device)
+    out = sums.view(len(prompt_ids), num_answers), sequence_token_count(answer_ids).to(device)
+    if first_token_ids is None:
+        return out
+    # The last prompt token of prompt b (row b shared, row b·A plain) predicts every first token.
+    last = torch.tensor([(b if prefix_sharing else b * num_answers) * width + len(p) - 1
+                         for b, p in enumerate(prompt_ids)], dtype=torch.long, device=device)
+    first = logps[torch.searchsorted(positions, last)].gather(1, first_token_ids.to(device))
+    return (*out, first)
 
 
 def _shared_masks(allowed, positions, config, dtype):

@@ -17,7 +17,7 @@ first token puts on the first tokens of the sample's candidates (`rosepo.train.s
 term). Every rejected answer is a candidate: a preference loss that pushes it down also pushes
 mass off the candidate set, and greedy answers stop naming a candidate (the default run lost
 0.15 of ValidRatio in 125 steps with NLL on the chosen answer alone). The candidates' first
-tokens ride in the same forward as one-token answers of the shared prompt.
+tokens are read from the logit that predicts every answer's first token, in the same forward.
 """
 
 from __future__ import annotations
@@ -92,12 +92,11 @@ def unpack(batch: dict) -> tuple[list[list[int]], list[list[list[int]]]]:
 
 def pair_logps(model, batch: dict, cfg: AlignConfig, pad_id: int, first_ids=None):
     """Policy log-probs (B, 1+K) and token counts of chosen + rejected answers; with
-    ``first_ids`` (B, C) the log-probs (B, 1+K+C) of those tokens as one-token answers follow,
-    from the same forward."""
+    ``first_ids`` (B, C) also the log-probs (B, C) of those tokens as the first answer token,
+    from the same forward (`answer_logps`' ``first_token_ids``)."""
     prompts, answers = unpack(batch)
-    if first_ids is not None:
-        answers = [a + [[t] for t in ids] for a, ids in zip(answers, first_ids.tolist())]
-    return answer_logps(model, prompts, answers, prefix_sharing=cfg.prefix_sharing, pad_id=pad_id)
+    return answer_logps(model, prompts, answers, prefix_sharing=cfg.prefix_sharing, pad_id=pad_id,
+                        first_token_ids=first_ids)
 
 
 def candidate_mass_from_logps(first_logps, first_ids):
@@ -193,13 +192,11 @@ class AlignTask(TrainingTask):
         """Preference loss of a micro-batch and its metrics (with ``candidate_weight``, plus the
         candidate term and ``candidate_mass``)."""
         first_ids = batch["candidate_first_ids"] if self.cfg.candidate_weight else None
-        policy, counts = pair_logps(model, batch, self.cfg, self.pad_id, first_ids)
-        answers = batch["ref"].shape[1]
-        policy, first, counts = policy[:, :answers], policy[:, answers:], counts[:, :answers]
+        policy, counts, *first = pair_logps(model, batch, self.cfg, self.pad_id, first_ids)
         ref = reference_logps(model, batch, self.cfg, self.pad_id).to(policy.dtype)
         loss, metrics = loss_and_metrics(policy, ref, counts, pair_eps(batch["oracle"], self.cfg), self.cfg)
         if first_ids is not None:
-            log_mass = candidate_mass_from_logps(first, first_ids.to(first.device))
+            log_mass = candidate_mass_from_logps(first[0], first_ids.to(policy.device))
             loss = loss - self.cfg.candidate_weight * log_mass.mean()
             metrics["candidate_mass"] = log_mass.exp().mean().detach()
         return loss, metrics

@@ -109,6 +109,22 @@ def test_single_answer_equals_hf_loss():
     torch.testing.assert_close(logps[0, 0], -loss * 5, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("prefix_sharing", [True, False])
+def test_first_token_logps_equal_each_prompts_own_forward(prefix_sharing):
+    """``first_token_ids`` gives, per prompt, the log-softmax of the prompt's last logit at those
+    ids (checked against each prompt alone), in both layouts, with the answers' sums unchanged."""
+    model = _tiny_llama()
+    ids = torch.tensor([[41, 42, 45, 41], [45, 47, 49, 60], [53, 58, 59, 1]])
+    with torch.no_grad():
+        plain_sums, _ = answer_logps(model, PROMPTS, ANSWERS, prefix_sharing=prefix_sharing, pad_id=PAD)
+        sums, _, first = answer_logps(model, PROMPTS, ANSWERS, prefix_sharing=prefix_sharing, pad_id=PAD,
+                                      first_token_ids=ids)
+        expected = torch.stack([model(input_ids=torch.tensor([p])).logits[0, -1].log_softmax(-1)[row]
+                                for p, row in zip(PROMPTS, ids)])
+    torch.testing.assert_close(sums, plain_sums, atol=0, rtol=0)
+    torch.testing.assert_close(first, expected, atol=1e-5, rtol=0)
+
+
 def test_sequence_token_count_and_shape_errors():
     assert sequence_token_count(ANSWERS).tolist() == [[2, 4, 1], [3, 3, 5], [6, 1, 2]]
     model = _tiny_llama()
