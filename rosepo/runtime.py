@@ -20,6 +20,8 @@ import warnings
 HEALTH_CHECK_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 HEALTH_CHECK_INTERVAL_S = "0.1"
 API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"
+PRINT_PATCH_ENV = "RAY_TRAIN_ENABLE_PRINT_PATCH"
+_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
 #: Environment of a quiet run, driver and workers alike: Hugging Face's progress bars ("Loading
 #: weights", "Writing model shards", one per actor and model load) off.
 QUIET_ENV = {"HF_HUB_DISABLE_PROGRESS_BARS": "1"}
@@ -28,13 +30,18 @@ _verbose = False
 
 def worker_env_vars(use_gpu: bool) -> dict[str, str]:
     """Environment of every Ray task/actor of a rosepo job: offline HF, one OMP thread per
-    worker (2-core boxes oversubscribe otherwise), DeepSpeed's CPU accelerator without a GPU
-    (DeepSpeed finds it by itself; the variable only silences its warning)."""
+    worker (2-core boxes oversubscribe otherwise), Ray Train's ``print`` as Python's, DeepSpeed's
+    CPU accelerator without a GPU (DeepSpeed finds it by itself; the variable only silences its
+    warning)."""
     env = {
         "OMP_NUM_THREADS": "1",
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
         HEALTH_CHECK_ENV: os.environ.get(HEALTH_CHECK_ENV, HEALTH_CHECK_INTERVAL_S),
+        # Ray Train 2.60 patches ``print`` in its workers to write each line twice (to stdout and,
+        # through the root logger, to stderr); the driver then gets every ``tqdm_ray`` state twice,
+        # and a second "closed" state opens a bar nobody closes, redrawn under every later line.
+        PRINT_PATCH_ENV: "0",
     }
     if not use_gpu:
         env["DS_ACCELERATOR"] = "cpu"
@@ -118,6 +125,11 @@ def init_ray(address: str = "", num_cpus: int | None = None) -> str:
         # there are several on the machine; naming it removes the guess.
         port = free_port()
         os.environ[API_SERVER_ENV] = f"http://127.0.0.1:{port}"
+        if not _verbose:
+            # Ray 2.60 turns token authentication on for every new local cluster (generating
+            # ~/.ray/auth_token) and says so at WARNING unless RAY_AUTH_MODE is set; choosing the
+            # mode here would skip the token's generation, so the notice is silenced instead.
+            logging.getLogger(_AUTH_LOGGER).setLevel(logging.ERROR)
         env = {**worker_env_vars(torch.cuda.is_available()), API_SERVER_ENV: os.environ[API_SERVER_ENV]}
         ctx = ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
                        dashboard_port=port, runtime_env=_runtime_env(env), logging_level=_ray_log_level())

@@ -47,16 +47,21 @@ def smoke_run(tmp_path_factory) -> tuple[str, str, Path]:
 @pytest.mark.timeout(1600)
 def test_run_ends_with_its_summary_and_prints_no_training_reports(smoke_run):
     """The console of a whole run: no per-step Ray Train report, no per-actor FutureWarning, rank 0's
-    HF-style metrics lines, at most 150 lines; it ends with the summary (also summary.md): stage
-    times, the run folder, the TensorBoard command and the eval table, whose numbers are the eval
-    stage's; results.png is written."""
+    HF-style metrics lines, no training bar redrawn after its stage, at most 100 lines; it ends with
+    the summary (also summary.md): stage times, the run folder, the TensorBoard command and the
+    eval table, whose numbers are the eval stage's; results.png is written."""
     summary, console, run = smoke_run
     assert "Reporting training result" not in console and "TrainingReport" not in console
     assert "FutureWarning" not in console and "Loading weights" not in console
     # The line follows the bar it cleared, after a carriage return.
     assert re.search(r"\[rosepo\] \{'loss': [0-9.]+, 'grad_norm': [0-9.e+-]+, 'learning_rate': ", console)
     lines = console.split("\n")  # a progress bar's redraws (carriage returns) are one line
-    assert len(lines) <= 150, f"{len(lines)} lines"
+    assert len(lines) <= 100, f"{len(lines)} lines"
+    assert "Token authentication" not in console
+    # Each training stage's bar is closed with its stage: a stage later (over 10 s), no frame of it
+    # is drawn again (a bar Ray's driver never closed is redrawn under every later line).
+    for stage, later in (("sft", "pairs"), ("align", "eval")):
+        assert f"{stage} loss=" not in console[console.index(f"[rosepo] {later}: finished"):], stage
     assert summary.startswith("# rosepo run smoke") and summary in console
     # After it, at most the final frame of a worker's progress bar, which Ray's log forwarding can
     # deliver after the driver's last print (it runs in its own thread).
