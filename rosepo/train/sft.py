@@ -94,7 +94,9 @@ def collate(rows: list[dict], pad_id: int) -> dict:
         batch["first_pos"] = keep - 1 - torch.tensor(answer_lengths, dtype=torch.long)
         batch["candidate_first_ids"] = torch.tensor([r["candidate_first_ids"] for r in rows], dtype=torch.long)
     if rows[0].get("oracle_logp") is not None:
-        batch["oracle_logp"] = torch.tensor([r["oracle_logp"] for r in rows], dtype=torch.float32)
+        # One tensor per row, then stacked: rows read back from Ray Data hold NumPy arrays, which
+        # torch.tensor of a list copies element by element (and warns).
+        batch["oracle_logp"] = torch.stack([torch.as_tensor(r["oracle_logp"], dtype=torch.float32) for r in rows])
     return batch
 
 
