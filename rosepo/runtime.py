@@ -8,7 +8,8 @@ The variable is read by the Train controller, an actor, so it is set both in thi
 The console of a run is quiet unless ``--verbose`` (`set_console`): the driver's ``ray`` logger
 at WARNING, Ray Data's console from WARNING up, Hugging Face's progress bars and third-party
 deprecation warnings off, in this process and, through the ``worker_process_setup_hook``
-`quiet_worker`, in every worker.
+`quiet_worker`, in every worker; Ray's token-authentication notice for a new local cluster off.
+Ray Train's ``print`` patch is off in every worker, verbose or not (it wrote each line twice).
 """
 
 from __future__ import annotations
