@@ -48,8 +48,9 @@ def probe(cfg, steps: int, eval_every: int, eval_samples: int, threads: int) -> 
     import torch
 
     from rosepo.data.samples import read_split
-    from rosepo.layout import base_model_path
+    from rosepo.layout import base_model_path, find_items
     from rosepo.model.factory import load_model, load_tokenizer
+    from rosepo.model.items import attach_items
     from rosepo.pipeline import run_stage
     from rosepo.runtime import init_ray
     from rosepo.train import sft
@@ -61,11 +62,13 @@ def probe(cfg, steps: int, eval_every: int, eval_samples: int, threads: int) -> 
     path = base_model_path(model_stage)
     torch.set_num_threads(threads)
     train = read_split(samples, "train").to_pandas()
-    rows = _tokenize(train, path, cfg, run_stage(cfg, "oracle"))
+    items = find_items(model_stage)
+    rows = _tokenize(train, path, cfg, run_stage(cfg, "oracle"), items)
     valid = read_split(samples, "valid").to_pylist()[:eval_samples]
     tok = load_tokenizer(path)
     torch.manual_seed(cfg.sft.seed)
-    model = load_model(path, dtype=torch.float32).train()
+    model = load_model(path, dtype=torch.float32)
+    model = (attach_items(model, items, trainable=True) if items else model).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.sft.learning_rate, weight_decay=cfg.sft.weight_decay)
     batch_size = cfg.sft.num_workers * cfg.sft.micro_batch_size
     warmup = int(cfg.sft.warmup_ratio * steps)
@@ -94,14 +97,15 @@ def probe(cfg, steps: int, eval_every: int, eval_samples: int, threads: int) -> 
     return curve
 
 
-def _tokenize(train, path: str, cfg, oracle_dir) -> list[dict]:
-    """The SFT rows of every train sample, tokenised by the SFT task's own UDF."""
+def _tokenize(train, path: str, cfg, oracle_dir, items_path: str | None = None) -> list[dict]:
+    """The SFT rows of every train sample, tokenised by the SFT task's own UDF (with the model
+    stage's item file, item and user tokens)."""
     from rosepo.train import sft
 
     distill = cfg.sft.oracle_weight > 0
     out = sft.tokenize_batch(train, path, cfg.model.max_prompt_tokens, cfg.model.max_answer_tokens,
                              candidates=cfg.sft.candidate_weight > 0 or distill,
-                             history=cfg.sft.history_weight > 0,
+                             history=cfg.sft.history_weight > 0, items_path=items_path,
                              oracle_path=str(oracle_dir) if distill else None,
                              oracle_temperature=cfg.sft.oracle_temperature)
     return out.to_dict("records")
@@ -115,7 +119,7 @@ def _evaluate(model, tok, samples: list[dict], cfg) -> dict:
     from rosepo.model.generate import greedy_answers
     from rosepo.eval.metrics import parse_answer, ranking_metrics
     from rosepo.model.logprobs import answer_logps
-    from rosepo.model.tokenize import encode_answer, encode_prompt
+    from rosepo.model.tokenize import encode_answer, encode_sample_prompt
 
     mc = cfg.model
     valid = hits = 0
@@ -123,7 +127,7 @@ def _evaluate(model, tok, samples: list[dict], cfg) -> dict:
     with torch.no_grad():
         for start in range(0, len(samples), 32):
             chunk = samples[start:start + 32]
-            prompts = [encode_prompt(tok, s["prompt"], mc.max_prompt_tokens) for s in chunk]
+            prompts = [encode_sample_prompt(model, tok, s, mc.max_prompt_tokens) for s in chunk]
             answers = greedy_answers(model, tok, prompts, mc.max_answer_tokens)
             for s, answer in zip(chunk, answers):
                 parsed = parse_answer(answer, s["candidate_titles"], s["candidate_titles"].index(s["target_title"]))

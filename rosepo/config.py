@@ -167,6 +167,11 @@ class ModelConfig:
     #: oracle's vector of that item and the projector a 2-layer MLP trained in SFT and alignment
     #: next to the adapter (`rosepo.model.items`). Any causal LM; the answer stays text.
     item_embeddings: Literal["none", "sasrec"] = "none"
+    #: ``sasrec`` (needs ``item_embeddings: sasrec``): a user token ends every prompt, its input
+    #: embedding a trained projection of the oracle's user state for the prompt's history (CoLLM's
+    #: collaborative user embedding; `rosepo.model.items`): the answer is predicted from the
+    #: position that holds what the oracle knows about the user.
+    user_token: Literal["none", "sasrec"] = "none"
     #: Longest prompt in tokens; longer prompts are refused at tokenisation.
     max_prompt_tokens: Positive = 512
     #: Longest answer in tokens, EOS included.
@@ -421,6 +426,9 @@ class RunConfig:
                    f"({m.max_prompt_tokens + m.max_answer_tokens})", m.max_position_embeddings)
         _check(m.title_init == "random" or (m.name_or_path == "tiny" and m.title_tokens), "model.title_init",
                "'sasrec' needs the built-in tiny model with model.title_tokens: true", m.title_init)
+        _check(m.user_token == "none" or m.item_embeddings == "sasrec", "model.user_token",
+               "'sasrec' needs model.item_embeddings: sasrec (the user token reads the history's item tokens)",
+               m.user_token)
         _check(m.item_embeddings == "none" or self.align.reference == "precomputed", "align.reference",
                "must be 'precomputed' with model.item_embeddings: sasrec (an online reference would score "
                "with the projector being trained)", self.align.reference)

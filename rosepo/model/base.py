@@ -27,15 +27,17 @@ def build_base_model(cfg: ModelConfig, data_dir: str, samples_dir: Path, oracle_
     ``gemma-3-270m`` fetched into ``data_dir`` on first use). With ``title_init: sasrec`` the
     title tokens start from the oracle's item vectors (`title_vectors`). With ``item_embeddings:
     sasrec`` the folder also holds the item file (`rosepo.model.items`): the oracle's item vectors
-    and a seeded projector, which SFT starts from.
+    and a seeded projector, which SFT starts from; with ``user_token: sasrec`` also the oracle's
+    encoder and a seeded projector for the user token.
 
     Checked here, before any training stage starts workers: LoRA target modules exist in the
     model, and every prompt and answer of the samples is within the token limits (refused with
     the usual one line rather than inside a Ray Data task of SFT, pairs or eval).
     """
-    hybrid = cfg.item_embeddings == "sasrec"
+    hybrid, user = cfg.item_embeddings == "sasrec", cfg.user_token == "sasrec"
     uses_oracle = hybrid or (cfg.name_or_path == "tiny" and cfg.title_init == "sasrec")
-    item_vectors = load_oracle(oracle_dir).item_vectors() if uses_oracle else None  # loaded once
+    oracle = load_oracle(oracle_dir) if uses_oracle else None  # loaded once
+    item_vectors = oracle.item_vectors() if oracle else None
     with atomic_dir(out, overwrite=True) as tmp:
         if cfg.name_or_path == "tiny":
             texts, titles = tokenizer_texts(cfg, samples_dir)
@@ -48,9 +50,10 @@ def build_base_model(cfg: ModelConfig, data_dir: str, samples_dir: Path, oracle_
             check_lora_targets(cfg, model_linear_layers(built))
         if hybrid:
             rows, hidden = embedding_shape(built)
-            write_items(tmp / ITEM_EMBEDDINGS, item_vectors, rows, hidden)
+            write_items(tmp / ITEM_EMBEDDINGS, item_vectors, rows, hidden, oracle=oracle if user else None)
         longest = check_sample_lengths(load_tokenizer(built), {s: read_split(samples_dir, s) for s in SPLITS},
-                                       cfg.max_prompt_tokens, cfg.max_answer_tokens, str(samples_dir), items=hybrid)
+                                       cfg.max_prompt_tokens, cfg.max_answer_tokens, str(samples_dir), items=hybrid,
+                                       user=user)
         manifest = {"stage": "model", MODEL_PATH_KEY: path, "config": dataclasses.asdict(cfg), "longest": longest}
         write_manifest(tmp, manifest)
     return manifest

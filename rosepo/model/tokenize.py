@@ -32,19 +32,23 @@ def adds_bos(tokenizer) -> bool:
     return bos is not None and list(tokenizer("x")["input_ids"][:1]) == [bos]
 
 
-def encode_prompt(tokenizer, prompt: str, max_tokens: int, items: list[tuple[str, int]] | None = None) -> list[int]:
+def encode_prompt(tokenizer, prompt: str, max_tokens: int,
+                  items: list[tuple[str | None, int]] | None = None) -> list[int]:
     """Token ids of a prompt: BOS first when the tokenizer adds one by default (`adds_bos`), no
     other special tokens. With ``items`` ((title, item token id) in the order the prompt names
     the titles, `rosepo.model.items.ItemTokens.prompt_items`), each item id follows its title's
-    last token; the text's ids are unchanged. Raises `DataError` past ``max_tokens`` (BOS and
-    item tokens counted)."""
+    last token, and an id whose title is None (the user token) follows the prompt's last token;
+    the text's ids are unchanged. Raises `DataError` past ``max_tokens`` (BOS and item tokens
+    counted)."""
     ids = _ids(tokenizer, prompt)
     if not ids:
         raise DataError("prompt is empty")
     if items:
-        ends = title_ends(tokenizer, prompt, [t for t, _ in items])
-        for end, (_, item) in sorted(zip(ends, items), key=lambda e: e[0], reverse=True):
+        titled = [(t, i) for t, i in items if t is not None]
+        ends = title_ends(tokenizer, prompt, [t for t, _ in titled])
+        for end, (_, item) in sorted(zip(ends, titled), key=lambda e: e[0], reverse=True):
             ids.insert(end + 1, item)
+        ids += [i for t, i in items if t is None]
     if adds_bos(tokenizer):
         ids = [tokenizer.bos_token_id] + ids
     if len(ids) > max_tokens:
@@ -132,8 +136,9 @@ def history_title_positions(tokenizer, prompt: str, history_titles: list[str], p
     an item token after a title shifts the tokens after it.
     """
     enc = tokenizer(prompt, add_special_tokens=False, return_offsets_mapping=True)
-    ends = title_ends(tokenizer, prompt, [t for t, _ in items]) if items else []
-    shift = prompt_len - len(enc["input_ids"]) - len(ends)
+    titled = [t for t, _ in items or [] if t is not None]
+    ends = title_ends(tokenizer, prompt, titled) if titled else []
+    shift = prompt_len - len(enc["input_ids"]) - len(items or [])  # BOS: what is neither text nor an item id
     spans = _title_spans(prompt, history_titles)
     positions = []
     for i, (a, b) in enumerate(enc["offset_mapping"]):
@@ -143,11 +148,12 @@ def history_title_positions(tokenizer, prompt: str, history_titles: list[str], p
 
 
 def check_sample_lengths(tokenizer, splits: dict, max_prompt_tokens: int, max_answer_tokens: int,
-                         samples_dir: str, batch_rows: int = 4096, items: bool = False) -> dict:
+                         samples_dir: str, batch_rows: int = 4096, items: bool = False, user: bool = False) -> dict:
     """Refuse the first sample of ``splits`` (split name -> samples table, sorted by sample id,
     of ``samples_dir``) whose prompt, or one of whose candidate titles as an answer, is longer
     than the limits; return the longest of each per split. Prompts count what `encode_prompt`
-    adds: BOS, and with ``items`` an item token per history and candidate title.
+    adds: BOS, with ``items`` an item token per history and candidate title, with ``user`` the
+    user token.
 
     Run at the model stage, when the tokenizer is known: the later stages tokenise inside Ray
     tasks (SFT, pairs, eval), where a refusal would surface wrapped in Ray's traceback.
@@ -158,9 +164,9 @@ def check_sample_lengths(tokenizer, splits: dict, max_prompt_tokens: int, max_an
     bos = int(adds_bos(tokenizer))
     for split, table in splits.items():
         prompts = table.column("prompt").to_pylist()
-        extra = [bos] * len(prompts)
+        extra = [bos + int(user)] * len(prompts)
         if items:
-            extra = [bos + h + c for h, c in zip(pc.list_value_length(table.column("history_titles")).to_pylist(),
+            extra = [bos + int(user) + h + c for h, c in zip(pc.list_value_length(table.column("history_titles")).to_pylist(),
                                                  pc.list_value_length(table.column("candidate_titles")).to_pylist())]
         most = 0
         for start in range(0, len(prompts), batch_rows):

@@ -1,5 +1,7 @@
 """Hybrid item tokens (LLaRA): placeholder ids after the titles, projected oracle vectors in their
-embeddings, the same log-probs in both layouts, export/load, and a projector that trains."""
+embeddings, the same log-probs in both layouts, export/load, and a projector that trains; the
+user token (CoLLM): last in the prompt, the projected oracle user state of the history in its
+embedding, in every one of those checks."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from rosepo.config import AlignConfig, SFTConfig  # noqa: E402
+from rosepo.config import AlignConfig, OracleConfig, SFTConfig  # noqa: E402
 from rosepo.data.prompts import render_prompt  # noqa: E402
 from rosepo.errors import ConfigError  # noqa: E402
 from rosepo.layout import ITEM_EMBEDDINGS, find_items  # noqa: E402
@@ -21,6 +23,7 @@ from rosepo.model.items import HybridItemLM, ItemTokens, attach_items, write_ite
 from rosepo.model.logprobs import answer_logps  # noqa: E402
 from rosepo.model.tokenize import (encode_answer, encode_prompt, encode_sample_prompt, encode_sft,  # noqa: E402
                                    history_title_positions)
+from rosepo.pairs.sasrec import ItemVocab, Oracle, build_model  # noqa: E402
 from rosepo.train.align import AlignTask  # noqa: E402
 from rosepo.train.sft import SFTTask  # noqa: E402
 
@@ -47,14 +50,40 @@ def tok(tiny_model_dir):
     return load_tokenizer(tiny_model_dir)
 
 
+def _oracle() -> Oracle:
+    """A SASRec over items 0..39 but 7, random weights, its vocabulary in a shuffled order (the
+    item file's rows are sorted: the user encoder must reorder), histories cut to 3 items."""
+    items = [str(k) for k in np.random.default_rng(1).permutation(40) if k != 7]
+    cfg = OracleConfig(hidden_size=ITEM_DIM, num_heads=2, max_len=3)
+    torch.manual_seed(2)
+    model = build_model(cfg, len(items) + 1)
+    with torch.no_grad():
+        for p in model.parameters():  # no zero biases or unit norms: every weight matters
+            p.add_(torch.randn(p.shape) * 0.1)
+    return Oracle(model, ItemVocab(items), cfg)
+
+
 @pytest.fixture(scope="module")
-def item_file(tiny_model_dir, tmp_path_factory):
-    """An item file for the tiny model: random vectors for items 0..39 but 7."""
-    rng = np.random.default_rng(0)
-    vectors = {str(k): rng.normal(size=ITEM_DIM).astype(np.float32) for k in range(40) if k != 7}
+def oracle():
+    return _oracle()
+
+
+@pytest.fixture(scope="module", params=["items", "items+user"])
+def item_file(request, tiny_model_dir, tmp_path_factory, oracle):
+    """An item file for the tiny model: the oracle's vectors for items 0..39 but 7; with the user
+    token too (``items+user``)."""
     lm = load_model(str(tiny_model_dir), dtype=torch.float32)
     rows, hidden = lm.get_input_embeddings().weight.shape
-    return write_items(tmp_path_factory.mktemp("items") / ITEM_EMBEDDINGS, vectors, rows, hidden)
+    return write_items(tmp_path_factory.mktemp("items") / ITEM_EMBEDDINGS, oracle.item_vectors(), rows, hidden,
+                       oracle=oracle if request.param == "items+user" else None)
+
+
+@pytest.fixture(scope="module")
+def user_file(tiny_model_dir, tmp_path_factory, oracle):
+    lm = load_model(str(tiny_model_dir), dtype=torch.float32)
+    rows, hidden = lm.get_input_embeddings().weight.shape
+    return write_items(tmp_path_factory.mktemp("user") / ITEM_EMBEDDINGS, oracle.item_vectors(), rows, hidden,
+                       oracle=oracle)
 
 
 def _hybrid(tiny_model_dir, item_file, lora: bool = False):
@@ -81,7 +110,9 @@ def test_each_item_token_follows_its_title_and_the_text_ids_are_unchanged(tok, i
         ids = encode_prompt(tok, row["prompt"], 512, pairs)
         assert [t for t in ids if t < items.offset] == plain
         assert [t for t in ids if t >= items.offset] == [t for _, t in pairs]
-        for title, item in pairs:  # the text before each item token ends with its title
+        if items.user_base is not None:  # the user token last, naming the history's length
+            assert pairs[-1] == (None, ids[-1]) and ids[-1] == items.offset + len(items.item_ids) + 1 + 4
+        for title, item in (p for p in pairs if p[0] is not None):  # the text before each item token ends with its title
             at = ids.index(item) if ids.count(item) == 1 else None
             if at is not None:
                 text = tok.decode([t for t in ids[:at] if t < items.offset])
@@ -117,11 +148,56 @@ def test_item_positions_receive_exactly_the_projected_oracle_vectors(tiny_model_
         model(input_ids=ids)
         embeds = seen["inputs_embeds"][0]
         is_item = ids[0] >= items.offset
+        if items.user_base is not None:
+            is_item &= ids[0] < items.user_base
         rows = ids[0][is_item] - items.offset
         assert torch.equal(embeds[is_item], model.projector(model.table[rows]))
-        assert torch.equal(embeds[~is_item], model.lm.get_input_embeddings()(ids[0][~is_item]))
+        is_text = ids[0] < items.offset
+        assert torch.equal(embeds[is_text], model.lm.get_input_embeddings()(ids[0][is_text]))
     assert torch.equal(model.table[0], torch.zeros(ITEM_DIM))  # item 7: no vector, the zero row
     assert int((rows == 0).sum()) == (row["history_item_ids"] + row["candidate_item_ids"]).count("7") >= 1
+
+
+def test_the_user_token_receives_the_projected_oracle_state_of_its_history(tiny_model_dir, user_file, tok, oracle):
+    """Computed here from the samples' item ids through the oracle's own vocabulary (not the
+    model's reordered copy): the last 3 (``max_len``) history items, an item without a vector as
+    padding; rows in one batch, left-padded, each get their own history's state."""
+    model = _hybrid(tiny_model_dir, user_file)
+    items = model.items
+    rows = [_sample(i) for i in (1, 3, 4)]
+    prompts = [encode_prompt(tok, r["prompt"], 512, items.prompt_items(r)) for r in rows]
+    width = max(map(len, prompts))
+    ids = torch.tensor([[tok.pad_token_id] * (width - len(p)) + p for p in prompts])
+    seen = {}
+    model.lm.model.register_forward_pre_hook(lambda m, a, kw: seen.update(kw), with_kwargs=True)
+    with torch.no_grad():
+        model(input_ids=ids)
+        seqs = torch.tensor([[0] * (3 - len(h[-3:])) + [oracle.vocab.index.get(i, 0) for i in h[-3:]]
+                             for h in (r["history_item_ids"] for r in rows)])
+        state = oracle.model.encode(seqs)[:, -1]
+        expected = model.user_projector(state)
+        got = seen["inputs_embeds"][:, -1]
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+    assert (expected[0] - expected[1]).abs().max() > 1e-3  # histories differ, so do their states
+    assert all(items.prompt_items(r)[-1] == (None, items.user_base + len(r["history_item_ids"])) for r in rows)
+    assert any("7" in r["history_item_ids"][-3:] for r in rows)  # the padding case is exercised
+
+
+def test_user_token_needs_item_tokens_and_is_counted_in_the_prompt_limit(tok, user_file):
+    import pyarrow as pa
+
+    from rosepo.config import load_config
+    from rosepo.errors import DataError
+    from rosepo.model.tokenize import check_sample_lengths
+
+    with pytest.raises(ConfigError, match="model.user_token"):
+        load_config("configs/smoke.yaml", ["model.user_token=sasrec", "model.item_embeddings=none"])
+    row = _sample(3)
+    table = pa.Table.from_pylist([{"sample_id": "s0", **row}])
+    n = len(encode_prompt(tok, row["prompt"], 512, ItemTokens.read(user_file).prompt_items(row)))
+    assert check_sample_lengths(tok, {"train": table}, n, 48, "x", items=True, user=True)["train"]["prompt_tokens"] == n
+    with pytest.raises(DataError, match="more than model.max_prompt_tokens"):
+        check_sample_lengths(tok, {"train": table}, n - 1, 48, "x", items=True, user=True)
 
 
 def _batch(tok, items, n=3):
@@ -158,7 +234,9 @@ def test_greedy_decoding_with_the_kv_cache_matches_a_full_forward_per_step(tiny_
 def test_export_then_load_gives_the_same_log_probs(tiny_model_dir, item_file, tok, tmp_path):
     model = _hybrid(tiny_model_dir, item_file, lora=True)
     with torch.no_grad():
-        model.projector[2].bias.add_(0.3)  # a projector unlike the initial one in the file
+        for m in (model.projector, model.user_projector):  # projectors unlike the initial ones in the file
+            if m is not None:
+                m[2].bias.add_(0.3)
     model.eval()
     prompts, answers = _batch(tok, model.items)
     with torch.no_grad():
@@ -168,6 +246,8 @@ def test_export_then_load_gives_the_same_log_probs(tiny_model_dir, item_file, to
     loaded = load_for_inference(str(tiny_model_dir), str(out))
     assert isinstance(loaded, HybridItemLM)
     assert torch.equal(loaded.projector[2].bias, model.projector[2].bias)
+    if model.user_projector is not None:
+        assert torch.equal(loaded.user_projector[2].bias, model.user_projector[2].bias)
     with torch.no_grad():
         after, _ = answer_logps(loaded, prompts, answers, prefix_sharing=True, pad_id=tok.pad_token_id)
     torch.testing.assert_close(after, before, atol=1e-5, rtol=0)
@@ -185,10 +265,13 @@ def test_the_projector_gets_a_gradient_in_sft_and_in_alignment(tiny_model_dir, i
     task = SFTTask(SFTConfig())
     loss, _ = task.compute_loss(model, task.collate(sft_rows, tok.pad_token_id))
     loss.backward()
-    assert _grad_norm(model.projector) > 0
+    trained = [model.projector] + ([model.user_projector] if model.user_projector is not None else [])
+    assert all(_grad_norm(m) > 0 for m in trained)
+    assert not any(p.requires_grad for p in (model._user.encoder.parameters() if model._user else []))
     model.zero_grad()
-    for p in model.projector.parameters():
-        p.grad = None
+    for m in trained:
+        for p in m.parameters():
+            p.grad = None
 
     pairs = []
     for k, (r, s) in enumerate(zip(rows, sft_rows)):
@@ -202,7 +285,7 @@ def test_the_projector_gets_a_gradient_in_sft_and_in_alignment(tiny_model_dir, i
     align = AlignTask(AlignConfig(), ModelConfig(), tok.pad_token_id)
     loss, _ = align.compute_loss(model, align.collate(pairs, tok.pad_token_id))
     loss.backward()
-    assert _grad_norm(model.projector) > 0
+    assert all(_grad_norm(m) > 0 for m in trained)
 
 
 def test_an_item_file_of_another_model_is_refused(tiny_model_dir, tmp_path):
