@@ -1,8 +1,8 @@
 """`rosepo run` as a user sees it, and `rosepo recommend` on the run it made.
 
-One smoke run (configs/smoke.yaml, every stage, with hybrid item tokens) in a subprocess, as `make
+One smoke run (configs/smoke.yaml, every stage, with hybrid item tokens and the user token) in a subprocess, as `make
 run` starts it: its own Ray, its console captured whole (stdout and stderr, in order). The same run
-is the item-token pipeline test (the projector trains in SFT and alignment; one run serves both:
+is the item-token pipeline test (the projectors train in SFT and alignment; one run serves both:
 each smoke pipeline costs minutes). The recommend tests ask that run's models through
 `rosepo.cli.main`, in this process (no Ray needed).
 """
@@ -35,7 +35,7 @@ def smoke_run(tmp_path_factory) -> tuple[str, str, Path]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_") or k == "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"}
     env["PYTHONUNBUFFERED"] = "1"  # as `make run`: stdout and stderr interleave as written
     cmd = [sys.executable, "-m", "rosepo.cli", "run", "--config", "configs/smoke.yaml", f"storage={storage}",
-           f"data.data_dir={REPO / 'data'}", "model.item_embeddings=sasrec"]
+           f"data.data_dir={REPO / 'data'}", "model.item_embeddings=sasrec", "model.user_token=sasrec"]
     proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           timeout=1500)
     assert proc.returncode == 0, proc.stdout[-5000:]
@@ -87,9 +87,10 @@ def test_run_ends_with_its_summary_and_prints_no_training_reports(smoke_run):
 @pytest.mark.slow
 @pytest.mark.timeout(1600)
 def test_the_run_trains_the_item_projector_in_sft_and_alignment(smoke_run):
-    """Every stage with item tokens on MovieLens-100K: the model stage writes the item file, SFT
-    and alignment each export a projector unlike the one they started from (same item table),
-    the pairs' prompts hold item tokens, and the eval stage scores SFT and RosePO."""
+    """Every stage with item tokens and the user token on MovieLens-100K: the model stage writes
+    the item file, SFT and alignment each export item and user projectors unlike the ones they
+    started from (same item table, same oracle encoder), the pairs' prompts hold item tokens and
+    end with the user token of their history, and the eval stage scores SFT and RosePO."""
     import torch
     from safetensors.torch import load_file
 
@@ -102,11 +103,18 @@ def test_the_run_trains_the_item_projector_in_sft_and_alignment(smoke_run):
              (("model", stage["model"]), ("sft", stage["sft"] / "model"), ("align", stage["align"] / "adapter"))}
     for earlier, later in (("model", "sft"), ("sft", "align")):
         assert torch.equal(files[earlier]["table"], files[later]["table"])
-        moved = (files[later]["projector.2.weight"] - files[earlier]["projector.2.weight"]).abs().max()
-        assert moved > 1e-6, f"{later} did not train the projector"
-    offset = ItemTokens.read(find_items(stage["model"])).offset
-    prompt_ids = read_pairs(stage["pairs"], "train").column("prompt_ids").to_pylist()
-    assert all(sum(t >= offset for t in p) >= 10 for p in prompt_ids)  # ≥ 3 history + 20 candidates
+        for name in ("projector", "user_projector"):
+            moved = (files[later][f"{name}.2.weight"] - files[earlier][f"{name}.2.weight"]).abs().max()
+            assert moved > 1e-6, f"{later} did not train the {name}"
+        encoder = [k for k in files[earlier] if k.startswith("user_encoder.")]
+        assert encoder and all(torch.equal(files[earlier][k], files[later][k]) for k in encoder)
+    items = ItemTokens.read(find_items(stage["model"]))
+    offset = items.offset
+    pairs = read_pairs(stage["pairs"], "train")
+    prompt_ids = pairs.column("prompt_ids").to_pylist()
+    assert all(sum(offset <= t < items.user_base for t in p) >= 10 for p in prompt_ids)  # ≥ 3 history + 20 candidates
+    # the user token last, naming as many history titles as the prompt's item tokens before the candidates'
+    assert all(p[-1] - items.user_base == sum(offset <= t < items.user_base for t in p) - 20 for p in prompt_ids)
     for method in ("sft", "aligned"):
         metrics = json.loads((stage["eval"] / method / "metrics.json").read_text(encoding="utf-8"))
         assert 0 <= metrics["eval/rank/hr@1"] <= 1 and metrics["eval/n"] == 16, metrics
