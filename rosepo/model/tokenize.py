@@ -166,8 +166,9 @@ def check_sample_lengths(tokenizer, splits: dict, max_prompt_tokens: int, max_an
         prompts = table.column("prompt").to_pylist()
         extra = [bos + int(user)] * len(prompts)
         if items:
-            extra = [bos + int(user) + h + c for h, c in zip(pc.list_value_length(table.column("history_titles")).to_pylist(),
-                                                 pc.list_value_length(table.column("candidate_titles")).to_pylist())]
+            extra = [bos + int(user) + h + c
+                     for h, c in zip(pc.list_value_length(table.column("history_titles")).to_pylist(),
+                                     pc.list_value_length(table.column("candidate_titles")).to_pylist())]
         most = 0
         for start in range(0, len(prompts), batch_rows):
             lengths = [len(ids) + n for ids, n in zip(tokenizer(prompts[start:start + batch_rows],

@@ -112,7 +112,8 @@ def test_each_item_token_follows_its_title_and_the_text_ids_are_unchanged(tok, i
         assert [t for t in ids if t >= items.offset] == [t for _, t in pairs]
         if items.user_base is not None:  # the user token last, naming the history's length
             assert pairs[-1] == (None, ids[-1]) and ids[-1] == items.offset + len(items.item_ids) + 1 + 4
-        for title, item in (p for p in pairs if p[0] is not None):  # the text before each item token ends with its title
+        # the text before each item token ends with its title
+        for title, item in (p for p in pairs if p[0] is not None):
             at = ids.index(item) if ids.count(item) == 1 else None
             if at is not None:
                 text = tok.decode([t for t in ids[:at] if t < items.offset])
