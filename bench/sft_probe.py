@@ -30,11 +30,12 @@ def run(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-every", type=int, default=300)
     p.add_argument("--eval-samples", type=int, default=400)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--eval-start", action="store_true", help="evaluate the model before the first step too")
     p.add_argument("--out", default="", help="write the curve as JSON here")
     p.add_argument("overrides", nargs="*", help="key=value config overrides")
     a = p.parse_args(argv)
     cfg = load_config(a.config, a.overrides)
-    curve = probe(cfg, a.steps, a.eval_every, a.eval_samples, a.threads)
+    curve = probe(cfg, a.steps, a.eval_every, a.eval_samples, a.threads, a.eval_start)
     if a.out:
         from rosepo.storage import atomic_write_text
 
@@ -42,8 +43,9 @@ def run(argv: list[str] | None = None) -> int:
     return 0
 
 
-def probe(cfg, steps: int, eval_every: int, eval_samples: int, threads: int) -> list[dict]:
-    """Train the config's model for ``steps`` global batches; the evaluations, as dicts."""
+def probe(cfg, steps: int, eval_every: int, eval_samples: int, threads: int, eval_start: bool = False) -> list[dict]:
+    """Train the config's model for ``steps`` global batches; the evaluations (with
+    ``eval_start`` also one before the first step), as dicts."""
     import numpy as np
     import torch
 
@@ -76,6 +78,10 @@ def probe(cfg, steps: int, eval_every: int, eval_samples: int, threads: int) -> 
     queue: list[int] = []
     task = sft.SFTTask(cfg.sft)
     curve, t0 = [], time.perf_counter()
+    if eval_start:
+        curve.append({"step": 0, "samples": 0, **_evaluate(model.eval(), tok, valid, cfg)})
+        model.train()
+        print(json.dumps(curve[-1]), flush=True)
     for step in range(steps):
         while len(queue) < batch_size:
             queue += order.permutation(len(rows)).tolist()

@@ -172,6 +172,10 @@ class ModelConfig:
     #: collaborative user embedding; `rosepo.model.items`): the answer is predicted from the
     #: position that holds what the oracle knows about the user.
     user_token: Literal["none", "sasrec"] = "none"
+    #: The user token's projector at the start: ``random``, or ``sasrec`` (needs ``title_init:
+    #: sasrec``): the linear map into the space the title vectors were added in, so the answer
+    #: logits start out as the oracle's scores (`rosepo.model.items.align_user_projector`).
+    user_init: Literal["random", "sasrec"] = "random"
     #: Longest prompt in tokens; longer prompts are refused at tokenisation.
     max_prompt_tokens: Positive = 512
     #: Longest answer in tokens, EOS included.
@@ -429,6 +433,13 @@ class RunConfig:
         _check(m.user_token == "none" or m.item_embeddings == "sasrec", "model.user_token",
                "'sasrec' needs model.item_embeddings: sasrec (the user token reads the history's item tokens)",
                m.user_token)
+        _check(m.user_init == "random" or (m.user_token == "sasrec" and m.title_init == "sasrec"), "model.user_init",
+               "'sasrec' needs model.user_token: sasrec and model.title_init: sasrec (it aligns the one with the "
+               "other)", m.user_init)
+        _check(m.user_init == "random" or 2 * self.oracle.hidden_size <= m.hidden_size, "model.user_init",
+               f"'sasrec' maps the oracle's state (oracle.hidden_size {self.oracle.hidden_size}) through both signs "
+               f"of the projector's hidden units: needs oracle.hidden_size <= model.hidden_size / 2 "
+               f"({m.hidden_size // 2})", m.user_init)
         _check(m.item_embeddings == "none" or self.align.reference == "precomputed", "align.reference",
                "must be 'precomputed' with model.item_embeddings: sasrec (an online reference would score "
                "with the projector being trained)", self.align.reference)

@@ -50,7 +50,8 @@ def build_base_model(cfg: ModelConfig, data_dir: str, samples_dir: Path, oracle_
             check_lora_targets(cfg, model_linear_layers(built))
         if hybrid:
             rows, hidden = embedding_shape(built)
-            write_items(tmp / ITEM_EMBEDDINGS, item_vectors, rows, hidden, oracle=oracle if user else None)
+            write_items(tmp / ITEM_EMBEDDINGS, item_vectors, rows, hidden, oracle=oracle if user else None,
+                        user_init=cfg.user_init)
         longest = check_sample_lengths(load_tokenizer(built), {s: read_split(samples_dir, s) for s in SPLITS},
                                        cfg.max_prompt_tokens, cfg.max_answer_tokens, str(samples_dir), items=hybrid,
                                        user=user)

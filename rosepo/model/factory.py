@@ -14,7 +14,7 @@ from typing import Iterable
 from rosepo.config import ModelConfig
 from rosepo.errors import ConfigError
 from rosepo.layout import ITEM_EMBEDDINGS, find_items
-from rosepo.model.items import HybridItemLM, attach_items
+from rosepo.model.items import HybridItemLM, attach_items, title_projection
 from rosepo.storage import atomic_dir
 
 BOS, EOS, PAD, UNK = "<s>", "</s>", "<pad>", "<unk>"
@@ -88,15 +88,6 @@ def build_tiny_model(cfg: ModelConfig, texts: Iterable[str], out_dir: str | Path
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     return out_dir
-
-
-def title_projection(hidden_size: int, dim: int):
-    """The fixed map of ``dim``-dimensional item vectors into the hidden space: a (hidden, dim)
-    matrix with orthonormal columns, from a seeded Gaussian (QR), so distances are kept."""
-    import torch
-
-    gaussian = torch.randn(hidden_size, dim, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    return torch.linalg.qr(gaussian)[0].float()
 
 
 def add_title_vectors(model, tokenizer, title_vectors: dict, initializer_range: float) -> None:

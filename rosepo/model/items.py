@@ -93,6 +93,42 @@ def build_projector(item_dim: int, hidden_size: int):
                                torch.nn.Linear(hidden_size, hidden_size))
 
 
+def title_projection(hidden_size: int, dim: int):
+    """The fixed map of ``dim``-dimensional item vectors into the hidden space: a (hidden, dim)
+    matrix with orthonormal columns, from a seeded Gaussian (QR), so distances are kept."""
+    gaussian = torch.randn(hidden_size, dim, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    return torch.linalg.qr(gaussian)[0].float()
+
+
+def align_user_projector(projector, encoder, norm: float = 1.0) -> None:
+    """Set ``projector`` (`build_projector`'s shape, d -> H, 2d <= H) to the linear map
+    u -> a · `title_projection`(H, d) · u, in place: the user token then starts as the oracle's
+    user state in the very space where `rosepo.model.factory.add_title_vectors` put its item
+    vectors, so the tied answer logits h·e_t start out as SASRec's scores u·v_t (the residual
+    stream at the last position is the user token plus small layer outputs at initialisation).
+
+    Exact through the GELU: GELU(x) - GELU(-x) = x, so the first layer writes (u, -u) and the
+    second P·(GELU(u) - GELU(-u)); the hidden units past 2d keep their random input weights and
+    get zero output weights, so they add nothing at first and still learn. ``a`` gives the user
+    token a mean norm of about ``norm``, from the encoder's final layer norm (its output's
+    expected norm is |(gamma, beta)|)."""
+    first, second = projector[0], projector[2]
+    d, hidden = first.in_features, second.out_features
+    if 2 * d > first.out_features:
+        raise ConfigError(f"model.user_init: sasrec needs the oracle's width ({d}) at most half the model's hidden "
+                          f"size ({hidden})")
+    gamma, beta = encoder.norm.weight.detach(), encoder.norm.bias.detach()
+    a = norm / max(float(torch.cat([gamma, beta]).norm()), 1e-12)
+    proj = title_projection(hidden, d)
+    eye = torch.eye(d)
+    with torch.no_grad():  # the other hidden units keep their random input rows and start silent
+        first.weight[:2 * d] = torch.cat([eye, -eye])
+        first.bias[:2 * d] = 0.0
+        second.weight.zero_()
+        second.bias.zero_()
+        second.weight[:, :2 * d] = torch.cat([a * proj, -a * proj], dim=1)
+
+
 class UserState:
     """The user token's embedding: ``projector(encoder.encode(history rows)[:, -1])``.
 
@@ -103,9 +139,10 @@ class UserState:
         self.encoder, self.projector, self.config = encoder.eval().requires_grad_(False), projector, dict(config)
 
     @classmethod
-    def from_oracle(cls, oracle, items: list[str], hidden_size: int) -> "UserState":
+    def from_oracle(cls, oracle, items: list[str], hidden_size: int, aligned: bool = False) -> "UserState":
         """The oracle's SASRec with its item rows reordered to ``items`` (rows 1..N) and a new
-        projector into ``hidden_size`` (drawn from torch's current random state)."""
+        projector into ``hidden_size`` (drawn from torch's current random state, or with
+        ``aligned`` the linear map of `align_user_projector`)."""
         c = oracle.cfg
         config = {"hidden_size": c.hidden_size, "num_layers": c.num_layers, "num_heads": c.num_heads,
                   "max_len": c.max_len}
@@ -115,7 +152,10 @@ class UserState:
         state["item_emb.weight"] = torch.cat([torch.zeros(1, source.shape[1]),
                                               source[[oracle.vocab.index[i] for i in items]]])
         encoder.load_state_dict(state)
-        return cls(encoder, build_projector(c.hidden_size, hidden_size), config)
+        projector = build_projector(c.hidden_size, hidden_size)
+        if aligned:
+            align_user_projector(projector, encoder)
+        return cls(encoder, projector, config)
 
     def history_rows(self, input_ids, user_base: int, offset: int):
         """(positions of the user tokens as (rows, columns), the oracle's input (U, max_len)): for
@@ -147,11 +187,13 @@ def _encoder(config: dict, rows: int):
 
 
 def write_items(path: str | Path, item_vectors: dict[str, np.ndarray], offset: int, hidden_size: int,
-                seed: int = 0, oracle=None) -> Path:
+                seed: int = 0, oracle=None, user_init: str = "random") -> Path:
     """Write a new item-embeddings file: the items (sorted ids) and their vectors, scaled to a mean
     row norm of 1 (the projector's input scale does not depend on the oracle's training), and a
     projector initialised under ``torch.manual_seed(seed)``; with ``oracle`` (a
-    `rosepo.pairs.sasrec.Oracle`) the user token's encoder and projector too (`UserState`)."""
+    `rosepo.pairs.sasrec.Oracle`) the user token's encoder and projector too (`UserState`), the
+    projector random or, with ``user_init="sasrec"``, aligned with the title vectors
+    (`align_user_projector`)."""
     from safetensors.torch import save_file
 
     items = sorted(item_vectors)
@@ -162,7 +204,8 @@ def write_items(path: str | Path, item_vectors: dict[str, np.ndarray], offset: i
     table = torch.cat([torch.zeros(1, vectors.shape[1]), vectors])
     torch.manual_seed(seed)
     projector = build_projector(table.shape[1], hidden_size)
-    user = UserState.from_oracle(oracle, items, hidden_size) if oracle is not None else None
+    user = (UserState.from_oracle(oracle, items, hidden_size, aligned=user_init == "sasrec")
+            if oracle is not None else None)
     save_file(_tensors(table, projector, user), str(path), metadata=_meta(items, offset, user))
     return Path(path)
 

@@ -19,7 +19,7 @@ from rosepo.layout import ITEM_EMBEDDINGS, find_items  # noqa: E402
 from rosepo.model.factory import (apply_lora, export_model, load_for_inference, load_model,  # noqa: E402
                                   load_tokenizer)
 from rosepo.model.generate import greedy_ids  # noqa: E402
-from rosepo.model.items import HybridItemLM, ItemTokens, attach_items, write_items  # noqa: E402
+from rosepo.model.items import HybridItemLM, ItemTokens, attach_items, title_projection, write_items  # noqa: E402
 from rosepo.model.logprobs import answer_logps  # noqa: E402
 from rosepo.model.tokenize import (encode_answer, encode_prompt, encode_sample_prompt, encode_sft,  # noqa: E402
                                    history_title_positions)
@@ -182,6 +182,49 @@ def test_the_user_token_receives_the_projected_oracle_state_of_its_history(tiny_
     assert (expected[0] - expected[1]).abs().max() > 1e-3  # histories differ, so do their states
     assert all(items.prompt_items(r)[-1] == (None, items.user_base + len(r["history_item_ids"])) for r in rows)
     assert any("7" in r["history_item_ids"][-3:] for r in rows)  # the padding case is exercised
+
+
+def test_an_aligned_user_projector_maps_the_oracle_state_by_the_title_projection(tiny_model_dir, tok, oracle,
+                                                                                 tmp_path):
+    """``model.user_init: sasrec``: the user token's embedding is a · P · u, P the orthonormal
+    `title_projection` the title vectors were added through, u the oracle's state (computed here
+    through the oracle's own vocabulary), a = 1 / |(gamma, beta)| of its final layer norm; so its
+    dot product with a title vector s · P · v is a · s · u·v, the oracle's score, up to scale."""
+    lm = load_model(str(tiny_model_dir), dtype=torch.float32)
+    rows, hidden = lm.get_input_embeddings().weight.shape
+    path = write_items(tmp_path / ITEM_EMBEDDINGS, oracle.item_vectors(), rows, hidden, oracle=oracle,
+                       user_init="sasrec")
+    model = attach_items(lm, path, trainable=True)
+    rows_ = [_sample(i) for i in (1, 3, 4)]
+    prompts = [encode_prompt(tok, r["prompt"], 512, model.items.prompt_items(r)) for r in rows_]
+    width = max(map(len, prompts))
+    ids = torch.tensor([[tok.pad_token_id] * (width - len(p)) + p for p in prompts])
+    with torch.no_grad():
+        got = model.embed(ids)[:, -1]
+        seqs = torch.tensor([[0] * (3 - len(h[-3:])) + [oracle.vocab.index.get(i, 0) for i in h[-3:]]
+                             for h in (r["history_item_ids"] for r in rows_)])
+        u = oracle.model.encode(seqs)[:, -1]
+        norm = oracle.model.norm
+        a = 1.0 / torch.cat([norm.weight, norm.bias]).norm()
+        proj = title_projection(hidden, ITEM_DIM)
+        torch.testing.assert_close(got, a * u @ proj.T, atol=1e-5, rtol=0)
+        v = torch.from_numpy(np.stack(list(oracle.item_vectors().values())))
+        torch.testing.assert_close(got @ (proj @ v.T), a * u @ v.T, atol=1e-5, rtol=0)
+    assert got.norm(dim=1).min() > 0.1
+    model.embed(ids)[:, -1].pow(2).sum().backward()
+    first, second = model.user_projector[0], model.user_projector[2]
+    assert float(first.weight.grad[:2 * ITEM_DIM].abs().sum()) > 0  # it still trains from there,
+    assert float(second.weight.grad[:, 2 * ITEM_DIM:].abs().sum()) > 0  # the silent units too
+    with pytest.raises(ConfigError, match="oracle's width"):
+        write_items(tmp_path / "narrow.safetensors", oracle.item_vectors(), rows, 2 * ITEM_DIM - 1, oracle=oracle,
+                    user_init="sasrec")
+    from rosepo.config import load_config
+
+    with pytest.raises(ConfigError, match="model.user_init"):
+        load_config("configs/smoke.yaml", ["model.user_init=sasrec", "model.title_init=random"])
+    with pytest.raises(ConfigError, match="oracle.hidden_size <= model.hidden_size / 2"):
+        load_config("configs/ml100k-tiny.yaml", ["oracle.hidden_size=65"])
+    assert load_config("configs/ml100k-tiny.yaml", ["oracle.hidden_size=64"]).model.user_init == "sasrec"
 
 
 def test_user_token_needs_item_tokens_and_is_counted_in_the_prompt_limit(tok, user_file):
