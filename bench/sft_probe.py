@@ -77,11 +77,12 @@ def probe(cfg, steps: int, eval_every: int, eval_samples: int, threads: int, eva
     order = np.random.default_rng(cfg.sft.seed)
     queue: list[int] = []
     task = sft.SFTTask(cfg.sft)
-    curve, t0 = [], time.perf_counter()
+    curve = []
     if eval_start:
         curve.append({"step": 0, "samples": 0, **_evaluate(model.eval(), tok, valid, cfg)})
         model.train()
         print(json.dumps(curve[-1]), flush=True)
+    t0 = time.perf_counter()
     for step in range(steps):
         while len(queue) < batch_size:
             queue += order.permutation(len(rows)).tolist()

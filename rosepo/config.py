@@ -172,9 +172,10 @@ class ModelConfig:
     #: collaborative user embedding; `rosepo.model.items`): the answer is predicted from the
     #: position that holds what the oracle knows about the user.
     user_token: Literal["none", "sasrec"] = "none"
-    #: The user token's projector at the start: ``random``, or ``sasrec`` (needs ``title_init:
-    #: sasrec``): the linear map into the space the title vectors were added in, so the answer
-    #: logits start out as the oracle's scores (`rosepo.model.items.align_user_projector`).
+    #: The user token's projector at the start: ``random``, or ``sasrec`` (needs ``user_token:
+    #: sasrec``, ``title_init: sasrec`` and ``oracle.hidden_size`` <= ``hidden_size`` / 2): the
+    #: linear map into the space the title vectors were added in, so the answer logits start out
+    #: as the oracle's scores (`rosepo.model.items.align_user_projector`).
     user_init: Literal["random", "sasrec"] = "random"
     #: Longest prompt in tokens; longer prompts are refused at tokenisation.
     max_prompt_tokens: Positive = 512

@@ -221,7 +221,9 @@ def test_an_aligned_user_projector_maps_the_oracle_state_by_the_title_projection
     from rosepo.config import load_config
 
     with pytest.raises(ConfigError, match="model.user_init"):
-        load_config("configs/smoke.yaml", ["model.user_init=sasrec", "model.title_init=random"])
+        load_config("configs/ml100k-tiny.yaml", ["model.title_init=random"])
+    with pytest.raises(ConfigError, match="model.user_init"):
+        load_config("configs/ml100k-tiny.yaml", ["model.user_token=none"])
     with pytest.raises(ConfigError, match="oracle.hidden_size <= model.hidden_size / 2"):
         load_config("configs/ml100k-tiny.yaml", ["oracle.hidden_size=65"])
     assert load_config("configs/ml100k-tiny.yaml", ["oracle.hidden_size=64"]).model.user_init == "sasrec"
