@@ -162,6 +162,11 @@ class ModelConfig:
     #: item vectors added to the title tokens' embeddings (a hybrid item token; the oracle then
     #: trains before the model is built).
     title_init: Literal["random", "sasrec"] = "random"
+    #: With ``title_init: sasrec``: the title rows' random part is drawn orthogonal to the
+    #: subspace the oracle's vectors are mapped into, so the answer logits of a hidden state in
+    #: that subspace (the aligned user token, ``user_init: sasrec``) are the oracle's scores alone
+    #: (`rosepo.model.factory.add_title_vectors`).
+    title_orthogonal: bool = False
     #: ``sasrec``: LLaRA's hybrid item representation: every history and candidate title in the
     #: prompt is followed by one item token whose input embedding is ``projector(v)``, v the
     #: oracle's vector of that item and the projector a 2-layer MLP trained in SFT and alignment
@@ -431,6 +436,9 @@ class RunConfig:
                    f"({m.max_prompt_tokens + m.max_answer_tokens})", m.max_position_embeddings)
         _check(m.title_init == "random" or (m.name_or_path == "tiny" and m.title_tokens), "model.title_init",
                "'sasrec' needs the built-in tiny model with model.title_tokens: true", m.title_init)
+        _check(not m.title_orthogonal or m.title_init == "sasrec", "model.title_orthogonal",
+               "needs model.title_init: sasrec (it splits the title rows around the oracle's vectors)",
+               m.title_orthogonal)
         _check(m.user_token == "none" or m.item_embeddings == "sasrec", "model.user_token",
                "'sasrec' needs model.item_embeddings: sasrec (the user token reads the history's item tokens)",
                m.user_token)

@@ -58,8 +58,18 @@ def find_items(folder: str | Path | None) -> str | None:
 
 
 def aligned_adapter(align_dir: str | Path) -> Path:
-    """The adapter an ``align`` stage folder holds."""
+    """The folder an ``align`` stage folder keeps its trained weights in: a LoRA adapter, or
+    after ``align.finetune: full`` the whole aligned model."""
     return Path(align_dir) / ADAPTER_DIR
+
+
+def aligned_model_and_adapter(align_dir: str | Path, base: str) -> tuple[str, str | None]:
+    """(model, adapter) of the aligned model: ``base`` with the alignment's LoRA adapter, or,
+    after full fine-tuning, the aligned model itself and no adapter."""
+    folder = aligned_adapter(align_dir)
+    if (folder / ADAPTER_CONFIG).is_file():
+        return base, str(folder)
+    return str(folder), None
 
 
 def pairs_file(pairs_dir: str | Path, split: str) -> Path:

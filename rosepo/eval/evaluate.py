@@ -33,7 +33,7 @@ from rosepo.data.prompts import stable_int
 from rosepo.data.samples import SPLITS, read_split
 from rosepo.errors import ConfigError, DataError
 from rosepo.eval.metrics import generation_metrics, parse_answer, popularity_metrics, ranking_metrics
-from rosepo.layout import ANSWERS_FILE, METRICS_FILE, TABLE_FILE, aligned_adapter
+from rosepo.layout import ANSWERS_FILE, METRICS_FILE, TABLE_FILE, aligned_model_and_adapter
 from rosepo.model.factory import load_for_inference, load_tokenizer
 from rosepo.model.generate import constrained_answers, greedy_answers
 from rosepo.model.logprobs import answer_logps
@@ -315,7 +315,8 @@ def evaluate_run(run_cfg: Any, samples_dir: Path, oracle_dir: Path, base: str, s
     with atomic_dir(Path(out_dir), overwrite=True) as tmp:
         results = evaluate_baselines(run_cfg, samples_dir, oracle_dir, base, sft_adapter, tmp)
         aligned = f"aligned ({run_cfg.align.loss})"
-        results[aligned] = evaluate_model(run_cfg, samples_dir, base, aligned_adapter(align_dir), tmp / "aligned")
+        results[aligned] = evaluate_model(run_cfg, samples_dir, *aligned_model_and_adapter(align_dir, base),
+                                          tmp / "aligned")
         table = markdown_table(results)
         (tmp / TABLE_FILE).write_text(table, encoding="utf-8")
         plain = {m: nan_to_none(r) for m, r in results.items()}

@@ -48,7 +48,7 @@ from rosepo.experiments.methods import (
     selected_methods,
 )
 from rosepo.experiments.report import write_summary
-from rosepo.layout import aligned_adapter, base_model_path, sft_model_and_adapter
+from rosepo.layout import aligned_model_and_adapter, base_model_path, sft_model_and_adapter
 from rosepo.pipeline import run_folder, run_pipeline, run_stage, stage_key
 from rosepo.storage import atomic_dir, is_complete, read_manifest, write_manifest
 
@@ -99,7 +99,7 @@ def run_cell(cell_cfg: RunConfig, method: str, seed: int, upstream: dict, out: P
     t1 = time.perf_counter()
     base, _ = sft_model_and_adapter(upstream["sft"], base_model_path(upstream["model"]))
     with atomic_dir(out, overwrite=True) as tmp:
-        metrics = evaluate_model(cell_cfg, upstream["samples"], base, aligned_adapter(align), tmp / "eval")
+        metrics = evaluate_model(cell_cfg, upstream["samples"], *aligned_model_and_adapter(align, base), tmp / "eval")
         am = read_manifest(align)
         manifest = {"method": method, "seed": seed, "align": str(align), "pairs": am["pairs"], "eps": am["eps"],
                     "align_steps": cell_cfg.align.max_steps, "align_seconds": round(t1 - t0, 1),

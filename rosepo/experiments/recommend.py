@@ -26,7 +26,7 @@ from rosepo.data.prompts import choose_template, render_prompt
 from rosepo.data.samples import draw_candidates, load_source
 from rosepo.errors import ConfigError, DataError
 from rosepo.eval.evaluate import EvalScorer
-from rosepo.layout import aligned_adapter, base_model_path, sft_model_and_adapter
+from rosepo.layout import aligned_model_and_adapter, base_model_path, sft_model_and_adapter
 from rosepo.pipeline import RUN_CONFIG, stage_key
 from rosepo.storage import is_complete
 
@@ -59,7 +59,7 @@ class Recommender:
                               f"({folders[needed[0]]}): run `rosepo run` with its config first")
         base, adapter = sft_model_and_adapter(folders["sft"], base_model_path(folders["model"]))
         if stage == "align":
-            adapter = str(aligned_adapter(folders["align"]))
+            base, adapter = aligned_model_and_adapter(folders["align"], base)
         self.scorer = EvalScorer(cfg, base, adapter)
         _, catalog, _ = load_source(cfg.data)
         self.titles: dict[str, str] = dict(zip(catalog.column("item_id").to_pylist(),

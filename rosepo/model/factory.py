@@ -82,7 +82,7 @@ def build_tiny_model(cfg: ModelConfig, texts: Iterable[str], out_dir: str | Path
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)
     if title_vectors:
-        add_title_vectors(model, tokenizer, title_vectors, config.initializer_range)
+        add_title_vectors(model, tokenizer, title_vectors, config.initializer_range, orthogonal=cfg.title_orthogonal)
     out_dir = Path(out_dir)
     with atomic_dir(out_dir, overwrite=True) as tmp:
         model.save_pretrained(tmp)
@@ -90,14 +90,17 @@ def build_tiny_model(cfg: ModelConfig, texts: Iterable[str], out_dir: str | Path
     return out_dir
 
 
-def add_title_vectors(model, tokenizer, title_vectors: dict, initializer_range: float) -> None:
+def add_title_vectors(model, tokenizer, title_vectors: dict, initializer_range: float,
+                      orthogonal: bool = False) -> None:
     """Add each title token's collaborative vector to its (tied) embedding row, in place.
 
     The hybrid item token: the random row keeps the tokens distinguishable (the model copies a
     candidate by its identity), the added part carries what the sequential recommender learned,
     so similar items start close and the answer logits h·e start out as SASRec's scores h·v.
     Vectors are scaled to a mean norm equal to a random row's expected norm,
-    ``initializer_range · sqrt(hidden)``, then mapped by `title_projection`.
+    ``initializer_range · sqrt(hidden)``, then mapped by `title_projection` P. With
+    ``orthogonal`` the random rows first lose their component in P's column space, so for a
+    hidden state h = P·u (the aligned user token) h·e_t is the oracle's part alone.
     """
     import numpy as np
     import torch
@@ -111,8 +114,12 @@ def add_title_vectors(model, tokenizer, title_vectors: dict, initializer_range: 
     vectors = torch.from_numpy(np.stack([np.asarray(title_vectors[t], dtype=np.float32) for t in titles]))
     emb = model.get_input_embeddings().weight
     scale = initializer_range * emb.shape[1] ** 0.5 / vectors.norm(dim=1).mean().clamp(min=1e-12)
+    proj = title_projection(emb.shape[1], vectors.shape[1])
+    rows = torch.tensor(ids)
     with torch.no_grad():
-        emb[torch.tensor(ids)] += scale * vectors @ title_projection(emb.shape[1], vectors.shape[1]).T
+        if orthogonal:
+            emb[rows] -= (emb[rows] @ proj) @ proj.T
+        emb[rows] += scale * vectors @ proj.T
 
 
 def resolve_dtype(name: str, use_gpu: bool):

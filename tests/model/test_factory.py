@@ -12,7 +12,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 torch = pytest.importorskip("torch")
 
-from rosepo.config import ModelConfig  # noqa: E402
+from rosepo.config import ModelConfig, load_config  # noqa: E402
 from rosepo.errors import ConfigError, DataError  # noqa: E402
 from rosepo.model import factory  # noqa: E402
 from rosepo.model.tokenize import encode_answer, encode_prompt, encode_sft  # noqa: E402
@@ -251,6 +251,43 @@ def test_title_vectors_are_added_to_the_title_rows_only(tmp_path):
     others = [i for i in range(len(tok)) if i not in ids]
     assert torch.equal(e0[others], e1[others])
     assert hybrid.lm_head.weight.data_ptr() == hybrid.model.embed_tokens.weight.data_ptr()
+
+
+def test_orthogonal_title_rows_score_a_state_in_the_oracle_space_by_the_oracle_part_alone(tmp_path):
+    """model.title_orthogonal: the title row is its random row minus that row's component in P's
+    column space, plus s·P·v; so for h = P·u, h·e_t = s·u·v_t exactly, the random part is kept
+    outside P's space, and every other row is untouched."""
+    import dataclasses
+
+    import numpy as np
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    titles = ["Heat", "Star Wars", "Toy Story"]
+    rng = np.random.default_rng(1)
+    vectors = {t: rng.normal(size=8).astype(np.float32) for t in titles}
+    cfg = dataclasses.replace(SMALL, title_tokens=True, title_init="sasrec", title_orthogonal=True)
+    plain = AutoModelForCausalLM.from_pretrained(factory.build_tiny_model(cfg, TITLES, tmp_path / "a", titles))
+    split_dir = factory.build_tiny_model(cfg, TITLES, tmp_path / "b", titles, title_vectors=vectors)
+    split = AutoModelForCausalLM.from_pretrained(split_dir)
+    tok = AutoTokenizer.from_pretrained(split_dir)
+    e0, e1 = plain.get_input_embeddings().weight.detach(), split.get_input_embeddings().weight.detach()
+    proj = factory.title_projection(32, 8)
+    stacked = torch.from_numpy(np.stack([vectors[t] for t in titles]))
+    scale = 0.02 * 32 ** 0.5 / stacked.norm(dim=1).mean()
+    u = torch.from_numpy(rng.normal(size=8).astype(np.float32))
+    ids = tok.convert_tokens_to_ids(titles)
+    for t, i in zip(titles, ids):
+        v = torch.from_numpy(vectors[t])
+        assert torch.allclose(e1[i] @ (proj @ u), scale * (u @ v), atol=1e-5), t
+        rest = e1[i] - scale * proj @ v
+        assert torch.allclose(proj.T @ rest, torch.zeros(8), atol=1e-6), t  # the random part is outside P
+        want = e0[i] - proj @ (proj.T @ e0[i])
+        assert torch.allclose(rest, want, atol=1e-6), t
+        assert rest.norm() > 0.5 * e0[i].norm(), t  # 24 of 32 random dimensions are kept
+    others = [i for i in range(len(tok)) if i not in ids]
+    assert torch.equal(e0[others], e1[others])
+    with pytest.raises(ConfigError, match="title_orthogonal"):
+        load_config(None, ["model.title_orthogonal=true"])
 
 
 def test_title_vectors_for_non_tokens_are_refused(tmp_path):
