@@ -43,10 +43,7 @@ def base_model_path(model_dir: str | Path) -> str:
 def sft_model_and_adapter(sft_dir: str | Path, base: str) -> tuple[str, str | None]:
     """(model, adapter) the SFT stage produced: ``base`` and the SFT LoRA adapter, or, after full
     fine-tuning, the SFT model itself and no adapter."""
-    model = Path(sft_dir) / SFT_MODEL_DIR
-    if (model / ADAPTER_CONFIG).is_file():
-        return base, str(model)
-    return str(model), None
+    return _model_and_adapter(Path(sft_dir) / SFT_MODEL_DIR, base)
 
 
 def find_items(folder: str | Path | None) -> str | None:
@@ -66,7 +63,11 @@ def aligned_adapter(align_dir: str | Path) -> Path:
 def aligned_model_and_adapter(align_dir: str | Path, base: str) -> tuple[str, str | None]:
     """(model, adapter) of the aligned model: ``base`` with the alignment's LoRA adapter, or,
     after full fine-tuning, the aligned model itself and no adapter."""
-    folder = aligned_adapter(align_dir)
+    return _model_and_adapter(aligned_adapter(align_dir), base)
+
+
+def _model_and_adapter(folder: Path, base: str) -> tuple[str, str | None]:
+    """(``base``, ``folder``) when ``folder`` is a LoRA adapter, else (``folder``, None)."""
     if (folder / ADAPTER_CONFIG).is_file():
         return base, str(folder)
     return str(folder), None
