@@ -26,8 +26,8 @@ import argparse
 import dataclasses
 import time
 
-from bench.common import (alternate, attended_keys, bench_config, llama_forward_flops, machine, markdown,
-                          matmul_peak, ml100k_samples, paired_ratio, quiet_hf, spread, tiny_model)
+from bench.common import (CONFIG, REPO, alternate, attended_keys, bench_config, llama_forward_flops, machine,
+                          markdown, matmul_peak, ml100k_samples, paired_ratio, quiet_hf, spread, tiny_model)
 
 
 def text_pairs(samples: list[dict], n: int) -> list[dict]:
@@ -126,21 +126,32 @@ def step_flops(config, rows: list[dict], lora_r: int, lora_modules, *, shared: b
     return 3 * fwd + (fwd if reference_forward else 0)
 
 
-def setup(users: int, n_pairs: int, batch: int):
-    """Config, tokenizer, model folder and pair rows (reference log-probs added) shared by the
-    alignment benchmarks; returns a dict, ``ref_s`` the seconds of the reference pass."""
-    from rosepo.model.factory import load_tokenizer
+#: The models the alignment benchmarks run on: the default's tiny Llama, or a named pretrained model
+#: with the config that uses it (text-only prompts: TRL has no item tokens).
+MODELS = {"tiny": (CONFIG, ()),
+          "gemma-3-270m": (REPO / "configs" / "ml100k-gemma3-270m.yaml", ("model.item_embeddings=none",))}
 
-    run_cfg = bench_config()
+
+def setup(users: int, n_pairs: int, batch: int, model: str = "tiny"):
+    """Config, tokenizer, model folder and pair rows (reference log-probs added) shared by the
+    alignment benchmarks; returns a dict, ``ref_s`` the seconds of the reference pass.
+
+    ``model`` names one of `MODELS`: the tiny Llama is built here (random weights); a pretrained
+    model is fetched into the checkout's data folder on first use, as ``rosepo model fetch`` does."""
+    from rosepo.model.factory import load_tokenizer
+    from rosepo.model.fetch import fetch_model
+
+    config, overrides = MODELS[model]
+    run_cfg = bench_config(overrides, config)
     model_cfg = run_cfg.align.model_config(run_cfg.model)
     samples, titles = ml100k_samples(run_cfg.data, users)
-    path = tiny_model(run_cfg.model, samples, titles)
+    path = tiny_model(run_cfg.model, samples, titles) if model == "tiny" else fetch_model(model, run_cfg.data.data_dir)
     tok = load_tokenizer(path)
     pairs = text_pairs(samples, n_pairs)
     rows = pair_rows(tok, model_cfg, pairs)
     ref_s = add_reference(policy(path, model_cfg), rows, batch, tok.pad_token_id)
     return {"run_cfg": run_cfg, "model_cfg": model_cfg, "align_cfg": run_cfg.align, "path": path, "tok": tok,
-            "pairs": pairs, "rows": rows, "ref_s": ref_s}
+            "pairs": pairs, "rows": rows, "ref_s": ref_s, "model": model}
 
 
 def describe(model, s: dict, batch: int, batches: int) -> str:
@@ -151,7 +162,9 @@ def describe(model, s: dict, batch: int, batches: int) -> str:
     p_len = [len(r["prompt_ids"]) for r in rows]
     a_len = [len(a) for r in rows for a in (r["chosen_ids"], *r["rejected_ids"])]
     n_base = sum(q.numel() for q in model.get_base_model().parameters())
-    return (f"model: tiny Llama {n_base / 1e6:.2f} M parameters (vocab {model.config.vocab_size}, title tokens), "
+    what = "tiny Llama" if s["model"] == "tiny" else f"{s['model']} ({type(model.get_base_model()).__name__})"
+    return (f"model: {what} {n_base / 1e6:.2f} M parameters (vocab {model.config.vocab_size}"
+            f"{', title tokens' if mcfg.title_tokens else ''}), "
             f"LoRA r={mcfg.lora_r} on {len(mcfg.lora_target_modules)} modules, fp32; loss {s['align_cfg'].loss}; "
             f"{batch} pairs/step, {batches} batches cycled; prompt {min(p_len)}–{max(p_len)} tokens, answers "
             f"{min(a_len)}–{max(a_len)}; torch {torch.__version__}")

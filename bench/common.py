@@ -18,12 +18,14 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "ml100k-tiny.yaml"
 #: Cached inputs of the benchmarks (``ROSEPO_BENCH_DIR`` overrides; ``make clean`` removes runs/).
 WORK = Path(os.environ.get("ROSEPO_BENCH_DIR", REPO / "runs" / "bench"))
-#: Linear layers of one Llama decoder layer: name -> (in features, out features) as functions of
-#: (hidden, intermediate, key/value width).
+#: Linear layers of one Llama-style decoder layer: name -> (in features, out features) as functions
+#: of (hidden, intermediate, query width, key/value width). The query width is heads × head_dim:
+#: the hidden size in Llama, 4 × 256 = 1,024 against a hidden size of 640 in Gemma-3-270M.
 _LINEARS = {
-    "q_proj": lambda d, f, kv: (d, d), "k_proj": lambda d, f, kv: (d, kv), "v_proj": lambda d, f, kv: (d, kv),
-    "o_proj": lambda d, f, kv: (d, d), "gate_proj": lambda d, f, kv: (d, f), "up_proj": lambda d, f, kv: (d, f),
-    "down_proj": lambda d, f, kv: (f, d),
+    "q_proj": lambda d, f, q, kv: (d, q), "k_proj": lambda d, f, q, kv: (d, kv),
+    "v_proj": lambda d, f, q, kv: (d, kv), "o_proj": lambda d, f, q, kv: (q, d),
+    "gate_proj": lambda d, f, q, kv: (d, f), "up_proj": lambda d, f, q, kv: (d, f),
+    "down_proj": lambda d, f, q, kv: (f, d),
 }
 
 
@@ -123,17 +125,19 @@ def llama_forward_flops(config, tokens: int, attended: int, logit_rows: int, lor
     """``(parameters per token, forward FLOPs)`` of a Llama-style decoder.
 
     ``config`` has ``hidden_size``, ``intermediate_size``, ``num_hidden_layers``,
-    ``num_attention_heads``, ``num_key_value_heads`` and ``vocab_size`` (a transformers config or
-    any object with those). Counted: every decoder linear layer (2 FLOPs per weight per token),
-    LoRA's two factors on ``lora_modules``, attention scores and values (4·hidden FLOPs per
-    attended query-key pair per layer), and the LM head on ``logit_rows`` positions only
-    (the positions whose log-probs are read). Not counted: norms, rotary, softmax, embedding look-up.
+    ``num_attention_heads``, ``num_key_value_heads``, ``vocab_size`` and optionally ``head_dim``
+    (hidden / heads when absent or None; a transformers config or any object with those). Counted:
+    every decoder linear layer (2 FLOPs per weight per token), LoRA's two factors on
+    ``lora_modules``, attention scores and values (4·heads·head_dim FLOPs per attended query-key
+    pair per layer), and the LM head on ``logit_rows`` positions only (the positions whose
+    log-probs are read). Not counted: norms, rotary, softmax, embedding look-up.
     """
     d, f, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
-    kv = d * config.num_key_value_heads // config.num_attention_heads
-    dense = layers * sum(i * o for i, o in (shape(d, f, kv) for shape in _LINEARS.values()))
-    lora = layers * lora_r * sum(sum(_LINEARS[m](d, f, kv)) for m in lora_modules)
-    flops = 2 * (dense + lora) * tokens + 4 * d * layers * attended + 2 * d * config.vocab_size * logit_rows
+    head = getattr(config, "head_dim", None) or d // config.num_attention_heads
+    q, kv = head * config.num_attention_heads, head * config.num_key_value_heads
+    dense = layers * sum(i * o for i, o in (shape(d, f, q, kv) for shape in _LINEARS.values()))
+    lora = layers * lora_r * sum(sum(_LINEARS[m](d, f, q, kv)) for m in lora_modules)
+    flops = 2 * (dense + lora) * tokens + 4 * q * layers * attended + 2 * d * config.vocab_size * logit_rows
     return dense + lora, flops
 
 
@@ -141,11 +145,11 @@ def llama_forward_flops(config, tokens: int, attended: int, logit_rows: int, lor
 # Data and model
 # ---------------------------------------------------------------------------------------------
 
-def bench_config(overrides: Sequence[str] = ()):
-    """The shipped default `RunConfig` (`CONFIG`) with ``overrides``, data read from the checkout."""
+def bench_config(overrides: Sequence[str] = (), config: str | Path = CONFIG):
+    """A shipped `RunConfig` (the default, `CONFIG`) with ``overrides``, data read from the checkout."""
     from rosepo.config import load_config
 
-    return load_config(CONFIG, [f"data.data_dir={REPO / 'data'}", *overrides])
+    return load_config(config, [f"data.data_dir={REPO / 'data'}", *overrides])
 
 
 def ml100k_samples(data_cfg, users: int) -> tuple[list[dict], list[str]]:

@@ -159,7 +159,9 @@ def _runtime_env(env_vars: dict[str, str]) -> dict:
 def _quiet_ray_data() -> None:
     """Ray Data's console lines from WARNING up: its INFO lines are each dataset's execution plan,
     a line when it finishes and, when stdout is no terminal, a progress block every few seconds;
-    and not its warning that progress bars are off (rosepo turns off the Train workers' own). Its
+    and not its warning that progress bars are off (rosepo turns off the Train workers' own), nor
+    its issue detectors' reports, repeated every 30 s for as long as a dataset runs (an actor that
+    holds a 7 GiB pretrained LLM's activations is "high memory" for as long as it evaluates). Its
     log file (the session's ``ray-data.log``) keeps everything. Ray Data sets its handlers when
     imported."""
     import ray.data  # noqa: F401  (configures the "ray.data" logger)
@@ -167,7 +169,14 @@ def _quiet_ray_data() -> None:
     for handler in logging.getLogger("ray.data").handlers:
         if isinstance(handler, logging.StreamHandler):
             handler.setLevel(logging.WARNING)
+            if _not_issue_report not in handler.filters:
+                handler.addFilter(_not_issue_report)
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
+
+
+def _not_issue_report(record: logging.LogRecord) -> bool:
+    """False for a record of Ray Data's issue detectors (`_quiet_ray_data`)."""
+    return not record.name.startswith("ray.data._internal.issue_detection")
 
 
 def is_verbose() -> bool:

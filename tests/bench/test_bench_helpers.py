@@ -57,18 +57,24 @@ def test_llama_flops_by_hand():
     assert llama_forward_flops(cfg, 5, 7, 2, lora_r=1, lora_modules=("q_proj", "down_proj")) == (164, 1912)
 
 
-def test_llama_flops_match_torch_flop_counter():
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_llama_flops_match_torch_flop_counter(family):
     """Against torch's own count of a real forward (eager attention, whose matmuls the counter
     sees; every logit kept, attention over the full square as it computes it); the rotary
-    embedding's tiny matmul is the only difference."""
+    embedding's tiny matmul is the only difference. Gemma-3's heads are wider than hidden / heads
+    (here 4 × 16 against hidden 32), which the query width of the count has to follow."""
     torch = pytest.importorskip("torch")
     from torch.utils.flop_counter import FlopCounterMode
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    sizes = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    if family == "llama":
+        cfg, cls = LlamaConfig(**sizes), LlamaForCausalLM
+    else:
+        cfg, cls = Gemma3TextConfig(**sizes, head_dim=16, sliding_window=64), Gemma3ForCausalLM
     cfg._attn_implementation = "eager"
-    model = LlamaForCausalLM(cfg).eval()
+    model = cls(cfg).eval()
     t = 12
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         model(input_ids=torch.arange(t)[None] + 4, use_cache=False)
