@@ -11,6 +11,15 @@ evaluates ``--eval-samples`` valid samples as `rosepo eval` does: greedy answers
 log-likelihood (rank HR@1). One JSON line per evaluation; ``--out`` keeps the whole curve.
 
     python -m bench.sft_probe --config configs/ml100k-tiny.yaml --steps 3000 sft.candidate_weight=1.0
+
+Prototypes that hand the oracle's scores to the answer position (BENCHMARKS.md, "The oracle's
+scores carried to the answer logits"; off by default, not part of the package):
+``--skip-gain G`` adds G (a trained scalar) times the user token's input embedding to the final
+norm's output at the user position (`add_user_skip`); ``--detach-skip`` stops the gradient through
+that vector; ``--freeze-oracle-subspace`` removes the non-title rows' component in the oracle's
+subspace P and freezes every row's (`freeze_oracle_subspace`); ``--zero-residual`` starts every
+``o_proj`` and ``down_proj`` at 0; ``--early-oracle W,N`` trains the first N steps with
+``sft.oracle_weight`` W.
 """
 
 from __future__ import annotations
@@ -32,10 +41,21 @@ def run(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--eval-start", action="store_true", help="evaluate the model before the first step too")
     p.add_argument("--out", default="", help="write the curve as JSON here")
+    p.add_argument("--skip-gain", type=float, default=0.0, help="prototype: user-token skip past the layers, this gain")
+    p.add_argument("--detach-skip", action="store_true", help="prototype: no gradient through the skip's vector")
+    p.add_argument("--freeze-oracle-subspace", action="store_true",
+                   help="prototype: freeze the embedding rows' component in the oracle's subspace")
+    p.add_argument("--zero-residual", action="store_true", help="prototype: o_proj and down_proj start at 0")
+    p.add_argument("--early-oracle", default="", help="prototype: W,N: sft.oracle_weight W for the first N steps")
     p.add_argument("overrides", nargs="*", help="key=value config overrides")
     a = p.parse_args(argv)
     cfg = load_config(a.config, a.overrides)
-    curve = probe(cfg, a.steps, a.eval_every, a.eval_samples, a.threads, a.eval_start)
+    early = tuple(float(x) for x in a.early_oracle.split(",")) if a.early_oracle else None
+    if early is not None and len(early) != 2:
+        p.error(f"--early-oracle takes W,N, got {a.early_oracle!r}")
+    prototype = {"skip_gain": a.skip_gain, "detach_skip": a.detach_skip, "zero_residual": a.zero_residual,
+                 "freeze_oracle_subspace": a.freeze_oracle_subspace, "early_oracle": early}
+    curve = probe(cfg, a.steps, a.eval_every, a.eval_samples, a.threads, a.eval_start, prototype)
     if a.out:
         from rosepo.storage import atomic_write_text
 
@@ -43,9 +63,13 @@ def run(argv: list[str] | None = None) -> int:
     return 0
 
 
-def probe(cfg, steps: int, eval_every: int, eval_samples: int, threads: int, eval_start: bool = False) -> list[dict]:
+def probe(cfg, steps: int, eval_every: int, eval_samples: int, threads: int, eval_start: bool = False,
+          prototype: dict | None = None) -> list[dict]:
     """Train the config's model for ``steps`` global batches; the evaluations (with
-    ``eval_start`` also one before the first step), as dicts."""
+    ``eval_start`` also one before the first step), as dicts. ``prototype``: `run`'s prototype
+    options (module docstring)."""
+    import dataclasses
+
     import numpy as np
     import torch
 
@@ -71,12 +95,23 @@ def probe(cfg, steps: int, eval_every: int, eval_samples: int, threads: int, eva
     torch.manual_seed(cfg.sft.seed)
     model = load_model(path, dtype=torch.float32)
     model = (attach_items(model, items, trainable=True) if items else model).train()
+    prototype = prototype or {}
+    if prototype.get("zero_residual"):
+        zero_residual_branches(model)
+    if prototype.get("skip_gain"):
+        add_user_skip(model, prototype["skip_gain"], detach=prototype.get("detach_skip", False))
+    if prototype.get("freeze_oracle_subspace"):
+        from rosepo.eval.evaluate import catalog_titles
+
+        ids = [i for i in tok.convert_tokens_to_ids(catalog_titles(samples)) if i != tok.unk_token_id]
+        freeze_oracle_subspace(model, ids, cfg.oracle.hidden_size)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.sft.learning_rate, weight_decay=cfg.sft.weight_decay)
     batch_size = cfg.sft.num_workers * cfg.sft.micro_batch_size
     warmup = int(cfg.sft.warmup_ratio * steps)
     order = np.random.default_rng(cfg.sft.seed)
     queue: list[int] = []
     task = sft.SFTTask(cfg.sft)
+    early = prototype.get("early_oracle")
     curve = []
     if eval_start:
         curve.append({"step": 0, "samples": 0, **_evaluate(model.eval(), tok, valid, cfg)})
@@ -89,6 +124,8 @@ def probe(cfg, steps: int, eval_every: int, eval_samples: int, threads: int, eva
         idx, queue = queue[:batch_size], queue[batch_size:]
         for group in optimizer.param_groups:
             group["lr"] = cfg.sft.learning_rate * lr_factor(step, steps, warmup)
+        if early is not None:
+            task.cfg = dataclasses.replace(cfg.sft, oracle_weight=early[0]) if step < early[1] else cfg.sft
         loss, _ = task.compute_loss(model, task.collate([rows[i] for i in idx], tok.pad_token_id))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -102,6 +139,68 @@ def probe(cfg, steps: int, eval_every: int, eval_samples: int, threads: int, eva
             curve.append(point)
             print(json.dumps(point), flush=True)
     return curve
+
+
+def zero_residual_branches(model) -> None:
+    """Every ``o_proj`` and ``down_proj`` weight (and bias) to 0, in place: at the start the layers
+    add nothing to the residual stream (prototype)."""
+    import torch
+
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if name.endswith(("o_proj", "down_proj")):
+                module.weight.zero_()
+                if getattr(module, "bias", None) is not None:
+                    module.bias.zero_()
+
+
+def add_user_skip(model, gain: float, *, detach: bool = False):
+    """Prototype: the user token's input embedding e, times a trained scalar ``model.skip_gain``
+    (starting at ``gain``), added to the final norm's output at the user token's position, so the
+    tied answer logits get gain · e·E_t past the layers. ``model`` is a `HybridItemLM` with user
+    tokens; returns the hook's handle."""
+    import torch
+
+    from rosepo.model.items import HybridItemLM
+
+    if not isinstance(model, HybridItemLM) or model.items.user_base is None:
+        raise ValueError("the user skip needs item and user tokens (model.user_token: sasrec)")
+    model.skip_gain = torch.nn.Parameter(torch.tensor(float(gain)))
+    embed = model.embed
+    stash: dict = {}
+
+    def embed_and_keep(input_ids):
+        embeds = embed(input_ids)
+        where = (input_ids >= model.items.user_base).nonzero(as_tuple=True)
+        stash["user"] = (where, embeds[where]) if len(where[0]) else None
+        return embeds
+
+    def add_skip(module, args, out):
+        user = stash.pop("user", None)
+        if user is None:
+            return out
+        where, vectors = user
+        return out.index_put(where, out[where] + model.skip_gain * (vectors.detach() if detach else vectors))
+
+    model.embed = embed_and_keep
+    return model.lm.get_decoder().norm.register_forward_hook(add_skip)
+
+
+def freeze_oracle_subspace(model, title_ids: list[int], dim: int) -> None:
+    """Prototype: remove the non-title rows' component in the oracle's subspace (the columns of
+    `rosepo.model.items.title_projection`) and project it out of every row's gradient, so the
+    title rows keep their oracle part and no other row gains one."""
+    import torch
+
+    from rosepo.model.items import title_projection
+
+    weight = model.get_input_embeddings().weight
+    proj = title_projection(weight.shape[1], dim).to(weight.dtype)
+    others = torch.ones(weight.shape[0], dtype=torch.bool)
+    others[torch.tensor(sorted(set(title_ids)), dtype=torch.long)] = False
+    with torch.no_grad():
+        weight[others] -= (weight[others] @ proj) @ proj.T
+    weight.register_hook(lambda grad: grad - (grad @ proj) @ proj.T)
 
 
 def _tokenize(train, path: str, cfg, oracle_dir, items_path: str | None = None) -> list[dict]:

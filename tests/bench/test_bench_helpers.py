@@ -119,3 +119,76 @@ def test_report_bench_step_gaps_leave_out_the_first_and_last_step(tmp_path):
         writer.add_scalar("grad_norm", 1.0, step, walltime=2000.0 + t)  # another tag: not read
     writer.close()
     assert step_gaps(tmp_path) == [2.0, 3.0, 4.0]
+
+
+def _user_lm(tiny_model_dir, tmp_path):
+    """The tiny model with item and user tokens (an oracle of random weights over items 0..9) and
+    one prompt: four item tokens, then the user token of a 3-item history."""
+    torch = pytest.importorskip("torch")
+    from rosepo.config import OracleConfig
+    from rosepo.model.factory import load_model
+    from rosepo.model.items import attach_items, write_items
+    from rosepo.pairs.sasrec import ItemVocab, Oracle, build_model
+
+    cfg = OracleConfig(hidden_size=8, num_heads=2, max_len=3)
+    torch.manual_seed(0)
+    oracle = Oracle(build_model(cfg, 11), ItemVocab([str(k) for k in range(10)]), cfg)
+    lm = load_model(str(tiny_model_dir), dtype=torch.float32)
+    rows, hidden = lm.get_input_embeddings().weight.shape
+    model = attach_items(lm, write_items(tmp_path / "items.safetensors", oracle.item_vectors(), rows, hidden,
+                                         oracle=oracle), trainable=True)
+    items = model.items
+    ids = torch.tensor([[5, 9, items.token("1"), 11, items.token("2"), items.token("3"), 7,
+                         items.token("4"), 12, items.user_base + 3]])
+    return model, ids
+
+
+def test_user_skip_adds_gain_times_the_user_embedding_at_the_user_position_only(tiny_model_dir, tmp_path):
+    torch = pytest.importorskip("torch")
+    from bench.sft_probe import add_user_skip
+
+    model, ids = _user_lm(tiny_model_dir, tmp_path)
+    plain = model(input_ids=ids, output_hidden_states=True, use_cache=False).hidden_states[-1].detach()
+    user_embedding = model.embed(ids)[0, -1].detach()
+    add_user_skip(model, 2.5)
+    out = model(input_ids=ids, output_hidden_states=True, use_cache=False)
+    skipped = out.hidden_states[-1]
+    assert torch.allclose(skipped[0, :-1], plain[0, :-1], atol=1e-6)  # only the user position moves
+    assert torch.allclose(skipped[0, -1], plain[0, -1] + 2.5 * user_embedding, atol=1e-5)
+    assert torch.allclose(out.logits[0, -1], model.get_output_embeddings()(skipped[0, -1]), atol=1e-4)
+    out.logits[0, -1].logsumexp(-1).backward()
+    assert model.skip_gain.grad is not None and float(model.skip_gain.grad.abs()) > 0
+    # a later decoding step (no user token in its ids) gets nothing added
+    again = model(input_ids=ids[:, :3], output_hidden_states=True, use_cache=False).hidden_states[-1]
+    assert torch.allclose(again[0], plain[0, :3], atol=1e-6)
+
+
+def test_freeze_oracle_subspace_clears_other_rows_and_keeps_every_row_there(tiny_model_dir, tmp_path):
+    torch = pytest.importorskip("torch")
+    from bench.sft_probe import freeze_oracle_subspace
+    from rosepo.model.items import title_projection
+
+    model, ids = _user_lm(tiny_model_dir, tmp_path)
+    weight = model.get_input_embeddings().weight
+    proj = title_projection(weight.shape[1], 8)
+    titles = [20, 21, 22]
+    before = (weight.detach() @ proj).clone()
+    freeze_oracle_subspace(model, titles, 8)
+    inside = weight.detach() @ proj
+    assert torch.allclose(inside[titles], before[titles], atol=1e-6) and float(before[titles].abs().max()) > 0
+    others = torch.ones(len(weight), dtype=torch.bool)
+    others[titles] = False
+    assert float(inside[others].abs().max()) < 1e-6
+    model(input_ids=ids, use_cache=False).logits[0, -1].logsumexp(-1).backward()
+    assert float(weight.grad.abs().max()) > 0 and float((weight.grad @ proj).abs().max()) < 1e-6
+
+
+def test_zero_residual_branches_leave_each_position_its_own_embedding(tiny_model_dir, tmp_path):
+    torch = pytest.importorskip("torch")
+    from bench.sft_probe import zero_residual_branches
+
+    model, ids = _user_lm(tiny_model_dir, tmp_path)
+    zero_residual_branches(model)
+    hidden = model(input_ids=ids, output_hidden_states=True, use_cache=False).hidden_states[-1]
+    norm = model.lm.get_decoder().norm
+    assert torch.allclose(hidden, norm(model.embed(ids)), atol=1e-5)
