@@ -17,7 +17,7 @@ scores carried to the answer logits"; off by default, not part of the package):
 ``--skip-gain G`` adds G (a trained scalar) times the user token's input embedding to the final
 norm's output at the user position (`add_user_skip`); ``--detach-skip`` stops the gradient through
 that vector; ``--freeze-oracle-subspace`` removes the non-title rows' component in the oracle's
-subspace P and freezes every row's (`freeze_oracle_subspace`); ``--zero-residual`` starts every
+subspace P and projects P out of every row's gradient (`freeze_oracle_subspace`); ``--zero-residual`` starts every
 ``o_proj`` and ``down_proj`` at 0; ``--early-oracle W,N`` trains the first N steps with
 ``sft.oracle_weight`` W.
 """
@@ -188,8 +188,8 @@ def add_user_skip(model, gain: float, *, detach: bool = False):
 
 def freeze_oracle_subspace(model, title_ids: list[int], dim: int) -> None:
     """Prototype: remove the non-title rows' component in the oracle's subspace (the columns of
-    `rosepo.model.items.title_projection`) and project it out of every row's gradient, so the
-    title rows keep their oracle part and no other row gains one."""
+    `rosepo.model.items.title_projection`) and project it out of every row's gradient, so that no
+    gradient moves a row inside it (AdamW's per-coordinate step still can, a little)."""
     import torch
 
     from rosepo.model.items import title_projection
