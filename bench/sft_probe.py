@@ -50,9 +50,14 @@ def run(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*", help="key=value config overrides")
     a = p.parse_args(argv)
     cfg = load_config(a.config, a.overrides)
-    early = tuple(float(x) for x in a.early_oracle.split(",")) if a.early_oracle else None
+    try:
+        early = tuple(float(x) for x in a.early_oracle.split(",")) if a.early_oracle else None
+    except ValueError:
+        early = ()
     if early is not None and len(early) != 2:
-        p.error(f"--early-oracle takes W,N, got {a.early_oracle!r}")
+        p.error(f"--early-oracle takes W,N (a weight and a step count), got {a.early_oracle!r}")
+    if a.detach_skip and not a.skip_gain:
+        p.error("--detach-skip needs --skip-gain (it detaches the skip's vector)")
     prototype = {"skip_gain": a.skip_gain, "detach_skip": a.detach_skip, "zero_residual": a.zero_residual,
                  "freeze_oracle_subspace": a.freeze_oracle_subspace, "early_oracle": early}
     curve = probe(cfg, a.steps, a.eval_every, a.eval_samples, a.threads, a.eval_start, prototype)
