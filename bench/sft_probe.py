@@ -19,7 +19,11 @@ norm's output at the user position (`add_user_skip`); ``--detach-skip`` stops th
 that vector; ``--freeze-oracle-subspace`` removes the non-title rows' component in the oracle's
 subspace P and projects P out of every row's gradient (`freeze_oracle_subspace`); ``--zero-residual`` starts every
 ``o_proj`` and ``down_proj`` at 0; ``--early-oracle W,N`` trains the first N steps with
-``sft.oracle_weight`` W.
+``sft.oracle_weight`` W; ``--oracle-prior G`` adds G times the oracle's score of every catalog
+title to the answer position's logits (`add_oracle_prior`: a fixed prior, the LM learns the rest;
+``--train-prior-gain`` lets G learn), and the evaluation's ranking reads it too;
+``--no-first-token-ce`` drops the cross-entropy on the first answer token
+(`drop_first_token_labels`; the rest of the loss stays).
 """
 
 from __future__ import annotations
@@ -47,6 +51,11 @@ def run(argv: list[str] | None = None) -> int:
                    help="prototype: freeze the embedding rows' component in the oracle's subspace")
     p.add_argument("--zero-residual", action="store_true", help="prototype: o_proj and down_proj start at 0")
     p.add_argument("--early-oracle", default="", help="prototype: W,N: sft.oracle_weight W for the first N steps")
+    p.add_argument("--oracle-prior", type=float, default=0.0,
+                   help="prototype: this gain times the oracle's title scores added to the answer logits")
+    p.add_argument("--train-prior-gain", action="store_true", help="prototype: the oracle prior's gain trains")
+    p.add_argument("--no-first-token-ce", action="store_true",
+                   help="prototype: no cross-entropy on the first answer token (the rest of the loss stays)")
     p.add_argument("overrides", nargs="*", help="key=value config overrides")
     a = p.parse_args(argv)
     cfg = load_config(a.config, a.overrides)
@@ -58,7 +67,11 @@ def run(argv: list[str] | None = None) -> int:
         p.error(f"--early-oracle takes W,N (a weight and a step count), got {a.early_oracle!r}")
     if a.detach_skip and not a.skip_gain:
         p.error("--detach-skip needs --skip-gain (it detaches the skip's vector)")
-    prototype = {"skip_gain": a.skip_gain, "detach_skip": a.detach_skip, "zero_residual": a.zero_residual,
+    if a.train_prior_gain and not a.oracle_prior:
+        p.error("--train-prior-gain needs --oracle-prior (its starting gain)")
+    prototype = {"oracle_prior": a.oracle_prior, "train_prior_gain": a.train_prior_gain,
+                 "no_first_token_ce": a.no_first_token_ce,
+                 "skip_gain": a.skip_gain, "detach_skip": a.detach_skip, "zero_residual": a.zero_residual,
                  "freeze_oracle_subspace": a.freeze_oracle_subspace, "early_oracle": early}
     curve = probe(cfg, a.steps, a.eval_every, a.eval_samples, a.threads, a.eval_start, prototype)
     if a.out:
@@ -105,6 +118,9 @@ def probe(cfg, steps: int, eval_every: int, eval_samples: int, threads: int, eva
         zero_residual_branches(model)
     if prototype.get("skip_gain"):
         add_user_skip(model, prototype["skip_gain"], detach=prototype.get("detach_skip", False))
+    if prototype.get("oracle_prior"):
+        add_oracle_prior(model, prototype["oracle_prior"], title_token_rows(model, tok, samples),
+                         trainable=prototype.get("train_prior_gain", False))
     if prototype.get("freeze_oracle_subspace"):
         from rosepo.eval.evaluate import catalog_titles
 
@@ -131,7 +147,10 @@ def probe(cfg, steps: int, eval_every: int, eval_samples: int, threads: int, eva
             group["lr"] = cfg.sft.learning_rate * lr_factor(step, steps, warmup)
         if early is not None:
             task.cfg = dataclasses.replace(cfg.sft, oracle_weight=early[0]) if step < early[1] else cfg.sft
-        loss, _ = task.compute_loss(model, task.collate([rows[i] for i in idx], tok.pad_token_id))
+        batch = task.collate([rows[i] for i in idx], tok.pad_token_id)
+        if prototype.get("no_first_token_ce"):
+            drop_first_token_labels(batch)
+        loss, _ = task.compute_loss(model, batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.sft.max_grad_norm)
@@ -144,6 +163,17 @@ def probe(cfg, steps: int, eval_every: int, eval_samples: int, threads: int, eva
             curve.append(point)
             print(json.dumps(point), flush=True)
     return curve
+
+
+def drop_first_token_labels(batch: dict) -> None:
+    """Prototype: the label of each row's first answer token set to -100 in place, so the token
+    cross-entropy skips it (the logit at ``first_pos`` of the kept positions predicts it)."""
+    import torch
+
+    width, keep = batch["labels"].shape[1], int(batch["keep"])
+    rows = torch.arange(len(batch["labels"]))
+    batch["labels"] = batch["labels"].clone()
+    batch["labels"][rows, width - keep + batch["first_pos"] + 1] = -100
 
 
 def zero_residual_branches(model) -> None:
@@ -189,6 +219,73 @@ def add_user_skip(model, gain: float, *, detach: bool = False):
 
     model.embed = embed_and_keep
     return model.lm.get_decoder().norm.register_forward_hook(add_skip)
+
+
+def title_token_rows(model, tok, samples_dir):
+    """(N,) long: the title token id of each item-table row 1..N of ``model`` (a `HybridItemLM`),
+    -1 where the item's title is not a token; titles from every split's samples."""
+    import pyarrow.parquet as pq
+    import torch
+
+    from pathlib import Path
+
+    title: dict[str, str] = {}
+    for split in ("train", "valid", "test"):
+        for f in sorted((Path(samples_dir) / split).glob("*.parquet")):
+            t = pq.read_table(f, columns=["history_item_ids", "history_titles", "candidate_item_ids",
+                                          "candidate_titles"]).to_pydict()
+            for ids_col, titles_col in (("history_item_ids", "history_titles"),
+                                        ("candidate_item_ids", "candidate_titles")):
+                for ids, titles in zip(t[ids_col], t[titles_col]):
+                    title.update(zip(ids, titles))
+    ids = tok.convert_tokens_to_ids([title.get(i, "") for i in model.items.item_ids])
+    return torch.tensor([i if i != tok.unk_token_id else -1 for i in ids], dtype=torch.long)
+
+
+def add_oracle_prior(model, gain: float, token_rows, *, trainable: bool = False) -> None:
+    """Prototype: ``gain`` times the oracle's score u·v_i of every item i (u its user state of the
+    prompt's history, read by the user token) added to the logit of item i's title token
+    (``token_rows``, `title_token_rows`) at the user token's position, the one that predicts the
+    first answer token: p(answer) ∝ p_LM · exp(gain · SASRec score). Wraps ``model.forward`` (a
+    `HybridItemLM` with user tokens), so the SFT loss and greedy decoding see it; the hidden
+    states (and so `answer_logps`) do not: `_evaluate` adds it to the ranking itself. The gain is
+    ``model.prior_gain``, trained when ``trainable``."""
+    import torch
+
+    from rosepo.model.items import HybridItemLM
+
+    if not isinstance(model, HybridItemLM) or model.items.user_base is None:
+        raise ValueError("the oracle prior needs item and user tokens (model.user_token: sasrec)")
+    model.prior_gain = torch.nn.Parameter(torch.tensor(float(gain)), requires_grad=trainable)
+    forward = model.forward
+    has = token_rows >= 0
+    rows, tokens = torch.nonzero(has).squeeze(1) + 1, token_rows[has]
+
+    def prior(input_ids):
+        """(where (rows, columns) of the user tokens, their prior (U, V))."""
+        items, user = model.items, model._user
+        where, seqs = user.history_rows(input_ids, items.user_base, items.offset)
+        with torch.no_grad():
+            scores = user.encoder.encode(seqs)[:, -1] @ user.encoder.item_emb.weight[rows].T
+        vocab = model.get_output_embeddings().weight.shape[0]
+        bias = torch.full((len(scores), vocab), float("-inf"))
+        bias = bias.scatter_reduce(1, tokens.expand(len(scores), -1), scores, "amax")
+        return where, torch.where(torch.isinf(bias), 0.0, bias)
+
+    def forward_with_prior(input_ids=None, **kwargs):
+        out = forward(input_ids=input_ids, **kwargs)
+        if not bool((input_ids >= model.items.user_base).any()):
+            return out
+        (b, t), bias = prior(input_ids)
+        kept = out.logits.shape[1]
+        t = t - (input_ids.shape[1] - kept)
+        ok = t >= 0
+        b, t, bias = b[ok], t[ok], bias[ok]
+        out.logits = out.logits.index_put((b, t), out.logits[b, t] + model.prior_gain * bias.to(out.logits.dtype))
+        return out
+
+    model.forward = forward_with_prior
+    model.oracle_prior = prior
 
 
 def freeze_oracle_subspace(model, title_ids: list[int], dim: int) -> None:
@@ -245,7 +342,15 @@ def _evaluate(model, tok, samples: list[dict], cfg) -> dict:
                 valid += parsed["valid"]
                 hits += parsed["correct"]
             cands = [[encode_answer(tok, t, mc.max_answer_tokens) for t in s["candidate_titles"]] for s in chunk]
-            logps, _ = answer_logps(model, prompts, cands, prefix_sharing=True, pad_id=tok.pad_token_id)
+            if getattr(model, "oracle_prior", None) is None:
+                logps, _ = answer_logps(model, prompts, cands, prefix_sharing=True, pad_id=tok.pad_token_id)
+            else:  # the hidden states do not carry the prior: swap the first token's log-prob
+                first_ids = torch.tensor([[c[0] for c in row] for row in cands])
+                logps, _, plain = answer_logps(model, prompts, cands, prefix_sharing=True,
+                                               pad_id=tok.pad_token_id, first_token_ids=first_ids)
+                with_prior = torch.stack([model(input_ids=torch.tensor([p]), logits_to_keep=1).logits[0, -1]
+                                          .float().log_softmax(-1)[ids] for p, ids in zip(prompts, first_ids)])
+                logps = logps - plain + with_prior
             scores.append(logps.double().numpy())
             targets += [s["candidate_titles"].index(s["target_title"]) for s in chunk]
     rank = ranking_metrics(np.concatenate(scores), targets, ks=(1,))

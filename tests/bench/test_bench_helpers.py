@@ -192,3 +192,52 @@ def test_zero_residual_branches_leave_each_position_its_own_embedding(tiny_model
     hidden = model(input_ids=ids, output_hidden_states=True, use_cache=False).hidden_states[-1]
     norm = model.lm.get_decoder().norm
     assert torch.allclose(hidden, norm(model.embed(ids)), atol=1e-5)
+
+
+def test_oracle_prior_adds_gain_times_the_oracle_scores_to_the_title_logits_at_the_user_position(
+        tiny_model_dir, tmp_path):
+    torch = pytest.importorskip("torch")
+    from bench.sft_probe import add_oracle_prior
+    from rosepo.config import OracleConfig
+    from rosepo.pairs.sasrec import ItemVocab, Oracle, build_model
+
+    model, ids = _user_lm(tiny_model_dir, tmp_path)
+    cfg = OracleConfig(hidden_size=8, num_heads=2, max_len=3)
+    torch.manual_seed(0)  # the same oracle as _user_lm's: its scores, computed by the oracle itself
+    oracle = Oracle(build_model(cfg, 11), ItemVocab([str(k) for k in range(10)]), cfg)
+    items = model.items.item_ids
+    scores = oracle.score([["1", "2", "3"]], [items])[0]
+    token_rows = torch.tensor([30 + k if item != "9" else -1 for k, item in enumerate(items)])
+    plain = model(input_ids=ids, use_cache=False).logits.detach()
+    add_oracle_prior(model, 2.5, token_rows, trainable=True)
+    out = model(input_ids=ids, use_cache=False)
+    expected = plain[0, -1].clone()
+    for k, item in enumerate(items):
+        if item != "9":
+            expected[30 + k] += 2.5 * float(scores[k])
+    assert float(abs(scores).max()) > 0
+    assert torch.allclose(out.logits[0, -1], expected, atol=1e-4)
+    assert torch.allclose(out.logits[0, :-1], plain[0, :-1], atol=1e-6)  # only the user position
+    kept = model(input_ids=ids, use_cache=False, logits_to_keep=2).logits
+    assert torch.allclose(kept[0, -1], expected, atol=1e-4) and torch.allclose(kept[0, 0], plain[0, -2], atol=1e-6)
+    out.logits[0, -1].logsumexp(-1).backward()
+    assert model.prior_gain.grad is not None and float(model.prior_gain.grad.abs()) > 0
+    later = model(input_ids=ids[:, :3], use_cache=False).logits  # no user token: nothing added
+    assert torch.allclose(later[0], plain[0, :3], atol=1e-6)
+
+
+def test_drop_first_token_labels_ignores_exactly_each_rows_first_answer_token():
+    pytest.importorskip("torch")
+    from bench.sft_probe import drop_first_token_labels
+    from rosepo.train.sft import collate
+
+    rows = [{"input_ids": [5, 6, 7, 40, 41, 2], "labels": [-100, -100, -100, 40, 41, 2],
+             "candidate_first_ids": [40, 50]},
+            {"input_ids": [5, 7, 8, 9, 42, 2], "labels": [-100, -100, -100, -100, 42, 2],
+             "candidate_first_ids": [42, 50]}]
+    batch = collate(rows, 0)
+    before = batch["labels"].clone()
+    drop_first_token_labels(batch)
+    assert batch["labels"][0].tolist() == [-100, -100, -100, -100, 41, 2]
+    assert batch["labels"][1].tolist() == [-100, -100, -100, -100, -100, 2]
+    assert int((batch["labels"] != before).sum()) == 2
