@@ -166,14 +166,14 @@ def probe(cfg, steps: int, eval_every: int, eval_samples: int, threads: int, eva
 
 
 def drop_first_token_labels(batch: dict) -> None:
-    """Prototype: the label of each row's first answer token set to -100 in place, so the token
-    cross-entropy skips it (the logit at ``first_pos`` of the kept positions predicts it)."""
+    """Prototype: the label of each row's first answer token (its first label that is not -100)
+    set to -100 in place, so the token cross-entropy skips it."""
     import torch
 
-    width, keep = batch["labels"].shape[1], int(batch["keep"])
-    rows = torch.arange(len(batch["labels"]))
-    batch["labels"] = batch["labels"].clone()
-    batch["labels"][rows, width - keep + batch["first_pos"] + 1] = -100
+    labels = batch["labels"].clone()
+    first = (labels != -100).int().argmax(1)
+    labels[torch.arange(len(labels)), first] = -100
+    batch["labels"] = labels
 
 
 def zero_residual_branches(model) -> None:
@@ -223,21 +223,12 @@ def add_user_skip(model, gain: float, *, detach: bool = False):
 
 def title_token_rows(model, tok, samples_dir):
     """(N,) long: the title token id of each item-table row 1..N of ``model`` (a `HybridItemLM`),
-    -1 where the item's title is not a token; titles from every split's samples."""
-    import pyarrow.parquet as pq
+    -1 where the item's title is not a token."""
     import torch
 
-    from pathlib import Path
+    from rosepo.model.base import item_titles
 
-    title: dict[str, str] = {}
-    for split in ("train", "valid", "test"):
-        for f in sorted((Path(samples_dir) / split).glob("*.parquet")):
-            t = pq.read_table(f, columns=["history_item_ids", "history_titles", "candidate_item_ids",
-                                          "candidate_titles"]).to_pydict()
-            for ids_col, titles_col in (("history_item_ids", "history_titles"),
-                                        ("candidate_item_ids", "candidate_titles")):
-                for ids, titles in zip(t[ids_col], t[titles_col]):
-                    title.update(zip(ids, titles))
+    title = item_titles(samples_dir)
     ids = tok.convert_tokens_to_ids([title.get(i, "") for i in model.items.item_ids])
     return torch.tensor([i if i != tok.unk_token_id else -1 for i in ids], dtype=torch.long)
 

@@ -77,15 +77,22 @@ def tokenizer_texts(cfg: ModelConfig, samples_dir: Path) -> tuple[list[str], lis
     return texts, sorted(titles)
 
 
-def title_vectors(samples_dir: Path, item_vectors: dict[str, np.ndarray]) -> dict:
-    """Title -> the oracle's item vector (``item_vectors``: item id -> vector; the mean, for a
-    title two items share)."""
-    by_title: dict[str, dict[str, np.ndarray]] = {}
+def item_titles(samples_dir: Path) -> dict[str, str]:
+    """Item id -> title, from the history and candidates of every split's samples."""
+    titles: dict[str, str] = {}
     for split in SPLITS:
         table = read_split(samples_dir, split)
         for ids_col, titles_col in (("history_item_ids", "history_titles"),
                                     ("candidate_item_ids", "candidate_titles")):
             for ids, names in zip(table.column(ids_col).to_pylist(), table.column(titles_col).to_pylist()):
-                for i, t in zip(ids, names):
-                    by_title.setdefault(t, {})[i] = item_vectors[i]
-    return {t: np.mean(list(v.values()), axis=0) for t, v in by_title.items()}
+                titles.update(zip(ids, names))
+    return titles
+
+
+def title_vectors(samples_dir: Path, item_vectors: dict[str, np.ndarray]) -> dict:
+    """Title -> the oracle's item vector (``item_vectors``: item id -> vector; the mean, for a
+    title two items share)."""
+    by_title: dict[str, list[np.ndarray]] = {}
+    for i, t in item_titles(samples_dir).items():
+        by_title.setdefault(t, []).append(item_vectors[i])
+    return {t: np.mean(v, axis=0) for t, v in by_title.items()}
