@@ -301,6 +301,10 @@ class PairsConfig:
     #: Train samples turned into pairs (0 = all).
     max_samples: AllOrCount = 0
     seed: Seed = 0
+    #: Draw the train pairs only from train samples the sft stage did not train on (its
+    #: ``sft.max_samples`` slice is left out): the SFT model's own mistakes on prompts it has not
+    #: fitted, not on ones it learned by heart. Needs ``sft.max_samples`` > 0.
+    exclude_sft: bool = False
 
 
 @dataclass
@@ -467,6 +471,9 @@ class RunConfig:
                    "must be in [0, 0.5): at 0.5 the loss ignores which item was chosen", getattr(self.align, key))
         _check(self.pairs.num_negatives < d.num_candidates, "pairs.num_negatives",
                f"must be below data.num_candidates ({d.num_candidates})", self.pairs.num_negatives)
+        _check(not self.pairs.exclude_sft or self.sft.max_samples > 0, "pairs.exclude_sft",
+               "needs sft.max_samples > 0: with 0 the sft stage trains on every train sample and none is left "
+               "for the pairs", self.pairs.exclude_sft)
         ratios = self.pairs.strategies
         _check(all(k in STRATEGY_NAMES and isinstance(v, (int, float)) and not isinstance(v, bool)
                    and math.isfinite(v) and v >= 0 for k, v in ratios.items())

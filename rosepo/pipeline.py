@@ -34,7 +34,7 @@ from rosepo.pairs.oracle import train_oracle
 from rosepo.runtime import init_ray
 from rosepo.storage import atomic_write_text, confined, is_complete
 from rosepo.train.align import run_align
-from rosepo.train.sft import build_sft
+from rosepo.train.sft import build_sft, sft_samples
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,8 @@ GRAPH: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "model": (("model", "data"), ("samples", "oracle")),
     # oracle: sft.oracle_weight distils its ranking.
     "sft": (("sft", "model"), ("samples", "model", "oracle")),
-    "pairs": (("pairs", "model"), ("samples", "model", "sft", "oracle")),
+    # sft: pairs.exclude_sft leaves out the sft stage's slice of the train samples.
+    "pairs": (("pairs", "model", "sft"), ("samples", "model", "sft", "oracle")),
     "align": (("align", "model"), ("pairs", "model", "sft")),
     # data: the random baseline's seed; align: the aligned method's name in the table.
     "eval": (("eval", "model", "data", "align"), ("samples", "model", "sft", "oracle", "align")),
@@ -106,7 +107,9 @@ def _oracle(c: SimpleNamespace, out: Path, inputs: dict[str, Path]) -> dict:
 
 def _pairs(c: SimpleNamespace, out: Path, inputs: dict[str, Path]) -> dict:
     base, adapter = sft_model_and_adapter(inputs["sft"], base_model_path(inputs["model"]))
-    return build_pairs(c, inputs["samples"], base, adapter, inputs["oracle"], out)
+    seen = sft_samples(c.sft, inputs["samples"]) if c.pairs.exclude_sft else None
+    exclude = frozenset(seen.column("sample_id").to_pylist()) if seen is not None else frozenset()
+    return build_pairs(c, inputs["samples"], base, adapter, inputs["oracle"], out, exclude_train=exclude)
 
 
 def _align(c: SimpleNamespace, out: Path, inputs: dict[str, Path]) -> dict:

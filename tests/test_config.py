@@ -291,6 +291,7 @@ SPECIAL_BAD = {
     "compare.methods": [["bogus"]], "model.lora_target_modules": [[""], []], "model.modules_to_save": [[1]],
     "pairs.num_negatives": [20], "align.eps_max": [0.5, -0.1], "align.eps_constant": [0.5],
     "oracle.batch_size": [0], "model.num_key_value_heads": [3],
+    "pairs.exclude_sft": [True],  # with sft.max_samples 0 (all) nothing is left for the pairs
 }
 WRONG_TYPE = {bool: "maybe", int: "many", float: "fast", str: [1], tuple: 5, dict: [1]}
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Collection
 
 import numpy as np
 import pyarrow as pa
@@ -22,6 +22,7 @@ import pyarrow as pa
 from rosepo.data.popularity import train_popularity
 from rosepo.data.prompts import stable_int
 from rosepo.data.samples import read_split, select_samples
+from rosepo.errors import DataError
 from rosepo.eval.metrics import parse_answer
 from rosepo.layout import pairs_file
 from rosepo.model.factory import load_for_inference, load_tokenizer
@@ -104,10 +105,13 @@ class PairScorer:
 
 
 def build_pairs(run_cfg: Any, samples_dir: str | Path, base_model: str, adapter: str | None,
-                oracle_dir: str | Path, out_dir: str | Path, *, splits: dict[str, int] | None = None) -> dict:
+                oracle_dir: str | Path, out_dir: str | Path, *, splits: dict[str, int] | None = None,
+                exclude_train: Collection[int] = frozenset()) -> dict:
     """Build pairs for ``splits`` (split -> max samples, 0 = all) into ``out_dir`` atomically.
 
     Default: ``train`` limited by ``pairs.max_samples`` and ``valid`` by ``pairs.eval_samples``.
+    ``exclude_train``: train sample ids never drawn (the sft stage's slice, with
+    ``pairs.exclude_sft``); the slice is then drawn from the rest, and none left is a `DataError`.
     Pairs hold the oracle's scores, not ε: ε is computed from them at training time with the
     ``align`` smoothing settings, so Tune can search those without rebuilding pairs.
     """
@@ -117,7 +121,12 @@ def build_pairs(run_cfg: Any, samples_dir: str | Path, base_model: str, adapter:
     t0 = time.perf_counter()
     pc = run_cfg.pairs
     splits = splits or {"train": pc.max_samples, "valid": pc.eval_samples}
-    tables = {s: select_samples(read_split(samples_dir, s), n, pc.seed) for s, n in splits.items()}
+    tables = {s: select_samples(_without(read_split(samples_dir, s), exclude_train if s == "train" else ()),
+                                n, pc.seed) for s, n in splits.items()}
+    if exclude_train and "train" in tables and not len(tables["train"]):
+        raise DataError(f"{samples_dir}/train: every train sample is in the sft stage's slice "
+                        f"({len(exclude_train)} samples), none is left for pairs.exclude_sft; "
+                        "lower sft.max_samples or set pairs.exclude_sft: false")
     titles: dict[str, str] = {}
     for t in tables.values():
         for ids, names in zip(t.column("candidate_item_ids").to_pylist() + t.column("history_item_ids").to_pylist(),
@@ -127,7 +136,8 @@ def build_pairs(run_cfg: Any, samples_dir: str | Path, base_model: str, adapter:
     vecs = embed_titles(pc.embedder, [titles[i] for i in item_ids])
     item_vectors = dict(zip(item_ids, vecs))
     popularity = train_popularity(samples_dir)
-    manifest = {"stage": "pairs", "config": dataclasses.asdict(pc), "splits": {}}
+    manifest = {"stage": "pairs", "config": dataclasses.asdict(pc), "splits": {},
+                "excluded_train_samples": len(exclude_train)}
     with atomic_dir(Path(out_dir), overwrite=True) as tmp:
         for split, table in tables.items():
             # One block per batch, cut here: a repartition before a full actor pool can wait forever
@@ -153,6 +163,16 @@ def build_pairs(run_cfg: Any, samples_dir: str | Path, base_model: str, adapter:
         manifest["seconds"] = round(time.perf_counter() - t0, 2)
         write_manifest(tmp, manifest)
     return manifest
+
+
+def _without(table: pa.Table, sample_ids: Collection[int]) -> pa.Table:
+    """``table`` less the rows whose ``sample_id`` is in ``sample_ids``."""
+    import pyarrow.compute as pc
+
+    if not sample_ids:
+        return table
+    ids = pa.array(sorted(sample_ids), table.schema.field("sample_id").type)
+    return table.filter(pc.invert(pc.is_in(table.column("sample_id"), value_set=ids)))
 
 
 def _summary(x: np.ndarray) -> dict:

@@ -288,18 +288,22 @@ def run_sft(run_cfg: Any, samples_ds, base_model: str, output_dir: str, run_name
     return {**result, "model_path": str(final.resolve())}
 
 
+def sft_samples(scfg: SFTConfig, samples_dir: str | Path):
+    """The train samples the sft stage trains on (an Arrow table): a seeded random slice of
+    ``sft.max_samples`` (``sft.seed``; the first ids would be a few users only)."""
+    return select_samples(read_split(samples_dir, "train"), scfg.max_samples, scfg.seed)
+
+
 def build_sft(cfg: Any, samples_dir: Path, base_model: str, work: Path, out: Path,
               items_path: str | None = None, oracle_path: Path | None = None) -> dict:
-    """The sft stage: `run_sft` on a seeded random slice of the train samples (``sft.max_samples``,
-    ``sft.seed``; the first ids would be a few users only), its Ray run under ``work``; the model
+    """The sft stage: `run_sft` on `sft_samples`, its Ray run under ``work``; the model
     into ``out/model`` with a manifest (history, last metrics), atomically. ``cfg`` holds the
     ``sft`` and ``model`` sections; ``items_path`` is the model stage's item file, if any;
     ``oracle_path`` the oracle stage's folder (read with ``sft.oracle_weight`` > 0)."""
     import ray
 
-    train = select_samples(read_split(samples_dir, "train"), cfg.sft.max_samples, cfg.sft.seed)
-    result = run_sft(cfg, ray.data.from_arrow(train), base_model, str(work), "sft", items_path,
-                     str(oracle_path) if oracle_path else None)
+    result = run_sft(cfg, ray.data.from_arrow(sft_samples(cfg.sft, samples_dir)), base_model, str(work), "sft",
+                     items_path, str(oracle_path) if oracle_path else None)
     with atomic_dir(out, overwrite=True) as tmp:
         shutil.copytree(result["model_path"], tmp / SFT_MODEL_DIR)
         manifest = {"stage": "sft", "metrics": result["metrics"], "history": result["history"],

@@ -241,3 +241,40 @@ def test_drop_first_token_labels_ignores_exactly_each_rows_first_answer_token():
     assert batch["labels"][0].tolist() == [-100, -100, -100, -100, 41, 2]
     assert batch["labels"][1].tolist() == [-100, -100, -100, -100, -100, 2]
     assert int((batch["labels"] != before).sum()) == 2
+
+
+def test_fusion_helpers_by_hand(tmp_path):
+    """`bench fusion` on three samples of 3 candidates, target index 0, 1, 2.
+
+    SASRec's scores pick candidates 0, 0, 2 (right on rows 0 and 2); the LLM's pick 1, 1, 2 (right
+    on rows 1 and 2). z of the row (1, 2, 3) is (−√1.5, 0, √1.5) (population std √(2/3)), a constant
+    row z = 0. At w = 0 the fusion is SASRec (2/3), at w = 1 the LLM (2/3); at w = 0.5 row 0 fuses
+    z(0, 3, 1) and z(3, 0, 1), equal for candidates 0 and 1, so argmax takes 0 (right), row 1 the
+    same tie on the other target (wrong), row 2 both agree: 2/3. Only-LLM right: row 1; only
+    SASRec: row 0; the paired difference is 0 on average.
+    """
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from bench.fusion import analyse, fusion_curve, paired_bootstrap, top1_hits, zscore
+
+    np.testing.assert_allclose(zscore(np.array([[1.0, 2, 3], [5, 5, 5]])),
+                               [[-1.5 ** 0.5, 0, 1.5 ** 0.5], [0, 0, 0]])
+    target = np.array([0, 1, 2])
+    sasrec = np.array([[3.0, 0, 1], [3, 1, 0], [0, 1, 3]])
+    llm = np.array([[0.0, 3, 1], [1, 3, 0], [0, 1, 3]])
+    assert top1_hits(sasrec, target).tolist() == [True, False, True]
+    assert fusion_curve(llm, sasrec, target, [0.0, 0.5, 1.0]) == [2 / 3, 2 / 3, 2 / 3]
+    assert paired_bootstrap(np.array([True, True]), np.array([True, True])) == (0.0, 0.0, 0.0)
+    mean, low, high = paired_bootstrap(np.array([1, 1, 0, 0]), np.array([0, 1, 0, 0]), reps=500)
+    assert mean == 0.25 and 0.0 <= low <= 0.25 <= high <= 1.0
+
+    for method, scores in (("sasrec", sasrec), ("sft", llm)):
+        (tmp_path / method).mkdir()
+        pq.write_table(pa.table({"sample_id": ["a", "b", "c"], "target_index": target.astype("int32"),
+                                 "scores": scores.tolist()}), tmp_path / method / "answers.parquet")
+    m = analyse(tmp_path)["methods"]["sft"]
+    assert (m["rank_hr@1"], m["sasrec_rank_hr@1"]) == (2 / 3, 2 / 3)
+    assert (m["both_right"], m["only_llm_right"], m["only_sasrec_right"]) == (1 / 3, 1 / 3, 1 / 3)
+    assert m["diff_vs_sasrec"] == 0.0 and m["fusion_hr@1"][0] == m["fusion_hr@1"][-1] == 2 / 3

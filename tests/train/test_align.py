@@ -150,6 +150,35 @@ def test_pairs_same_hash_for_any_actors_and_batch_size(ml100k_pairs, ml100k_samp
     assert {s: v["content_hash"] for s, v in m["splits"].items()} == {s: v["content_hash"] for s, v in expected.items()}
 
 
+def test_pairs_exclude_the_sft_slice(ml100k_pairs, ml100k_samples, tmp_path):
+    """With ``exclude_train`` (the sft stage's slice, ``pairs.exclude_sft``) the train pairs come
+    from the other samples only: the same seeded slice of what is left, none of the excluded ids;
+    the valid pairs are untouched. Excluding every train sample is a DataError naming the remedy."""
+    from rosepo.data.samples import read_split, select_samples
+    from rosepo.errors import DataError
+    from rosepo.layout import read_pairs
+    from rosepo.pairs.build import build_pairs
+    from rosepo.storage import read_manifest
+
+    model_dir, pairs = ml100k_pairs
+    seen = set(read_pairs(pairs, "train").column("sample_id").to_pylist())
+    assert len(seen) == 48
+    m = build_pairs(_cfg(), ml100k_samples, str(model_dir), None, pairs.parent / "oracle", tmp_path / "p",
+                    splits={"train": 48, "valid": 16}, exclude_train=seen)
+    drawn = set(read_pairs(tmp_path / "p", "train").column("sample_id").to_pylist())
+    train = read_split(ml100k_samples, "train")
+    rest = train.filter([i not in seen for i in train.column("sample_id").to_pylist()])
+    assert len(drawn) == 48 and not drawn & seen
+    assert drawn == set(select_samples(rest, 48, _cfg().pairs.seed).column("sample_id").to_pylist())
+    assert m["excluded_train_samples"] == 48
+    assert m["splits"]["valid"]["content_hash"] == read_manifest(pairs)["splits"]["valid"]["content_hash"]
+    everything = set(train.column("sample_id").to_pylist())
+    with pytest.raises(DataError, match="none is left for pairs.exclude_sft; lower sft.max_samples"):
+        build_pairs(_cfg(), ml100k_samples, str(model_dir), None, pairs.parent / "oracle", tmp_path / "q",
+                    splits={"train": 48, "valid": 16}, exclude_train=everything)
+    assert not (tmp_path / "q").exists()
+
+
 def test_batched_scores_differ_only_in_rounding(ml100k_pairs, ml100k_samples):
     """Scoring all train samples in one padded batch moves the reference log-probs by rounding only
     (< 1e-4), so a per-sample score is the batched one up to float32 noise; the builder's scores are
