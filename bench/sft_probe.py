@@ -95,6 +95,7 @@ def probe(cfg, steps: int, eval_every: int, eval_samples: int, threads: int, eva
     from rosepo.layout import base_model_path, find_items
     from rosepo.model.factory import load_model, load_tokenizer
     from rosepo.model.items import attach_items
+    from rosepo.pairs.sasrec import load_oracle
     from rosepo.pipeline import run_stage
     from rosepo.runtime import init_ray
     from rosepo.train import sft
@@ -109,6 +110,9 @@ def probe(cfg, steps: int, eval_every: int, eval_samples: int, threads: int, eva
     items = find_items(model_stage)
     rows = _tokenize(train, path, cfg, run_stage(cfg, "oracle"), items)
     valid = read_split(samples, "valid").to_pylist()[:eval_samples]
+    print(json.dumps({"eval_samples": len(valid),
+                      "sasrec_rank_hr@1": oracle_hit_rate(load_oracle(run_stage(cfg, "oracle")), valid)}),
+          flush=True)
     tok = load_tokenizer(path)
     torch.manual_seed(cfg.sft.seed)
     model = load_model(path, dtype=torch.float32)
@@ -163,6 +167,18 @@ def probe(cfg, steps: int, eval_every: int, eval_samples: int, threads: int, eva
             curve.append(point)
             print(json.dumps(point), flush=True)
     return curve
+
+
+def oracle_hit_rate(oracle, rows: list[dict]) -> float:
+    """The ranking HR@1 of ``oracle`` (anything with `rosepo.pairs.sasrec.Oracle.score`'s
+    signature) on sample ``rows``, ties counted against the target as in `rosepo eval`: the
+    probe's yardstick, SASRec on the probe's own evaluation samples."""
+    from rosepo.eval.metrics import ranking_metrics
+
+    candidates = [r["candidate_item_ids"] for r in rows]
+    targets = [c.index(r["target_item_id"]) for c, r in zip(candidates, rows)]
+    scores = oracle.score([r["history_item_ids"] for r in rows], candidates)
+    return round(float(ranking_metrics(scores, targets, ks=(1,))["hr@1"]), 4)
 
 
 def drop_first_token_labels(batch: dict) -> None:

@@ -107,9 +107,8 @@ def _oracle(c: SimpleNamespace, out: Path, inputs: dict[str, Path]) -> dict:
 
 def _pairs(c: SimpleNamespace, out: Path, inputs: dict[str, Path]) -> dict:
     base, adapter = sft_model_and_adapter(inputs["sft"], base_model_path(inputs["model"]))
-    seen = sft_samples(c.sft, inputs["samples"]) if c.pairs.exclude_sft else None
-    exclude = frozenset(seen.column("sample_id").to_pylist()) if seen is not None else frozenset()
-    return build_pairs(c, inputs["samples"], base, adapter, inputs["oracle"], out, exclude_train=exclude)
+    seen = sft_samples(c.sft, inputs["samples"]).column("sample_id").to_pylist() if c.pairs.exclude_sft else ()
+    return build_pairs(c, inputs["samples"], base, adapter, inputs["oracle"], out, exclude_train=frozenset(seen))
 
 
 def _align(c: SimpleNamespace, out: Path, inputs: dict[str, Path]) -> dict:

@@ -106,7 +106,7 @@ class PairScorer:
 
 def build_pairs(run_cfg: Any, samples_dir: str | Path, base_model: str, adapter: str | None,
                 oracle_dir: str | Path, out_dir: str | Path, *, splits: dict[str, int] | None = None,
-                exclude_train: Collection[int] = frozenset()) -> dict:
+                exclude_train: Collection[str] = frozenset()) -> dict:
     """Build pairs for ``splits`` (split -> max samples, 0 = all) into ``out_dir`` atomically.
 
     Default: ``train`` limited by ``pairs.max_samples`` and ``valid`` by ``pairs.eval_samples``.
@@ -165,7 +165,7 @@ def build_pairs(run_cfg: Any, samples_dir: str | Path, base_model: str, adapter:
     return manifest
 
 
-def _without(table: pa.Table, sample_ids: Collection[int]) -> pa.Table:
+def _without(table: pa.Table, sample_ids: Collection[str]) -> pa.Table:
     """``table`` less the rows whose ``sample_id`` is in ``sample_ids``."""
     import pyarrow.compute as pc
 

@@ -278,3 +278,21 @@ def test_fusion_helpers_by_hand(tmp_path):
     assert (m["rank_hr@1"], m["sasrec_rank_hr@1"]) == (2 / 3, 2 / 3)
     assert (m["both_right"], m["only_llm_right"], m["only_sasrec_right"]) == (1 / 3, 1 / 3, 1 / 3)
     assert m["diff_vs_sasrec"] == 0.0 and m["fusion_hr@1"][0] == m["fusion_hr@1"][-1] == 2 / 3
+
+
+def test_probe_oracle_hit_rate_by_hand():
+    """`bench sft-probe`'s SASRec yardstick on three rows of three candidates, targets b, e, g: the
+    fake oracle scores by the item's number, so it picks c, f, g (right once); on row 2 the target
+    ties the top score and counts as a miss, as in `rosepo eval`: 1/3."""
+    import numpy as np
+
+    from bench.sft_probe import oracle_hit_rate
+
+    class Fake:
+        def score(self, histories, candidates):
+            return np.array([[float(item[1:]) for item in row] for row in candidates])
+
+    rows = [{"history_item_ids": ["x"], "candidate_item_ids": ["a1", "b2", "c3"], "target_item_id": "b2"},
+            {"history_item_ids": ["x"], "candidate_item_ids": ["d5", "e5", "f5"], "target_item_id": "e5"},
+            {"history_item_ids": ["x"], "candidate_item_ids": ["g9", "h1", "i2"], "target_item_id": "g9"}]
+    assert oracle_hit_rate(Fake(), rows) == round(1 / 3, 4)
