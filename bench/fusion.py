@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.common import WORK, markdown
+from rosepo.eval.metrics import target_ranks
 
 WEIGHTS = [round(w, 2) for w in np.linspace(0.0, 1.0, 21)]
 LLM_METHODS = ("sft", "aligned")
@@ -42,8 +43,9 @@ def zscore(scores: np.ndarray) -> np.ndarray:
 
 
 def top1_hits(scores: np.ndarray, target: np.ndarray) -> np.ndarray:
-    """Per row: whether the highest score is the target's (the first maximum on ties, as `argmax`)."""
-    return scores.argmax(1) == target
+    """Per row: whether the target ranks first, a tie counted against it as in `rosepo eval`
+    (`rosepo.eval.metrics.target_ranks`)."""
+    return target_ranks(scores, target) == 1
 
 
 def fusion_curve(llm: np.ndarray, oracle: np.ndarray, target: np.ndarray, weights) -> list[float]:

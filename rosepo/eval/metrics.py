@@ -138,7 +138,7 @@ def generation_metrics(answers: list[str], candidate_titles_list: list[list[str]
     }
 
 
-def _target_ranks(scores: np.ndarray, target_indices: Sequence[int]) -> np.ndarray:
+def target_ranks(scores: np.ndarray, target_indices: Sequence[int]) -> np.ndarray:
     """1-based rank of each row's target, ties counted against it (see `ranking_metrics`)."""
     scores = np.asarray(scores, dtype=np.float64)
     targets = np.asarray(target_indices)
@@ -167,7 +167,7 @@ def ranking_metrics(scores: np.ndarray, target_indices: Sequence[int],
     mismatch, an out-of-range target, a NaN score or N = 0, and `ConfigError` for a k that is
     not a positive integer.
     """
-    ranks = _target_ranks(scores, target_indices)
+    ranks = target_ranks(scores, target_indices)
     if ranks.size == 0:
         raise DataError("no rows to rank")
     out = {}

@@ -249,9 +249,9 @@ def test_fusion_helpers_by_hand(tmp_path):
     SASRec's scores pick candidates 0, 0, 2 (right on rows 0 and 2); the LLM's pick 1, 1, 2 (right
     on rows 1 and 2). z of the row (1, 2, 3) is (−√1.5, 0, √1.5) (population std √(2/3)), a constant
     row z = 0. At w = 0 the fusion is SASRec (2/3), at w = 1 the LLM (2/3); at w = 0.5 row 0 fuses
-    z(0, 3, 1) and z(3, 0, 1), equal for candidates 0 and 1, so argmax takes 0 (right), row 1 the
-    same tie on the other target (wrong), row 2 both agree: 2/3. Only-LLM right: row 1; only
-    SASRec: row 0; the paired difference is 0 on average.
+    z(0, 3, 1) and z(3, 0, 1), equal for candidates 0 and 1: a tie, counted against the target as
+    in `rosepo eval` (a miss), row 1 the same tie (a miss), row 2 both agree: 1/3. Only-LLM right:
+    row 1; only SASRec: row 0; the paired difference is 0 on average.
     """
     import numpy as np
     import pyarrow as pa
@@ -265,7 +265,8 @@ def test_fusion_helpers_by_hand(tmp_path):
     sasrec = np.array([[3.0, 0, 1], [3, 1, 0], [0, 1, 3]])
     llm = np.array([[0.0, 3, 1], [1, 3, 0], [0, 1, 3]])
     assert top1_hits(sasrec, target).tolist() == [True, False, True]
-    assert fusion_curve(llm, sasrec, target, [0.0, 0.5, 1.0]) == [2 / 3, 2 / 3, 2 / 3]
+    assert fusion_curve(llm, sasrec, target, [0.0, 0.5, 1.0]) == [2 / 3, 1 / 3, 2 / 3]
+    assert top1_hits(np.array([[1.0, 1.0, 0.0]]), np.array([0])).tolist() == [False]  # a tie is a miss
     assert paired_bootstrap(np.array([True, True]), np.array([True, True])) == (0.0, 0.0, 0.0)
     mean, low, high = paired_bootstrap(np.array([1, 1, 0, 0]), np.array([0, 1, 0, 0]), reps=500)
     assert mean == 0.25 and 0.0 <= low <= 0.25 <= high <= 1.0
