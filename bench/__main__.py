@@ -19,6 +19,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "sft-probe": ("bench.sft_probe", "SFT learning curves of the tiny model: ValidRatio, rank HR@1 per step (#14)"),
     "gpu": ("bench.gpu_step", "RosePO step of a ~1B Llama on one GPU (bf16; LoRA and full; prefix sharing on/off)"),
     "report": ("bench.report_step", "SFT step time, ray.train.report every step vs at evaluations/checkpoints (#16)"),
+    "gpu-sft": ("bench.gpu_sft", "Gemma config's SFT variants on one GPU without Ray: pack here, train there (#20)"),
     "fusion": ("bench.fusion", "the LLM's and SASRec's candidate scores fused: does the LLM add to its oracle (#14)"),
 }
 

@@ -358,7 +358,7 @@ def _evaluate(model, tok, samples: list[dict], cfg) -> dict:
                 with_prior = torch.stack([model(input_ids=torch.tensor([p]), logits_to_keep=1).logits[0, -1]
                                           .float().log_softmax(-1)[ids] for p, ids in zip(prompts, first_ids)])
                 logps = logps - plain + with_prior
-            scores.append(logps.double().numpy())
+            scores.append(logps.double().cpu().numpy())
             targets += [s["candidate_titles"].index(s["target_title"]) for s in chunk]
     rank = ranking_metrics(np.concatenate(scores), targets, ks=(1,))
     n = len(samples)

