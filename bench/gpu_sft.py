@@ -56,6 +56,7 @@ def pack(config: str, overrides: list[str], variants: dict[str, list[str]], out:
     import torch
 
     from rosepo.layout import base_model_path, find_items
+    from rosepo.model.factory import load_model, load_tokenizer
     from rosepo.pipeline import run_stage
     from rosepo.runtime import init_ray
     from rosepo.storage import atomic_dir
@@ -79,6 +80,7 @@ def pack(config: str, overrides: list[str], variants: dict[str, list[str]], out:
                     elif f.name != "manifest.json":
                         shutil.copy(f, tmp / "tokenizer" / f.name)
                 first = (samples, oracle, path)
+                base = load_tokenizer(path), load_model(path, dtype=torch.float32).eval()
             elif (samples, oracle, base_model_path(model_stage)) != first:
                 raise ValueError(f"variant {name}: its samples, oracle or base model differ from the first variant's")
             found = find_items(model_stage)
@@ -86,7 +88,7 @@ def pack(config: str, overrides: list[str], variants: dict[str, list[str]], out:
                 (tmp / "items").mkdir(exist_ok=True)
                 shutil.copy(found, tmp / "items" / f"{name}.safetensors")
             items[name] = f"items/{name}.safetensors" if found else None
-            check[name] = _check_values(cfg, path, found, samples)
+            check[name] = _check_values(cfg, *base, found, samples)
         bundle = {"overrides": overrides, "variants": variants, "items": items, "check": check,
                   "torch": torch.__version__}
         (tmp / "bundle.json").write_text(json.dumps(bundle, indent=1))
@@ -111,19 +113,16 @@ def _copy_samples(src: Path, dst: Path, shards: int = 4) -> None:
                            compression="zstd", compression_level=19)
 
 
-def _check_values(cfg, model_path: str, items: str | None, samples_dir) -> list[dict]:
+def _check_values(cfg, tok, base, items: str | None, samples_dir) -> list[dict]:
     """Prompt ids and the top float32 logits at the last prompt position of the first
-    `CHECK_SAMPLES` test samples, under the variant's model with its item file."""
+    `CHECK_SAMPLES` test samples, under the base model (float32) with the variant's item file."""
     import torch
 
     from rosepo.eval.evaluate import first_samples
-    from rosepo.model.factory import load_model, load_tokenizer
     from rosepo.model.items import attach_items
     from rosepo.model.tokenize import encode_sample_prompt
 
-    tok = load_tokenizer(model_path)
-    model = load_model(model_path, dtype=torch.float32)
-    model = (attach_items(model, items, trainable=False) if items else model).eval()
+    model = (attach_items(base, items, trainable=False) if items else base).eval()
     out = []
     with torch.no_grad():
         for s in first_samples(samples_dir, "test", CHECK_SAMPLES).to_pylist():
@@ -183,7 +182,7 @@ def train(bundle_dir: Path, model_dir: str, variant: str, *, seconds: float, ste
     import numpy as np
     import torch
 
-    from bench.sft_probe import _evaluate
+    from bench.sft_probe import _evaluate, _tokenize
     from rosepo.data.samples import read_split
     from rosepo.eval.evaluate import first_samples
     from rosepo.model.factory import apply_lora, load_model, load_tokenizer
@@ -208,13 +207,9 @@ def train(bundle_dir: Path, model_dir: str, variant: str, *, seconds: float, ste
     tok = load_tokenizer(tok_dir)
     torch.manual_seed(seed)
     model = load_model(model_dir, dtype=torch.float32).to(dev)
-    if items:
-        check_model = attach_items(model, items, trainable=False).eval()
-        emit({"check_max_logit_diff": verify(check_model, tok, cfg, bundle["check"][variant], samples_dir),
-              "load_seconds": round(time.perf_counter() - t0, 1)})
-    else:
-        emit({"check_max_logit_diff": verify(model.eval(), tok, cfg, bundle["check"][variant], samples_dir),
-              "load_seconds": round(time.perf_counter() - t0, 1)})
+    check_model = (attach_items(model, items, trainable=False) if items else model).eval()
+    emit({"check_max_logit_diff": verify(check_model, tok, cfg, bundle["check"][variant], samples_dir),
+          "load_seconds": round(time.perf_counter() - t0, 1)})
     torch.backends.cuda.matmul.allow_tf32 = True
     model = apply_lora(model, cfg.sft.model_config(cfg.model))
     task = sft.SFTTask(cfg.sft)
@@ -227,18 +222,12 @@ def train(bundle_dir: Path, model_dir: str, variant: str, *, seconds: float, ste
 
     train_df = read_split(samples_dir, "train").to_pandas()
     order = np.random.default_rng(seed).permutation(len(train_df))
-    distill = cfg.sft.oracle_weight > 0
     cache: dict[int, dict] = {}
 
-    def rows(idx: list[int]) -> list[dict]:
+    def rows(idx: list[int]) -> list[dict]:  # tokenised on first use, by the SFT task's own UDF
         todo = [i for i in idx if i not in cache]
         if todo:
-            enc = sft.tokenize_batch(train_df.iloc[todo], str(tok_dir), cfg.model.max_prompt_tokens,
-                                     cfg.model.max_answer_tokens, candidates=cfg.sft.candidate_weight > 0 or distill,
-                                     history=cfg.sft.history_weight > 0, items_path=items,
-                                     oracle_path=str(bundle_dir / "oracle") if distill else None,
-                                     oracle_temperature=cfg.sft.oracle_temperature)
-            cache.update(zip(todo, enc.to_dict("records")))
+            cache.update(zip(todo, _tokenize(train_df.iloc[todo], str(tok_dir), cfg, bundle_dir / "oracle", items)))
         return [cache[i] for i in idx]
 
     def step(idx: list[int], lr_now: float):
@@ -323,5 +312,7 @@ def run(argv: list[str] | None = None) -> int:
     lines = train(Path(a.bundle), a.model, a.variant, seconds=a.seconds, steps=a.steps, batch=a.batch,
                   seed=a.seed, eval_samples=a.eval_samples, lr=a.lr or None, bf16=not a.fp32)
     if a.out:
-        Path(a.out).write_text("".join(json.dumps(x) + "\n" for x in lines))
+        from rosepo.storage import atomic_write_text
+
+        atomic_write_text(a.out, "".join(json.dumps(x) + "\n" for x in lines))
     return 0
