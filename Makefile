@@ -9,7 +9,6 @@ CONFIG  ?= configs/ml100k-tiny.yaml
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export RAY_TRAIN_HEALTH_CHECK_INTERVAL_S := 0.1
-export DS_ACCELERATOR := cpu
 export PYTHONUNBUFFERED := 1
 
 .PHONY: install run test test-fast bench clean

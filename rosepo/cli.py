@@ -110,6 +110,7 @@ def cmd_stage(args) -> None:
 
     cfg = _load(args)
     runtime.init_ray(cfg.ray_address)
+    runtime.check_gpus(cfg.gpu_demand())
     out = run_stage(cfg, args.stage, force=args.force)
     m = read_manifest(out)
     _print({k: v for k, v in m.items() if k not in ("history", "config", "eval_history")})
@@ -124,6 +125,7 @@ def cmd_run(args) -> None:
 
     cfg = _load(args)
     runtime.init_ray(cfg.ray_address)
+    runtime.check_gpus(cfg.gpu_demand())
     outs = run_pipeline(cfg, until=args.until, force=tuple(args.force))
     runtime.shutdown_ray()  # the workers' last lines now, so that the summary ends the output
     print(write_summary(cfg, outs), end="")

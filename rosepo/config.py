@@ -47,6 +47,8 @@ STRATEGY_NAMES = ("self_hard", "semantic", "popularity", "random")
 #: Trained methods of ``rosepo compare`` (`rosepo.experiments.methods.METHODS`), in their order.
 METHOD_NAMES = ("dpo", "cdpo", "sdpo", "rosepo", "rosepo-self_hard", "rosepo-semantic", "rosepo-popularity",
                 "rosepo-no-smoothing", "rosepo-constant-eps")
+#: The sections with a ``use_gpu`` of their own, which the run's ``use_gpu`` fills when unset.
+GPU_STAGES = ("oracle", "sft", "pairs", "align", "eval")
 #: Canonical column names ``data.columns`` may map (`rosepo.schema`).
 COLUMN_NAMES = ("user_id", "item_id", "timestamp", "title")
 
@@ -195,9 +197,14 @@ class TrainConfig:
     #: ``lora`` or ``full``; "" inherits ``model.finetune``.
     finetune: Literal["", "lora", "full"] = ""
     num_workers: Positive = 2
-    use_gpu: bool = False
+    #: One GPU per worker; unset (``null``) takes the run's ``use_gpu``.
+    use_gpu: bool | None = None
     #: CPUs per Ray Train worker.
     cpus_per_worker: PositiveFloat = 1.0
+    #: Seconds the stage waits for all its workers to be placed before it fails. GPU nodes of an
+    #: autoscaling cluster take minutes to boot, and Tune trials queue for GPUs: Ray Train retries
+    #: the placement every ``RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S`` (60 s) until this is spent.
+    start_timeout_s: PositiveFloat = 60.0
     #: Path of a DeepSpeed JSON template, or "" for the package's ``rosepo/train/deepspeed/zero{stage}.json``.
     deepspeed_config: str = ""
     zero_stage: Literal[0, 1, 2, 3] = 2
@@ -265,11 +272,21 @@ class OracleConfig:
     num_heads: Positive = 2
     dropout: Dropout = 0.0
     max_len: Positive = 10
+    #: Passes over the train samples, when ``max_steps`` is 0.
     epochs: Positive = 4
+    #: Optimiser steps (batches of ``batch_size``) instead of ``epochs``: a budget that means the
+    #: same on any data size, cycling epochs on small data and stopping early on large data
+    #: (0 = ``epochs`` decide).
+    max_steps: Annotated[int, Range(ge=0, note="0 = epochs decide")] = 0
+    #: Evaluate on the valid split every N steps and keep the weights with the best valid NDCG@5,
+    #: not the last: on small data many epochs overfit (0 = 20 evaluations per run).
+    eval_every: Annotated[int, Range(ge=0, note="0 = 20 evaluations per run")] = 0
     #: At least ``num_workers``: each worker takes batch_size // num_workers.
     batch_size: Positive = 512
     learning_rate: PositiveFloat = 3e-3
     num_workers: Positive = 1
+    #: One GPU per worker; unset (``null``) takes the run's ``use_gpu``.
+    use_gpu: bool | None = None
     seed: Seed = 0
     #: AdamW weight decay.
     weight_decay: NonNegFloat = 0.0
@@ -297,7 +314,15 @@ class PairsConfig:
     eval_samples: AllOrCount = 64
     #: Ray Data actors scoring with the SFT model.
     num_actors: Positive = 2
+    #: Samples per Ray Data batch and per forward pass (one row per sample: its prompt once and
+    #: every candidate after it). Samples are sorted by prompt length first, so a batch pads little.
     batch_size: Positive = 32
+    #: One GPU per actor; unset (``null``) takes the run's ``use_gpu``.
+    use_gpu: bool | None = None
+    #: Share of the train pairs whose chosen and rejected answers are swapped (seeded by
+    #: ``seed``; the held-out valid pairs stay clean): controlled label noise, to measure how
+    #: robust an alignment method is to wrong preferences. Recorded per pair (``flipped``).
+    label_noise: Annotated[float, Range(ge=0, lt=0.5)] = 0.0
     #: Train samples turned into pairs (0 = all).
     max_samples: AllOrCount = 0
     seed: Seed = 0
@@ -360,8 +385,11 @@ class EvalConfig:
     #: The first N samples of the split by sample id (0 = all).
     max_samples: AllOrCount = 0
     max_new_tokens: Positive = 32
+    #: Samples per Ray Data batch and per forward pass (sorted by prompt length first).
     batch_size: Positive = 32
     num_actors: Positive = 2
+    #: One GPU per actor; unset (``null``) takes the run's ``use_gpu``.
+    use_gpu: bool | None = None
     constrained: bool = False
 
 
@@ -382,6 +410,10 @@ class CompareConfig:
     #: Optimiser steps of every alignment run (``align.max_steps``), the same for every method;
     #: 0 = one epoch over one pair per train sample of the pairs.
     align_steps: Annotated[int, Range(ge=0, note="0 = one epoch")] = 0
+    #: Label-noise rates (``pairs.label_noise``) to run every method at, e.g. [0, 0.2, 0.4]: one
+    #: pair build per rate, and cDPO's constant ε set to the rate (the ε a known noise rate
+    #: calls for). Empty = the run's ``pairs.label_noise`` only.
+    noise_rates: tuple = ()
 
 
 @dataclass
@@ -393,6 +425,9 @@ class RunConfig:
     storage: str = "runs"
     #: Ray address: "" starts or joins a local Ray, "auto" joins a running cluster.
     ray_address: str = ""
+    #: Run every stage that can use a GPU on GPUs: one per training worker (oracle, sft, align)
+    #: and one per scoring actor (pairs, eval). A stage's own ``use_gpu`` overrides it.
+    use_gpu: bool = False
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
@@ -406,6 +441,10 @@ class RunConfig:
         """Check every field's declared choices and bounds, then what spans several fields;
         return self. Raises `ConfigError` naming the key, the value and what is expected."""
         _check_fields(self)
+        for stage in GPU_STAGES:  # the run's switch fills every stage that leaves it unset
+            section = getattr(self, stage)
+            if section.use_gpu is None:
+                section.use_gpu = self.use_gpu
         d, m = self.data, self.model
         _check(bool(self.name) and self.name not in (".", "..") and not set(self.name) & set("/\\\0"), "name",
                "must be a folder name (no '/', not '.' or '..'): outputs go to <storage>/<name>", self.name)
@@ -487,12 +526,23 @@ class RunConfig:
         _check(o.batch_size >= o.num_workers, "oracle.batch_size",
                f"must be >= oracle.num_workers ({o.num_workers}): each worker takes batch_size // num_workers",
                o.batch_size)
+        rates = self.compare.noise_rates
+        _check(all(isinstance(r, (int, float)) and not isinstance(r, bool) and 0 <= r < 0.5 for r in rates)
+               and len(set(rates)) == len(rates), "compare.noise_rates",
+               "must list distinct label-noise rates in [0, 0.5), e.g. [0, 0.2, 0.4]", rates)
         unknown = [m for m in self.compare.methods if not isinstance(m, str) or m not in METHOD_NAMES]
         _check(not unknown, "compare.methods", f"names unknown method(s) {', '.join(map(repr, unknown))}; "
                f"methods: {', '.join(METHOD_NAMES)} (empty = all)")
         _check(len(set(self.compare.methods)) == len(self.compare.methods), "compare.methods",
                "names a method twice")
         return self
+
+    def gpu_demand(self) -> dict[str, int]:
+        """GPUs each stage that uses them holds at once: a training stage one per worker, a
+        scoring stage one per actor (the stages run one after another)."""
+        counts = {"oracle": self.oracle.num_workers, "sft": self.sft.num_workers, "pairs": self.pairs.num_actors,
+                  "align": self.align.num_workers, "eval": self.eval.num_actors}
+        return {stage: n for stage, n in counts.items() if getattr(self, stage).use_gpu}
 
     def to_dict(self) -> dict:
         """Plain-data form (tuples as lists), for YAML/JSON and hashing."""

@@ -36,6 +36,11 @@ class DataError(RosepoError):
         super().__init__(f"{', '.join(where)}: {message}" if where else message)
 
 
+class TrainingError(RosepoError):
+    """Training cannot go on: a non-finite loss or gradient norm (names the stage, the step and
+    the batch's rows)."""
+
+
 class FetchError(RosepoError):
     """A download failed or its checksum did not match."""
 

@@ -14,8 +14,8 @@ import pyarrow as pa
 from rosepo.schema import PAIRS
 from rosepo.storage import read_manifest
 
-#: model stage: the built tiny model (an HF folder), and the manifest key naming the base model
-#: (that folder, or the configured ``model.name_or_path``).
+#: model stage: the built tiny model or the copy of a hub model (an HF folder), and the manifest
+#: key naming the base model (that folder, or the configured ``model.name_or_path``).
 TINY_MODEL_DIR = "hf"
 MODEL_PATH_KEY = "model_path"
 #: sft stage: the HF export of fine-tuning (a LoRA adapter, or the whole model after full SFT).

@@ -5,8 +5,10 @@ Each stage is a function from the outputs of earlier stages (folders on storage)
 folder, written atomically and addressed by a hash of the config sections it depends on plus its
 inputs' addresses: ``<storage>/<run name>/<stage>-<hash>/``. A stage's runner receives exactly
 those sections (`stage_sections`), so it cannot read a setting its address does not hash. A
-folder with a ``manifest.json`` is finished, so a rerun skips it; ``force`` redoes named stages
-(and so everything after them, since their addresses do not change but their outputs are rebuilt).
+folder with a ``manifest.json`` is finished, so a rerun skips it; ``force`` redoes the named stages
+only: their addresses do not change, so the finished stages after them are kept (name them too).
+A forced stage's old output stays in place until the new one replaces it whole, so a rebuild that
+fails or is killed leaves the finished output as it was.
 
 `run_pipeline` also records the run in its folder: ``config.yaml`` (the resolved config, loadable
 by `rosepo.config.load_config`: what ``rosepo recommend --run`` reads) and ``run.json`` (each
@@ -145,8 +147,11 @@ def run_stage(cfg: RunConfig, stage: str, *, force: bool = False, _ready: dict[s
         log.info("%s: done earlier, skipped (%s)", stage, out)
         ready[stage] = out
         return out
-    if force and out.exists():
-        shutil.rmtree(out)
+    if force:
+        # The finished output stays until the rebuild replaces it (every stage writes atomically),
+        # so a failed or killed rebuild loses nothing. A training stage's Ray run is reset instead:
+        # resumed, its finished checkpoint would only be exported again.
+        shutil.rmtree(work_dir(out), ignore_errors=True)
     log.info("%s: running -> %s", stage, out)
     t0 = time.perf_counter()
     RUNNERS[stage](stage_sections(cfg, stage), out, inputs)

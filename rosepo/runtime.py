@@ -18,6 +18,8 @@ import logging
 import os
 import warnings
 
+from rosepo.errors import ConfigError
+
 HEALTH_CHECK_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 HEALTH_CHECK_INTERVAL_S = "0.1"
 API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"
@@ -29,11 +31,11 @@ QUIET_ENV = {"HF_HUB_DISABLE_PROGRESS_BARS": "1"}
 _verbose = False
 
 
-def worker_env_vars(use_gpu: bool) -> dict[str, str]:
+def worker_env_vars() -> dict[str, str]:
     """Environment of every Ray task/actor of a rosepo job: offline HF, one OMP thread per
-    worker (2-core boxes oversubscribe otherwise), Ray Train's ``print`` as Python's, DeepSpeed's
-    CPU accelerator without a GPU (DeepSpeed finds it by itself; the variable only silences its
-    warning)."""
+    worker (2-core boxes oversubscribe otherwise), Ray Train's ``print`` as Python's. Nothing
+    about the device: a job's workers may hold GPUs or not, and each training worker tells
+    DeepSpeed its own (`rosepo.train.loop`)."""
     env = {
         "OMP_NUM_THREADS": "1",
         "HF_HUB_OFFLINE": "1",
@@ -44,8 +46,6 @@ def worker_env_vars(use_gpu: bool) -> dict[str, str]:
         # and a second "closed" state opens a bar nobody closes, redrawn under every later line.
         PRINT_PATCH_ENV: "0",
     }
-    if not use_gpu:
-        env["DS_ACCELERATOR"] = "cpu"
     return env if _verbose else {**env, **QUIET_ENV}
 
 
@@ -96,6 +96,8 @@ def _quiet_train_reports() -> None:
 
 
 _dashboard_url = ""
+#: Whether `init_ray` started the Ray it is connected to (a local one, which cannot grow).
+_started_here = False
 
 
 def init_ray(address: str = "", num_cpus: int | None = None) -> str:
@@ -109,18 +111,15 @@ def init_ray(address: str = "", num_cpus: int | None = None) -> str:
     """
     import ray
 
-    global _dashboard_url
+    global _dashboard_url, _started_here
     if ray.is_initialized():
         return _dashboard_url
     os.environ.setdefault(HEALTH_CHECK_ENV, HEALTH_CHECK_INTERVAL_S)
     address = address or os.environ.get("RAY_ADDRESS", "")
     if address:
-        # This machine's GPUs say nothing about the cluster's: leave DeepSpeed to detect them.
-        ctx = ray.init(address=address, runtime_env=_runtime_env(worker_env_vars(use_gpu=True)),
+        ctx = ray.init(address=address, runtime_env=_runtime_env(worker_env_vars()),
                        logging_level=_ray_log_level())
     else:
-        import torch
-
         # Ray's state API (used by Train's placement-group cleaner and to free stopped Tune
         # trials' CPUs) finds the dashboard by scanning for local Ray instances and fails when
         # there are several on the machine; naming it removes the guess.
@@ -131,13 +130,42 @@ def init_ray(address: str = "", num_cpus: int | None = None) -> str:
             # ~/.ray/auth_token) and says so at WARNING unless RAY_AUTH_MODE is set; choosing the
             # mode here would skip the token's generation, so the notice is silenced instead.
             logging.getLogger(_AUTH_LOGGER).setLevel(logging.ERROR)
-        env = {**worker_env_vars(torch.cuda.is_available()), API_SERVER_ENV: os.environ[API_SERVER_ENV]}
+        env = {**worker_env_vars(), API_SERVER_ENV: os.environ[API_SERVER_ENV]}
         ctx = ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
                        dashboard_port=port, runtime_env=_runtime_env(env), logging_level=_ray_log_level())
+        _started_here = True
     _dashboard_url = ctx.dashboard_url or ""
     if not _verbose:
         _quiet_ray_data()
     return _dashboard_url
+
+
+def check_gpus(demand: dict[str, int]) -> None:
+    """Before any stage: can the connected Ray give ``demand`` (stage -> GPUs it holds at once,
+    `rosepo.config.RunConfig.gpu_demand`)? A local Ray started here cannot grow, so too few GPUs
+    is a `ConfigError` naming the stages; a cluster joined by address may be autoscaling (a
+    CPU-only head is normal there), so it is a warning that the stages will wait for GPU nodes."""
+    import ray
+
+    if not demand:
+        return
+    have = ray.cluster_resources().get("GPU", 0)
+    need = max(demand.values())
+    if have >= need:
+        return
+    asks = ", ".join(f"{stage} {n}" for stage, n in demand.items())
+    if not cluster_can_grow():
+        raise ConfigError(f"the run asks for GPUs ({asks}) but this machine's Ray has {have:g}: set use_gpu: false "
+                          "(and the stages' use_gpu), or run on a cluster with GPUs (ray_address: auto)")
+    logging.getLogger("rosepo").warning(
+        "the run asks for GPUs (%s); the cluster has %g now: its stages wait for the autoscaler to add GPU nodes "
+        "(each training stage for up to its start_timeout_s)", asks, have)
+
+
+def cluster_can_grow() -> bool:
+    """Whether the connected Ray may gain nodes: a cluster joined by address may be autoscaling;
+    the local Ray `init_ray` started cannot."""
+    return not _started_here
 
 
 def shutdown_ray() -> None:
@@ -146,9 +174,9 @@ def shutdown_ray() -> None:
     printed next, not after it at exit."""
     import ray
 
-    global _dashboard_url
+    global _dashboard_url, _started_here
     ray.shutdown()
-    _dashboard_url = ""
+    _dashboard_url, _started_here = "", False
 
 
 def _runtime_env(env_vars: dict[str, str]) -> dict:

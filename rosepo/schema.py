@@ -61,4 +61,8 @@ PAIRS = pa.schema([
     ("prompt_ids", pa.list_(pa.int32())),
     ("chosen_ids", pa.list_(pa.int32())),
     ("rejected_ids", pa.list_(pa.list_(pa.int32()))),
+    # The user consumes a rejected item later in their own sequence (null: the sample's id holds no
+    # position); chosen and rejected were swapped on purpose (``pairs.label_noise``).
+    ("false_negative", pa.bool_()),
+    ("flipped", pa.bool_()),
 ])

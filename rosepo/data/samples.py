@@ -569,6 +569,18 @@ def select_samples(table: pa.Table, n: int, seed: int) -> pa.Table:
     return table.take(sorted(order[:n]))
 
 
+def length_batches(table: pa.Table, batch_size: int) -> list[pa.Table]:
+    """The batches of a scoring pass over samples: ``table`` sorted by prompt length in
+    characters, longest first (ties by ``sample_id``), cut every ``batch_size`` rows. Each batch
+    is padded to its own longest prompt, so similar lengths waste little; the longest comes first,
+    so a batch too large for the device fails at once, not at the end."""
+    if not len(table):
+        return []
+    order = table.append_column("_length", pc.utf8_length(table.column("prompt"))).sort_by(
+        [("_length", "descending"), ("sample_id", "ascending")]).drop_columns(["_length"])
+    return [order.slice(i, batch_size) for i in range(0, len(order), batch_size)]
+
+
 def read_split(samples_dir: str | Path, split: str) -> pa.Table:
     """Read one split of a samples folder as an Arrow table sorted by ``sample_id``."""
     import pyarrow.parquet as pq

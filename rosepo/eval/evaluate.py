@@ -30,11 +30,11 @@ import pyarrow as pa
 
 from rosepo.data.popularity import train_popularity
 from rosepo.data.prompts import stable_int
-from rosepo.data.samples import SPLITS, read_split
+from rosepo.data.samples import SPLITS, length_batches, read_split
 from rosepo.errors import ConfigError, DataError
 from rosepo.eval.metrics import generation_metrics, parse_answer, popularity_metrics, ranking_metrics
 from rosepo.layout import ANSWERS_FILE, METRICS_FILE, TABLE_FILE, aligned_model_and_adapter
-from rosepo.model.factory import load_for_inference, load_tokenizer
+from rosepo.model.factory import inference_device, load_for_inference, load_tokenizer, resolve_dtype
 from rosepo.model.generate import constrained_answers, greedy_answers
 from rosepo.model.logprobs import answer_logps
 from rosepo.model.tokenize import encode_answer, encode_sample_prompt
@@ -68,16 +68,20 @@ BASELINES = (*RANKERS, "sasrec", "sft")
 
 
 class EvalScorer:
-    """Ray Data actor: the merged model → greedy answer, candidate scores, constrained index."""
+    """Ray Data actor (and `rosepo recommend`'s scorer): the merged model → greedy answer,
+    candidate scores, constrained index. On a GPU (``eval.use_gpu``, or ``device``) the model
+    runs in the training dtype of that GPU (bfloat16 where it computes in it)."""
 
-    def __init__(self, run_cfg: Any, base_model: str, adapter: str | None):
-        """``run_cfg`` holds the ``model`` and ``eval`` sections."""
-        import torch
-
-        torch.set_num_threads(1)
+    def __init__(self, run_cfg: Any, base_model: str, adapter: str | None, device: str | None = None):
+        """``run_cfg`` holds the ``model`` and ``eval`` sections; ``device`` (``cpu``, ``cuda``)
+        overrides ``eval.use_gpu`` for a scorer outside an actor (it then keeps torch's threads)."""
+        use_gpu = bool(run_cfg.eval.use_gpu) if device is None else device.startswith("cuda")
+        if device is None:
+            device = inference_device(use_gpu, "eval.use_gpu")
         self.cfg = run_cfg
         self.tok = load_tokenizer(base_model)
-        self.model = load_for_inference(base_model, adapter)
+        self.model = load_for_inference(base_model, adapter, device=device,
+                                        dtype=resolve_dtype(run_cfg.model.dtype, use_gpu))
         self.items = getattr(self.model, "items", None)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -99,7 +103,7 @@ class EvalScorer:
                        else [-1] * len(rows))
         return pa.Table.from_pydict({
             "sample_id": [r["sample_id"] for r in rows], "answer": answers,
-            "scores": logps.double().tolist(), "constrained_index": constrained,
+            "scores": logps.double().cpu().tolist(), "constrained_index": constrained,
         }, schema=SCORED)
 
 
@@ -197,14 +201,14 @@ def evaluate_model(run_cfg: Any, samples_dir: str | Path, base_model: str | Path
     if ec.num_actors < 1 or ec.batch_size < 1:
         raise ConfigError(f"eval.num_actors and eval.batch_size must be >= 1, got {ec.num_actors} and "
                           f"{ec.batch_size}")
-    # One block per batch, cut here: the pool hands out whole blocks (one block would feed one
-    # actor), and Ray's repartition would need a free CPU that a full actor pool never leaves.
+    # One block per batch, cut here by prompt length: the pool hands out whole blocks (one block
+    # would feed one actor), and Ray's repartition would need a free CPU that a full actor pool
+    # never leaves.
     table = samples.select(["sample_id", "prompt", "history_item_ids", "history_titles", "candidate_item_ids",
                             "candidate_titles"])
-    blocks = [table.slice(i, ec.batch_size) for i in range(0, len(table), ec.batch_size)]
-    ds = ray.data.from_arrow(blocks).map_batches(
+    ds = ray.data.from_arrow(length_batches(table, ec.batch_size)).map_batches(
         EvalScorer, batch_format="pyarrow", batch_size=ec.batch_size,
-        compute=ray.data.ActorPoolStrategy(size=ec.num_actors),
+        compute=ray.data.ActorPoolStrategy(size=ec.num_actors), num_gpus=1 if ec.use_gpu else None,
         fn_constructor_kwargs={"run_cfg": run_cfg, "base_model": str(base_model),
                                "adapter": str(adapter) if adapter else None})
     scored = {r["sample_id"]: r for r in ds.take_all()}

@@ -176,4 +176,5 @@ def compare_command(config: str | None, overrides: list[str], *, seeds_arg: int 
         values["compare.methods"] = [m.strip() for m in methods_arg.split(",") if m.strip()]
     cfg = apply_values(cfg, values) if values else cfg
     runtime.init_ray(cfg.ray_address)
+    runtime.check_gpus(cfg.gpu_demand())
     return run_compare(cfg)

@@ -46,8 +46,9 @@ def load_run(run_dir: str | Path) -> RunConfig:
 class Recommender:
     """A run's model, catalogue and prompt settings, ready to answer queries (`recommend`)."""
 
-    def __init__(self, run_dir: str | Path, stage: str = "align"):
-        """Load the model of ``stage`` (`STAGES`) of the run in ``run_dir`` and its catalogue."""
+    def __init__(self, run_dir: str | Path, stage: str = "align", device: str = "auto"):
+        """Load the model of ``stage`` (`STAGES`) of the run in ``run_dir`` and its catalogue, on
+        ``device`` (``auto``: the GPU when this process sees one, else the CPU)."""
         if stage not in STAGES:
             raise ConfigError(f"stage {stage!r} is not one of {', '.join(STAGES)}")
         run = Path(run_dir)
@@ -60,7 +61,7 @@ class Recommender:
         base, adapter = sft_model_and_adapter(folders["sft"], base_model_path(folders["model"]))
         if stage == "align":
             base, adapter = aligned_model_and_adapter(folders["align"], base)
-        self.scorer = EvalScorer(cfg, base, adapter)
+        self.scorer = EvalScorer(cfg, base, adapter, device=pick_device(device))
         _, catalog, _ = load_source(cfg.data)
         self.titles: dict[str, str] = dict(zip(catalog.column("item_id").to_pylist(),
                                                catalog.column("title").to_pylist()))
@@ -131,6 +132,17 @@ class Recommender:
                     out[i] = {"history": q["history"], "answer": s["answer"], "num_candidates": len(q["candidates"]),
                               "top": [{"title": t, "score": round(v, 4)} for t, v in ranked]}
         return out
+
+
+def pick_device(device: str) -> str:
+    """``auto`` as ``cuda`` when this process sees a GPU, else ``cpu``; other names as given."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r}: this process sees no CUDA device")
+    return device
 
 
 def recommend_file(recommender: Recommender, path: str | Path, k: int) -> list[dict]:

@@ -3,6 +3,7 @@ checks against a run config, and its translation to Ray Tune's space and search 
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -141,13 +142,15 @@ def eval_reports(total: int, eval_every: int) -> int:
     return len({s for s in range(1, total + 1) if s == total or (eval_every and s % eval_every == 0)})
 
 
-def check_search(run_cfg: RunConfig, search: dict, cluster: dict | None = None) -> None:
+def check_search(run_cfg: RunConfig, search: dict, cluster: dict | None = None, *, can_grow: bool = False) -> None:
     """Refuse, before any trial runs, a search whose trials cannot run or report its metric.
 
     Every value of the space must be valid for ``run_cfg``; the metric's recommendation slice
     must be on (``align.eval_rec_samples``), greedy metrics need ZeRO < 3; one trial's Train
     workers (``align.num_workers`` x ``align.cpus_per_worker`` CPUs, one GPU each with
-    ``use_gpu``) must fit in ``cluster`` (Ray's total resources) when given.
+    ``use_gpu``) must fit in ``cluster`` (Ray's total resources) when given. A cluster that
+    ``can_grow`` (joined by address: an autoscaler may add nodes) is only warned about: its
+    trials queue until nodes come, each for up to ``align.start_timeout_s``.
     """
     for key, dist in search["space"].items():
         for value in _distribution_values(key, dist):
@@ -163,6 +166,10 @@ def check_search(run_cfg: RunConfig, search: dict, cluster: dict | None = None) 
         need = {"CPU": a.num_workers * a.cpus_per_worker, "GPU": a.num_workers if a.use_gpu else 0}
         short = [f"{need[r]:g} {r}s (the cluster has {cluster.get(r, 0):g})" for r in need
                  if need[r] > cluster.get(r, 0)]
-        if short:
+        if short and can_grow:
+            logging.getLogger("rosepo").warning(
+                "one trial needs %s: its trials wait for the autoscaler to add nodes (up to align.start_timeout_s, "
+                "%g s, each)", " and ".join(short), a.start_timeout_s)
+        elif short:
             raise ConfigError(f"one trial needs {' and '.join(short)}: lower align.num_workers or "
                               "align.cpus_per_worker (fractions are fine), or add nodes")

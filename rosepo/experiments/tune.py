@@ -103,7 +103,7 @@ def run_tune(run_cfg: RunConfig, search: dict, *, storage: str | Path, name: str
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     search = validate_search(search)
-    check_search(run_cfg, search, ray.cluster_resources())
+    check_search(run_cfg, search, ray.cluster_resources(), can_grow=runtime.cluster_can_grow())
     experiment = confined(storage, name)  # a --name leading outside the run folder is refused
     restorable = ray.tune.Tuner.can_restore(str(experiment))
     if restorable and not resume:
@@ -149,6 +149,7 @@ def tune_command(config: str | None, search_path: str, overrides: list[str], *, 
     search = load_search(search_path)
     check_search(cfg, search)  # before Ray starts; the cluster's resources are checked after
     dashboard = runtime.init_ray(cfg.ray_address)
+    runtime.check_gpus(cfg.gpu_demand())
     experiment = confined(run_folder(cfg), name)
     log.info("Ray dashboard: %s (Jobs, Cluster, Logs)", dashboard or "off")
     log.info("TensorBoard:   tensorboard --logdir %s", experiment)

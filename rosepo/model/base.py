@@ -14,7 +14,7 @@ from rosepo.data.samples import SPLITS, read_split
 from rosepo.layout import ITEM_EMBEDDINGS, MODEL_PATH_KEY, TINY_MODEL_DIR
 from rosepo.model.factory import (build_tiny_model, check_lora_targets, embedding_shape, load_tokenizer,
                                   model_linear_layers)
-from rosepo.model.fetch import resolve_model
+from rosepo.model.fetch import copy_hub_model, is_hub_name, resolve_model
 from rosepo.model.items import write_items
 from rosepo.model.tokenize import check_sample_lengths
 from rosepo.pairs.sasrec import load_oracle
@@ -24,7 +24,9 @@ from rosepo.storage import atomic_dir, write_manifest
 def build_base_model(cfg: ModelConfig, data_dir: str, samples_dir: Path, oracle_dir: Path, out: Path) -> dict:
     """Build (``name_or_path: tiny``) or name the base model into ``out``, atomically; return the
     manifest (``model_path``: ``out/hf``, or the configured model, a named one such as
-    ``gemma-3-270m`` fetched into ``data_dir`` on first use). With ``title_init: sasrec`` the
+    ``gemma-3-270m`` fetched into ``data_dir`` on first use). A hub model (``org/name``) is
+    copied into ``out/hf`` (`copy_hub_model`): on a cluster the run's storage is shared, the
+    workers' hub caches are not. With ``title_init: sasrec`` the
     title tokens start from the oracle's item vectors (`title_vectors`). With ``item_embeddings:
     sasrec`` the folder also holds the item file (`rosepo.model.items`): the oracle's item vectors
     and a seeded projector, which SFT starts from; with ``user_token: sasrec`` also the oracle's
@@ -44,6 +46,9 @@ def build_base_model(cfg: ModelConfig, data_dir: str, samples_dir: Path, oracle_
             vectors = title_vectors(samples_dir, item_vectors) if cfg.title_init == "sasrec" else None
             built = build_tiny_model(cfg, texts, tmp / TINY_MODEL_DIR, titles=titles, title_vectors=vectors)
             path = str(out / TINY_MODEL_DIR)  # where it will be once the folder is in place
+        elif is_hub_name(cfg.name_or_path):
+            built = copy_hub_model(cfg.name_or_path, tmp / TINY_MODEL_DIR)
+            path = str(out / TINY_MODEL_DIR)
         else:
             path = built = resolve_model(cfg.name_or_path, data_dir)
         if cfg.finetune == "lora":

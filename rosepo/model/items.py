@@ -294,7 +294,7 @@ def attach_items(lm, path: str | Path, *, trainable: bool):
     items = ItemTokens.read(path)
     tensors = load_file(str(path))
     emb = lm.get_input_embeddings().weight
-    rows, hidden = emb.shape
+    rows, hidden = getattr(emb, "ds_shape", emb.shape)  # a ZeRO-3 partition holds a flat shard
     if items.offset != rows:
         raise ConfigError(f"{path} was made for a model with {items.offset} embedding rows; this one has {rows}: "
                           "rebuild the model stage")

@@ -21,32 +21,43 @@ import pyarrow as pa
 
 from rosepo.data.popularity import train_popularity
 from rosepo.data.prompts import stable_int
-from rosepo.data.samples import read_split, select_samples
+from rosepo.data.samples import length_batches, read_split, select_samples
 from rosepo.errors import DataError
 from rosepo.eval.metrics import parse_answer
 from rosepo.layout import pairs_file
-from rosepo.model.factory import load_for_inference, load_tokenizer
+from rosepo.model.factory import inference_device, load_for_inference, load_tokenizer, resolve_dtype
 from rosepo.model.generate import greedy_answers
 from rosepo.model.logprobs import answer_logps
 from rosepo.model.tokenize import encode_answer, encode_sample_prompt
 from rosepo.pairs.embed import embed_titles, history_similarity
+from rosepo.pairs.noise import false_negatives, flip_labels, later_positions
 from rosepo.pairs.sasrec import load_oracle
 from rosepo.pairs.strategies import STRATEGIES, SampleContext, assign_strategy
 from rosepo.schema import PAIRS
 from rosepo.storage import atomic_dir, rows_hash, write_manifest
 
 
+#: What a `PairScorer` returns: the pair rows before `build_pairs` marks false negatives and flips
+#: labels, with the rejected items' ids.
+SCORED = pa.schema([f for f in PAIRS if f.name not in ("false_negative", "flipped")]
+                   + [pa.field("rejected_items", pa.list_(pa.string()))])
+
+
 class PairScorer:
-    """Ray Data actor: SFT model + oracle + embeddings → pair rows for a batch of samples."""
+    """Ray Data actor: SFT model + oracle + embeddings → pair rows for a batch of samples.
+
+    The SFT model scores as the policy of alignment computes at its first step: the adapter
+    unmerged, in the training dtype of the device (bfloat16 on a GPU that has it), so the
+    reference log-probs it stores give a zero margin at step 0 up to that dtype's rounding."""
 
     def __init__(self, run_cfg: Any, base_model: str, adapter: str | None, oracle_dir: str,
                  item_vectors: dict, popularity: dict):
-        import torch
-
-        torch.set_num_threads(1)
+        use_gpu = bool(run_cfg.pairs.use_gpu)
+        device = inference_device(use_gpu, "pairs.use_gpu")
         self.cfg = run_cfg
         self.tok = load_tokenizer(base_model)
-        self.model = load_for_inference(base_model, adapter)
+        self.model = load_for_inference(base_model, adapter, device=device, merge=False,
+                                        dtype=resolve_dtype(run_cfg.model.dtype, use_gpu))
         self.oracle = load_oracle(oracle_dir)
         self.vectors = item_vectors
         self.popularity = popularity
@@ -58,15 +69,13 @@ class PairScorer:
         rows = batch.to_pylist()
         prompt_ids = [encode_sample_prompt(self.model, self.tok, r, mc.max_prompt_tokens) for r in rows]
         cand_ids = [[encode_answer(self.tok, t, mc.max_answer_tokens) for t in r["candidate_titles"]] for r in rows]
-        # One sample per forward. Batched, a sample's scores move in the last bits with the rows it
-        # shares a batch with (the matmul shapes follow the batch size and padding width, and BLAS
-        # blocks, hence sums, by shape: 1.9e-6 apart here, other digits on another CPU), and
-        # with them the content hash and, on near-ties, the self-hard argmax. Alone, a sample's
-        # scores depend on the sample only, whatever the Ray batch size or actor count.
+        # The whole batch in one forward, one row per sample (its prompt, then every candidate).
+        # A sample's scores then move in the last bits with the rows it shares the batch with (the
+        # matmul shapes follow the padding width), so the pairs' content hash holds for a given
+        # pairs.batch_size, whatever the number of actors (the driver cuts the batches).
         with torch.no_grad():
-            logps = np.stack([answer_logps(self.model, [p], [c], prefix_sharing=True,
-                                           pad_id=self.tok.pad_token_id)[0][0].double().numpy()
-                              for p, c in zip(prompt_ids, cand_ids)])
+            logps = answer_logps(self.model, prompt_ids, cand_ids, prefix_sharing=True,
+                                 pad_id=self.tok.pad_token_id)[0].double().cpu().numpy()
         oracle = np.concatenate([self.oracle.score([r["history_item_ids"]], [r["candidate_item_ids"]])
                                  for r in rows])
         greedy = self._greedy(rows, prompt_ids) if pc.self_hard_greedy else [-1] * len(rows)
@@ -94,13 +103,13 @@ class PairScorer:
                     "ref_chosen_logp": float(logps[b, target]), "ref_rejected_logp": [float(logps[b, i]) for i in rej],
                     "prompt_ids": prompt_ids[b], "chosen_ids": cand_ids[b][target],
                     "rejected_ids": [cand_ids[b][i] for i in rej],
+                    "rejected_items": [r["candidate_item_ids"][i] for i in rej],
                 })
-        return pa.Table.from_pylist(out, schema=PAIRS)
+        return pa.Table.from_pylist(out, schema=SCORED)
 
     def _greedy(self, rows: list[dict], prompt_ids: list[list[int]]) -> list[int]:
         """Index of the candidate the model's greedy answer names when exactly one is named, else -1."""
-        answers = [greedy_answers(self.model, self.tok, [p], self.cfg.model.max_answer_tokens)[0]
-                   for p in prompt_ids]  # one at a time, as the scores above
+        answers = greedy_answers(self.model, self.tok, prompt_ids, self.cfg.model.max_answer_tokens)
         return [parse_answer(a, r["candidate_titles"], 0)["named_index"] for a, r in zip(answers, rows)]
 
 
@@ -121,8 +130,12 @@ def build_pairs(run_cfg: Any, samples_dir: str | Path, base_model: str, adapter:
     t0 = time.perf_counter()
     pc = run_cfg.pairs
     splits = splits or {"train": pc.max_samples, "valid": pc.eval_samples}
-    tables = {s: select_samples(_without(read_split(samples_dir, s), exclude_train if s == "train" else ()),
-                                n, pc.seed) for s, n in splits.items()}
+    full = {s: read_split(samples_dir, s) for s in splits}
+    tables = {s: select_samples(_without(full[s], exclude_train if s == "train" else ()), n, pc.seed)
+              for s, n in splits.items()}
+    # Where every user consumes every item, for the false negatives (the whole split, not the slice).
+    later = {s: later_positions(*(t.column(c).to_pylist() for c in ("sample_id", "user_id", "target_item_id")))
+             for s, t in full.items()}
     if exclude_train and "train" in tables and not len(tables["train"]):
         raise DataError(f"{samples_dir}/train: every train sample is in the sft stage's slice "
                         f"({len(exclude_train)} samples), none is left for pairs.exclude_sft; "
@@ -140,17 +153,18 @@ def build_pairs(run_cfg: Any, samples_dir: str | Path, base_model: str, adapter:
                 "excluded_train_samples": len(exclude_train)}
     with atomic_dir(Path(out_dir), overwrite=True) as tmp:
         for split, table in tables.items():
-            # One block per batch, cut here: a repartition before a full actor pool can wait forever
-            # for a free CPU, and one block would feed one actor only.
-            blocks = [table.slice(i, pc.batch_size) for i in range(0, len(table), pc.batch_size)]
-            ds = ray.data.from_arrow(blocks).map_batches(
+            ds = ray.data.from_arrow(length_batches(table, pc.batch_size)).map_batches(
                 PairScorer, batch_format="pyarrow", batch_size=pc.batch_size,
-                compute=ray.data.ActorPoolStrategy(size=pc.num_actors),
+                compute=ray.data.ActorPoolStrategy(size=pc.num_actors), num_gpus=1 if pc.use_gpu else None,
                 fn_constructor_kwargs={"run_cfg": run_cfg, "base_model": str(base_model),
                                        "adapter": str(adapter) if adapter else None, "oracle_dir": str(oracle_dir),
                                        "item_vectors": item_vectors, "popularity": popularity})
             rows = ds.take_all()
             rows.sort(key=lambda r: r["pair_id"])
+            for r in rows:
+                r["false_negative"] = false_negatives(r["sample_id"], r["user_id"], r.pop("rejected_items"),
+                                                      later[split])
+            rows = flip_labels(rows, pc.label_noise if split == "train" else 0.0, pc.seed)
             (tmp / split).mkdir()
             pq.write_table(pa.Table.from_pylist(rows, schema=PAIRS), pairs_file(tmp, split))
             margin = np.array([r["oracle_chosen"] - np.mean(r["oracle_rejected"]) for r in rows])
@@ -158,11 +172,23 @@ def build_pairs(run_cfg: Any, samples_dir: str | Path, base_model: str, adapter:
             for r in rows:
                 strategies[r["strategy"]] = strategies.get(r["strategy"], 0) + 1
             manifest["splits"][split] = {"pairs": len(rows), "samples": len(table), "strategies": strategies,
+                                         "flipped": sum(r["flipped"] for r in rows),
+                                         "false_negatives": _false_negative_shares(rows),
                                          "oracle_margin": _summary(margin),
                                          "content_hash": rows_hash(rows, "pair_id")}
         manifest["seconds"] = round(time.perf_counter() - t0, 2)
         write_manifest(tmp, manifest)
     return manifest
+
+
+def _false_negative_shares(rows: list[dict]) -> dict:
+    """Per strategy, the share of clean pairs whose rejected item the user consumes later (pairs
+    whose samples hold no position left out); {} when none can be told."""
+    known: dict[str, list[bool]] = {}
+    for r in rows:
+        if r["false_negative"] is not None and not r["flipped"]:
+            known.setdefault(r["strategy"], []).append(r["false_negative"])
+    return {s: round(float(np.mean(v)), 4) for s, v in sorted(known.items())}
 
 
 def _without(table: pa.Table, sample_ids: Collection[str]) -> pa.Table:

@@ -193,12 +193,18 @@ class Oracle:
             raise DataError(f"candidate lists differ in length; every row needs {width} candidates")
         seqs = torch.from_numpy(self.vocab.encode_histories(histories, self.cfg.max_len))
         cands = torch.tensor([self.vocab.encode(c) for c in candidates], dtype=torch.long)
-        out = []
-        with torch.no_grad():
-            for start in range(0, len(seqs), SCORE_BATCH):
-                logits = self.model(seqs[start:start + SCORE_BATCH])
-                out.append(logits.gather(1, cands[start:start + SCORE_BATCH]))
-        return torch.cat(out).numpy().astype(np.float32)
+        return score_indices(self.model, seqs, cands)
+
+
+def score_indices(model: SASRec, seqs, cands, device="cpu") -> np.ndarray:
+    """Scores (B, C) float32 of index sequences (B, L) for candidate indices (B, C), batched
+    (`SCORE_BATCH` rows per forward) on ``device``, without gradients; the model in eval mode."""
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(seqs), SCORE_BATCH):
+            logits = model(seqs[start:start + SCORE_BATCH].to(device))
+            out.append(logits.gather(1, cands[start:start + SCORE_BATCH].to(device)).cpu())
+    return torch.cat(out).numpy().astype(np.float32)
 
 
 def load_oracle(out_dir: str | Path) -> Oracle:

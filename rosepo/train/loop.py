@@ -48,11 +48,12 @@ import functools
 import json
 import logging
 import math
+import os
 from pathlib import Path
 from typing import Any
 
 from rosepo.config import ModelConfig, TrainConfig
-from rosepo.errors import ConfigError
+from rosepo.errors import ConfigError, RosepoError, TrainingError
 from rosepo.model.factory import apply_lora, export_model, load_model, load_tokenizer, resolve_dtype
 from rosepo.model.items import attach_items
 from rosepo.runtime import is_verbose, train_logging
@@ -60,6 +61,8 @@ from rosepo.train.schedule import (TRAINER_STATE, check_resumable, find_latest_c
                                    total_steps, worker_micro_batches)
 from rosepo.train.zero_config import deepspeed_config, skip_shm_comm_build
 
+#: Ray Train's seconds per try to place a worker group, and the variable that changes it.
+START_TIMEOUT_ENV, DEFAULT_START_TIMEOUT_S = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", 60.0
 HF_EXPORT = "hf"
 DS_SUBDIR = "deepspeed"
 DS_TAG = "state"
@@ -131,7 +134,6 @@ def fit(task: TrainingTask, model_cfg: ModelConfig, *, model_path: str, adapter:
     ``checkpoint_path`` (the latest checkpoint folder) and ``final_model`` (its HF export).
     """
     import ray.train
-    import torch
     from ray.train.torch import TorchTrainer
 
     if not isinstance(task, TrainingTask):
@@ -139,7 +141,6 @@ def fit(task: TrainingTask, model_cfg: ModelConfig, *, model_path: str, adapter:
     if "train" not in datasets:
         raise ConfigError("fit needs a 'train' dataset")
     tcfg = task.cfg
-    bf16 = resolve_dtype(model_cfg.dtype, tcfg.use_gpu) == torch.bfloat16
     ray_run_dir = Path(output_dir).resolve() / run_name
     resume_from = find_latest_checkpoint(ray_run_dir)
     if resume_from is not None:
@@ -157,7 +158,8 @@ def fit(task: TrainingTask, model_cfg: ModelConfig, *, model_path: str, adapter:
             "model_path": str(model_path),
             "adapter": str(adapter) if adapter else None,
             "items_path": str(items_path) if items_path else None,
-            "ds_config": deepspeed_config(tcfg, bf16=bf16),
+            # bf16 is set in the worker, which sees the card (`_train_dtype`).
+            "ds_config": deepspeed_config(tcfg, bf16=False),
             "resume_from": str(resume_from) if resume_from else None,
             "stop_at_step": stop_at_step,
             "has_eval": "eval" in datasets,
@@ -170,8 +172,10 @@ def fit(task: TrainingTask, model_cfg: ModelConfig, *, model_path: str, adapter:
         run_config=ray.train.RunConfig(
             name=run_name,
             storage_path=str(ray_run_dir.parent),
-            # A controller failure fails the run; running fit again resumes from the checkpoint.
-            failure_config=ray.train.FailureConfig(max_failures=tcfg.max_failures, controller_failure_limit=0),
+            # A controller failure (the workers could not be placed in time) is retried until
+            # ``start_timeout_s`` is spent, then fails the run; running fit again resumes.
+            failure_config=ray.train.FailureConfig(max_failures=tcfg.max_failures,
+                                                   controller_failure_limit=start_retries(tcfg.start_timeout_s)),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             callbacks=callbacks,
             logging_config=train_logging(),
@@ -179,7 +183,30 @@ def fit(task: TrainingTask, model_cfg: ModelConfig, *, model_path: str, adapter:
         datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split=[]),
     )
-    return _fit_result(trainer.fit(), resume_from)
+    try:
+        result = trainer.fit()
+    except ray.train.TrainingFailedError as e:
+        raise worker_error(e) from None
+    return _fit_result(result, resume_from)
+
+
+def start_retries(start_timeout_s: float) -> int:
+    """Ray Train's ``controller_failure_limit`` for a stage that waits ``start_timeout_s`` for its
+    workers: each try waits ``RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S`` (Ray's default 60 s)."""
+    per_try = float(os.environ.get(START_TIMEOUT_ENV, DEFAULT_START_TIMEOUT_S))
+    return max(0, math.ceil(start_timeout_s / per_try) - 1)
+
+
+def worker_error(error: Exception) -> Exception:
+    """What a failed run raises in the driver: the `RosepoError` a worker raised (the one that
+    names most, e.g. the batch's samples), so the console shows rosepo's one line; else Ray's error."""
+    found: list[RosepoError] = []
+    for failure in (getattr(error, "worker_failures", None) or {}).values():
+        while failure is not None and not isinstance(failure, RosepoError):
+            failure = failure.__cause__
+        if failure is not None:
+            found.append(failure)
+    return max(found, key=lambda e: len(str(e))) if found else error
 
 
 def _fit_result(result, resume_from: Path | None) -> dict:
@@ -237,7 +264,7 @@ def train_loop_per_worker(config: dict) -> dict:
         torch.manual_seed(tcfg.seed * 1_000_003 + step * 1009 + rank)
         micro = worker_micro_batches(step_rows(step, len(rows), global_batch, tcfg.seed), rank,
                                      tcfg.micro_batch_size, tcfg.grad_accum)
-        metrics = _train_step(engine, task, [[rows[i] for i in idx] for idx in micro], tokenizer.pad_token_id)
+        metrics = _train_step(engine, task, [[rows[i] for i in idx] for idx in micro], tokenizer.pad_token_id, step)
         metrics.update(step=step + 1, epoch=(step + 1) * global_batch / len(rows))
         history.append({"step": step + 1, "loss": metrics["loss"]})
         losses.append(metrics["loss"])
@@ -322,24 +349,52 @@ def _sorted_rows(name: str, key: str) -> list[dict]:
     return sorted(rows, key=lambda r: r[key])
 
 
+def _train_dtype(model_cfg: ModelConfig, use_gpu: bool):
+    """The worker's training dtype (`resolve_dtype` on the card it holds). On a GPU worker float32
+    matmuls run in TF32 (Ampere and later), as HF's Trainer does with ``tf32``."""
+    import torch
+
+    dtype = resolve_dtype(model_cfg.dtype, use_gpu)
+    if use_gpu and dtype == torch.float32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return dtype
+
+
 def _setup_engine(config: dict, total: int):
     """Seeded model (+ LoRA unless an adapter is given) wrapped by DeepSpeed with AdamW and the
-    warmup + cosine schedule over ``total`` steps; returns (engine, tokenizer)."""
+    warmup + cosine schedule over ``total`` steps; returns (engine, tokenizer).
+
+    Under ZeRO-3 the model is loaded inside DeepSpeed's ``zero.Init`` (transformers'
+    `HfDeepSpeedConfig`): each rank materialises only its shard of the weights, so a model larger
+    than one GPU loads at all. The LoRA and item-token modules made afterwards are small; DeepSpeed
+    partitions them at ``initialize``."""
     import random
 
+    if not config["task"].cfg.use_gpu:
+        # DeepSpeed picks its accelerator at import: a CPU worker says so (it finds the CPU by
+        # itself, with a warning); a GPU worker lets it find CUDA.
+        os.environ["DS_ACCELERATOR"] = "cpu"
     import deepspeed
     import numpy as np
     import torch
 
     task: TrainingTask = config["task"]
     model_cfg, tcfg = config["model_cfg"], task.cfg
+    dtype = _train_dtype(model_cfg, tcfg.use_gpu)
+    ds_config = {**config["ds_config"], "bf16": {**config["ds_config"]["bf16"], "enabled": dtype == torch.bfloat16}}
     random.seed(tcfg.seed)
     np.random.seed(tcfg.seed)
     torch.manual_seed(tcfg.seed)  # the same LoRA initialisation on every rank
     tokenizer = load_tokenizer(config["model_path"])
-    model = load_model(config["model_path"], dtype=resolve_dtype(model_cfg.dtype, tcfg.use_gpu),
-                       adapter=config["adapter"], trainable_adapter=True,
+    zero_init = None
+    if tcfg.zero_stage == 3:
+        from transformers.integrations import HfDeepSpeedConfig
+
+        zero_init = HfDeepSpeedConfig(ds_config)  # read by from_pretrained while it lives
+    model = load_model(config["model_path"], dtype=dtype, adapter=config["adapter"], trainable_adapter=True,
                        gradient_checkpointing=model_cfg.gradient_checkpointing)
+    del zero_init
     if config["adapter"] is None:
         model = apply_lora(model, tcfg.model_config(model_cfg))
     model = task.prepare_model(model, config["adapter"])
@@ -353,14 +408,35 @@ def _setup_engine(config: dict, total: int):
         optimizer=torch.optim.AdamW(params, lr=tcfg.learning_rate, weight_decay=tcfg.weight_decay),
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: lr_factor(s, total, warmup)),
-        config=config["ds_config"],
+        config=ds_config,
     )
     return engine, tokenizer
 
 
-def _train_step(engine, task: TrainingTask, micro_batches: list[list[dict]], pad_id: int) -> dict:
-    """One optimiser step over this worker's micro-batches (DeepSpeed accumulates and steps at
-    the boundary); metrics averaged over micro-batches, then over workers."""
+def _stop_if_not_finite(task: TrainingTask, step: int, what: str, value, rows: list[dict], device) -> None:
+    """Raise `TrainingError` on every rank when ``value`` is not finite on any rank (``device``:
+    where to agree on it, one all-reduce; None when ``value`` is the same on every rank). Raised
+    before the checkpoint of the step is written, so the last checkpoint holds good weights."""
+    import torch
+
+    bad = torch.tensor([0.0 if bool(torch.isfinite(value.detach()).all()) else 1.0],
+                       device=device or "cpu", dtype=torch.float32)
+    if device is not None:
+        torch.distributed.all_reduce(bad)
+    if not bad.item():
+        return
+    ids = [str(r.get(task.key)) for r in rows] if not bool(torch.isfinite(value.detach()).all()) else []
+    here = (f"; this rank's batch: {task.key} {', '.join(ids[:8])}{' ...' if len(ids) > 8 else ''}" if ids
+            else "; on another rank's batch")
+    raise TrainingError(f"{task.name}: non-finite {what} ({float(value.detach().float().flatten()[0])}) at step "
+                        f"{step + 1}{here}. Nothing after the last checkpoint was saved. Likely causes: a learning "
+                        "rate too high for the model, bfloat16 overflow (try model.dtype: float32), or bad rows")
+
+
+def _train_step(engine, task: TrainingTask, micro_batches: list[list[dict]], pad_id: int, step: int = 0) -> dict:
+    """One optimiser step (number ``step``, from 0) over this worker's micro-batches (DeepSpeed
+    accumulates and steps at the boundary); metrics averaged over micro-batches, then over
+    workers. A non-finite loss (before its backward) or gradient norm stops the run (`TrainingError`)."""
     import time
 
     import torch
@@ -372,6 +448,7 @@ def _train_step(engine, task: TrainingTask, micro_batches: list[list[dict]], pad
     for rows in micro_batches:
         batch = {k: v.to(engine.device) for k, v in task.collate(rows, pad_id).items()}
         loss, task_metrics = task.compute_loss(engine, batch)
+        _stop_if_not_finite(task, step, "loss", loss, rows, engine.device)
         engine.backward(loss)
         engine.step()
         for k, v in {"loss": loss, **task_metrics}.items():
@@ -388,6 +465,9 @@ def _train_step(engine, task: TrainingTask, micro_batches: list[list[dict]], pad
     reduced = vec.tolist()
     elapsed = time.perf_counter() - t0
     grad_norm = engine.get_global_grad_norm()
+    if grad_norm is not None:  # the global norm: every rank holds the same value
+        _stop_if_not_finite(task, step, "gradient norm", torch.as_tensor(float(grad_norm)),
+                            [r for rows in micro_batches for r in rows], None)
     return {**dict(zip(keys, reduced[:-2])),
             "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
             "learning_rate": lr,

@@ -109,13 +109,20 @@ def test_build_tiny_model_round_trip(tiny_dir, tokenizer):
         assert torch.equal(a, b), name
 
 
-def test_resolve_dtype():
+def test_resolve_dtype(monkeypatch):
+    """``auto``: bfloat16 on a GPU that computes in it, float32 on the CPU and on older cards
+    (T4, V100), where an explicit ``bfloat16`` is refused naming the card."""
+    monkeypatch.setattr(factory, "gpu_has_bf16", lambda: True)
     assert factory.resolve_dtype("auto", use_gpu=True) == torch.bfloat16
     assert factory.resolve_dtype("auto", use_gpu=False) == torch.float32
     assert factory.resolve_dtype("float32", use_gpu=True) == torch.float32
     assert factory.resolve_dtype("bfloat16", use_gpu=False) == torch.bfloat16
     with pytest.raises(ConfigError, match="model.dtype"):
         factory.resolve_dtype("fp8", use_gpu=True)
+    monkeypatch.setattr(factory, "gpu_has_bf16", lambda: False)
+    assert factory.resolve_dtype("auto", use_gpu=True) == torch.float32
+    with pytest.raises(ConfigError, match="does not compute in bfloat16.*float32 or auto"):
+        factory.resolve_dtype("bfloat16", use_gpu=True)
 
 
 def test_load_tokenizer_pads_with_eos_on_the_right(tmp_path):

