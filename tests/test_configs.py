@@ -1,8 +1,10 @@
-"""Every shipped config loads and validates; the DeepSpeed files are consistent with them."""
+"""Every shipped config loads and validates; the DeepSpeed files are consistent with them; the
+files their comments point at exist."""
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -10,7 +12,8 @@ import pytest
 from rosepo.config import load_config
 from rosepo.train.zero_config import DEEPSPEED_DIR, deepspeed_config
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
@@ -36,3 +39,11 @@ def test_deepspeed_templates_are_json():
     assert len(templates) == 5
     for f in templates:
         assert "zero_optimization" in json.loads(f.read_text())
+
+
+def test_files_named_in_the_configs_exist():
+    """A path of the repository that a config or search file names (in a comment, say) exists."""
+    named = {(path.name, m.group(0)) for path in (REPO / "configs").rglob("*.yaml")
+             for m in re.finditer(r"\b(?:rosepo|docs|configs|tools|bench|jobs|cluster)/[\w./-]*\w\.(?:py|md|yaml|json)",
+                                  path.read_text(encoding="utf-8"))}
+    assert len(named) >= 10 and [(f, p) for f, p in sorted(named) if not (REPO / p).is_file()] == []
