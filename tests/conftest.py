@@ -8,6 +8,8 @@ worker-group start timeout (a broken worker fails the test instead of hanging it
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -83,6 +85,14 @@ def tiny_model_dir(tmp_path_factory, sft_samples) -> Path:
 
 
 REPO = Path(__file__).resolve().parents[1]
+#: The environment of a rosepo command started by a test: not this session's Ray settings (its
+#: `ray.init` exports some), so the command starts its own Ray, as `make run` does; stdout and
+#: stderr unbuffered, so they interleave as written.
+COMMAND_ENV = {**{k: v for k, v in os.environ.items() if not k.startswith("RAY_")},
+               "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1", "PYTHONUNBUFFERED": "1"}
+#: The smoke run's arguments (configs/smoke.yaml, every stage, hybrid item tokens and the user token).
+SMOKE_ARGS = ("--config", "configs/smoke.yaml", f"data.data_dir={REPO / 'data'}", "model.item_embeddings=sasrec",
+              "model.user_token=sasrec")
 
 
 @pytest.fixture(scope="session")
@@ -140,6 +150,27 @@ def kill_a_worker_midrun(ray_session):
         return out["result"], at, time.time() - t_kill
 
     return run
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory) -> tuple[str, str, Path]:
+    """``rosepo run`` of the smoke config (every stage, with hybrid item tokens and the user token)
+    in a subprocess, as `make run` starts it: its own Ray, its console captured whole (stdout and
+    stderr, in order). Returns (summary.md, the console as one stream, the run folder); shared by
+    the tests that need a finished run (each smoke pipeline costs minutes)."""
+    from rosepo.experiments.summary import SUMMARY_FILE
+
+    storage = tmp_path_factory.mktemp("cli")
+    proc = subprocess.run(rosepo_command("run", *SMOKE_ARGS, f"storage={storage}"), cwd=REPO, env=COMMAND_ENV,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=1500)
+    assert proc.returncode == 0, proc.stdout[-5000:]
+    run = storage / "smoke"
+    return (run / SUMMARY_FILE).read_text(), proc.stdout, run
+
+
+def rosepo_command(*args: str) -> list[str]:
+    """The command line of ``rosepo ARGS`` run by this interpreter."""
+    return [sys.executable, "-m", "rosepo.cli", *args]
 
 
 @pytest.fixture(scope="session")

@@ -25,29 +25,13 @@ import yaml
 
 from rosepo.cli import build_parser, main, version
 from rosepo.config import load_config
-from rosepo.experiments.summary import RESULTS_PNG, SUMMARY_FILE
+from rosepo.experiments.summary import RESULTS_PNG
 from rosepo.storage import read_manifest
 from tests.conftest import fixture_titles
 
 REPO = Path(__file__).resolve().parents[1]
 #: Real MovieLens titles as the catalogue (RecBole's ml-100k.item) names them: no year.
 HISTORY = ["Toy Story", "Fargo", "Star Wars", "Twelve Monkeys"]
-
-
-@pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory) -> tuple[str, str, Path]:
-    """``rosepo run`` of the smoke config: (stdout, the console as one stream, the run folder)."""
-    storage = tmp_path_factory.mktemp("cli")
-    # Not this session's Ray settings (its `ray.init` exports some): the run starts its own Ray.
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_") or k == "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"}
-    env["PYTHONUNBUFFERED"] = "1"  # as `make run`: stdout and stderr interleave as written
-    cmd = [sys.executable, "-m", "rosepo.cli", "run", "--config", "configs/smoke.yaml", f"storage={storage}",
-           f"data.data_dir={REPO / 'data'}", "model.item_embeddings=sasrec", "model.user_token=sasrec"]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          timeout=1500)
-    assert proc.returncode == 0, proc.stdout[-5000:]
-    run = storage / "smoke"
-    return (run / SUMMARY_FILE).read_text(), proc.stdout, run
 
 
 @pytest.mark.slow

@@ -31,6 +31,7 @@ tuned β or learning rate.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -47,7 +48,8 @@ from rosepo.experiments.methods import (
     seeds,
     selected_methods,
 )
-from rosepo.experiments.report import write_summary
+from rosepo.experiments.noise import noise_dir, rate_config, write_noise_report
+from rosepo.experiments.report import RESULTS, write_summary
 from rosepo.layout import aligned_model_and_adapter, base_model_path, sft_model_and_adapter
 from rosepo.pipeline import run_folder, run_pipeline, run_stage, stage_key
 from rosepo.storage import atomic_dir, is_complete, read_manifest, write_manifest
@@ -177,4 +179,16 @@ def compare_command(config: str | None, overrides: list[str], *, seeds_arg: int 
     cfg = apply_values(cfg, values) if values else cfg
     runtime.init_ray(cfg.ray_address)
     runtime.check_gpus(cfg.gpu_demand())
-    return run_compare(cfg)
+    return run_noise_compare(cfg) if cfg.compare.noise_rates else run_compare(cfg)
+
+
+def run_noise_compare(cfg: RunConfig) -> dict:
+    """The comparison at every rate of ``compare.noise_rates`` (`rosepo.experiments.noise.rate_config`:
+    each a comparison of its own, cached and resumable), then the noise report
+    (`rosepo.experiments.noise.write_noise_report`); returns its paths."""
+    rates = sorted(cfg.compare.noise_rates)
+    runs = {}
+    for rate in rates:
+        log.info("compare: label noise %g (rates %s)", rate, ", ".join(f"{r:g}" for r in rates))
+        runs[rate] = json.loads((Path(run_compare(rate_config(cfg, rate))["dir"]) / RESULTS).read_text())
+    return write_noise_report(cfg, runs, noise_dir(cfg))

@@ -8,6 +8,7 @@ below, from the eval manifest) as Markdown; writes it as ``summary.md`` and the 
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 
@@ -23,6 +24,8 @@ from rosepo.storage import atomic_write_text, read_manifest
 SUMMARY_METRICS = ("eval/hr@1", "eval/valid_ratio", "eval/rank/hr@1", "eval/rank/ndcg@5",
                    "eval/hallucination/no_candidate", "eval/pop/head_share_rec")
 SUMMARY_FILE, RESULTS_PNG = "summary.md", "results.png"
+
+log = logging.getLogger(__name__)
 
 
 def write_summary(cfg: RunConfig, outs: dict[str, Path]) -> str:
@@ -44,11 +47,42 @@ def write_summary(cfg: RunConfig, outs: dict[str, Path]) -> str:
         lines += [f"summary: {folder / SUMMARY_FILE}, {folder / RESULTS_PNG}", "",
                   f"Evaluation on {manifest['split']} ({_samples(outs['eval'])} samples):", "",
                   markdown_table(results, SUMMARY_METRICS).rstrip("\n")]
+        warnings = health_warnings(results, cfg, len(read_manifest(outs["sft"]).get("history", [])))
+        for text in warnings:
+            log.warning("%s", text)
+        lines += ([""] + [f"WARNING: {text}" for text in warnings]) if warnings else []
     else:
         lines.append(f"summary: {folder / SUMMARY_FILE} (no eval stage in this run: no table)")
     text = "\n".join(lines) + "\n"
     atomic_write_text(folder / SUMMARY_FILE, text)
     return text
+
+
+#: Below this ValidRatio after SFT the model is not a working recommender: it names a candidate
+#: in fewer than half of its answers.
+MIN_VALID_RATIO = 0.5
+
+
+def health_warnings(results: dict[str, dict], cfg: RunConfig, sft_steps: int) -> list[str]:
+    """Why the run's result is not a working recommender, if it is not: the SFT model answers
+    validly less than `MIN_VALID_RATIO` of the time, or ranks the candidates below most-popular;
+    each names the likely cause and the key to change. ``sft_steps``: the steps SFT trained."""
+    sft, popular = results.get("sft", {}), results.get("most_popular", {})
+    s = cfg.sft
+    trained = (f"SFT trained {sft_steps} steps of {s.num_workers * s.micro_batch_size * s.grad_accum} samples"
+               if sft_steps else "SFT's steps are unknown")
+    out = []
+    valid = sft.get("eval/valid_ratio")
+    if valid is not None and valid < MIN_VALID_RATIO:
+        out.append(f"the SFT model names exactly one candidate in {valid:.0%} of its answers: it is not a working "
+                   f"recommender. Likely cause: too few training steps for this data ({trained}); raise "
+                   "sft.max_steps (the default recipe trains 1,500)")
+    rank, floor = sft.get("eval/rank/hr@1"), popular.get("eval/rank/hr@1")
+    if rank is not None and floor is not None and rank < floor:
+        out.append(f"the SFT model ranks the candidates below most-popular (rank HR@1 {rank:.3f} against "
+                   f"{floor:.3f}). Likely cause: too few training steps for this data ({trained}); raise "
+                   "sft.max_steps, and check the oracle's valid HR@1 in its manifest (sft.oracle_weight distils it)")
+    return out
 
 
 def _table_order(method: str) -> int:

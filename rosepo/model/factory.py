@@ -214,8 +214,11 @@ def inference_device(use_gpu: bool, key: str) -> str:
         torch.set_num_threads(1)
         return "cpu"
     if not torch.cuda.is_available():
-        raise ConfigError(f"config key {key!r} asks for a GPU, but this Ray worker sees none "
-                          "(CUDA_VISIBLE_DEVICES is empty or torch is a CPU build)")
+        import ray
+
+        given = ray.get_runtime_context().get_assigned_resources() if ray.is_initialized() else {}
+        raise ConfigError(f"config key {key!r} asks for a GPU, but this process sees none (Ray gave it {given}, "
+                          f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}; is torch a CPU build?)")
     return "cuda"
 
 

@@ -387,3 +387,69 @@ def test_a_non_finite_loss_stops_the_run_naming_the_batch(ml100k_pairs, tmp_path
     latest = find_latest_checkpoint(tmp_path / "nan")
     assert latest is not None and "global_step\": 2" in (latest / "trainer_state.json").read_text()
     assert isinstance(table, pa.Table)
+
+
+def _step0_margins(pairs_dir, model, cfg, dtype):
+    """|policy margin - reference margin| of every train pair at step 0: the policy is the SFT model
+    (here the fixture's model) with a fresh LoRA, as the align stage starts it, in ``dtype``."""
+    import torch
+
+    from rosepo.layout import read_pairs
+    from rosepo.model.factory import apply_lora, load_model
+    from rosepo.train import align
+
+    policy = apply_lora(load_model(str(model), dtype=dtype), cfg.align.model_config(cfg.model)).eval()
+    rows = read_pairs(pairs_dir, "train").to_pylist()
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(rows), cfg.align.micro_batch_size):
+            batch = align.collate(rows[i:i + cfg.align.micro_batch_size], 3)
+            logps, _ = align.pair_logps(policy, batch, cfg.align, 3)
+            out.append(((logps[:, 0].float() - batch["ref"][:, 0]) - (logps[:, 1].float() - batch["ref"][:, 1])).abs())
+    return torch.cat(out).numpy()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_reference_logps_give_a_zero_margin_at_step_0_in_float32_and_bfloat16(ml100k_pairs, ml100k_samples, tmp_path):
+    """The pairs' reference log-probs are scored as the policy computes at its first step (adapter
+    unmerged, the training dtype), so the step-0 margin is zero up to that dtype's rounding: 1e-6 in
+    float32 (batches of other shapes round differently), 1.6e-4 on average in bfloat16, where a
+    reference scored in float32 with the adapter merged (as before) was 3.0e-3 off the bfloat16 policy."""
+    import torch
+
+    from rosepo.pairs.build import build_pairs
+
+    model, pairs = ml100k_pairs
+    assert _step0_margins(pairs, model, _cfg(), torch.float32).max() < 1e-4
+    bf16 = dataclasses.replace(_cfg(), model=dataclasses.replace(_cfg().model, dtype="bfloat16"))
+    build_pairs(bf16, ml100k_samples, str(model), None, pairs.parent / "oracle", tmp_path / "p", splits={"train": 24})
+    margins = _step0_margins(tmp_path / "p", model, bf16, torch.bfloat16)
+    assert margins.mean() < 1e-3 and margins.max() < 1e-2, margins
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_label_noise_flips_a_seeded_share_of_the_train_pairs_only(ml100k_pairs, ml100k_samples, tmp_path):
+    """``pairs.label_noise: 0.25`` swaps chosen and rejected (with their scores and ids) in 12 of the
+    48 train pairs, recorded per pair and in the manifest; the held-out pairs stay clean."""
+    from rosepo.layout import read_pairs
+    from rosepo.pairs.build import build_pairs
+    from rosepo.pairs.noise import SWAPPED
+
+    model, pairs = ml100k_pairs
+    cfg = _cfg()
+    noisy = dataclasses.replace(cfg, pairs=dataclasses.replace(cfg.pairs, label_noise=0.25))
+    m = build_pairs(noisy, ml100k_samples, str(model), None, pairs.parent / "oracle", tmp_path / "p",
+                    splits={"train": 48, "valid": 16})
+    assert m["splits"]["train"]["flipped"] == 12 and m["splits"]["valid"]["flipped"] == 0
+    clean = {r["pair_id"]: r for r in read_pairs(pairs, "train").to_pylist()}
+    for r in read_pairs(tmp_path / "p", "train").to_pylist():
+        c = clean[r["pair_id"]]
+        if not r["flipped"]:
+            assert r == c
+            continue
+        for one, many in SWAPPED:
+            assert r[one] == c[many][0] and r[many][0] == c[one], one
+    assert read_pairs(tmp_path / "p", "valid").to_pylist() == read_pairs(pairs, "valid").to_pylist()
+    assert set(m["splits"]["train"]["false_negatives"]) <= {"self_hard", "semantic", "popularity"}
