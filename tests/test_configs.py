@@ -31,7 +31,15 @@ def test_7b_config_is_a_gpu_zero3_bf16_lora_run():
     assert cfg.model.finetune == "lora" and cfg.model.dtype == "bfloat16" and cfg.model.gradient_checkpointing
     for stage in (cfg.sft, cfg.align):
         assert stage.use_gpu and stage.zero_stage == 3 and stage.num_workers >= 2
+    assert cfg.oracle.use_gpu and cfg.pairs.use_gpu and cfg.eval.use_gpu  # every stage on GPUs
     assert cfg.storage.startswith("/") and cfg.ray_address == "auto"
+
+
+def test_the_one_gpu_gemma_config_runs_every_stage_on_one_gpu_at_llaras_scale():
+    cfg = load_config(REPO / "configs" / "ml100k-gemma3-270m-gpu.yaml")
+    assert cfg.gpu_demand() == {"oracle": 1, "sft": 1, "pairs": 1, "align": 1, "eval": 1}
+    assert cfg.sft.max_samples == 0 and cfg.sft.epochs >= 1 and cfg.eval.max_samples == 0
+    assert cfg.model.name_or_path == "gemma-3-270m" and cfg.model.item_embeddings == "none"
 
 
 def test_deepspeed_templates_are_json():

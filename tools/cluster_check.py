@@ -1,4 +1,6 @@
-"""Security checks of a Ray cluster-launcher config (``cluster/config.yaml``).
+"""Checks of a Ray cluster-launcher config (``cluster/config.yaml``): its security, and whether a
+run config fits it (`check_run_fits`). ``python -m tools.cluster_check CLUSTER.yaml [RUN.yaml]``
+prints the problems of both and exits 1 when there are any.
 
 Anyone who can reach a Ray port (GCS 6379, dashboard and job API 8265, client server 10001,
 the raylet, object-manager and worker ports) can run arbitrary code on every node. A `ray up`
@@ -20,6 +22,8 @@ from __future__ import annotations
 import ipaddress
 import re
 import shlex
+import sys
+from pathlib import Path
 from typing import Iterator
 
 #: Dashboard bind addresses that only the node itself can reach.
@@ -147,3 +151,89 @@ def _flag(args: list[str], name: str) -> str | None:
         if arg.startswith(name + "="):
             return arg.split("=", 1)[1]
     return None
+
+
+#: Seconds a GPU node of an autoscaling cluster takes from launch to a placed Ray worker (boot,
+#: setup commands, ``ray start``): about 10 minutes on AWS g5 nodes.
+NODE_BOOT_S = 600
+
+
+def check_run_fits(cluster: dict, run) -> list[str]:
+    """Return why the run config ``run`` (a validated `rosepo.config.RunConfig`) would not start on
+    the cluster of ``cluster`` (the launcher YAML as loaded), each naming the remedy; [] if it fits.
+
+    Checked: the run joins the cluster (``ray_address: auto``); each stage's GPU workers or actors
+    (one GPU and the stage's CPUs each) fit on the node types at their ``max_workers``; its storage,
+    data and model paths lie on a filesystem the setup commands mount on every node; and, where GPU
+    nodes start from zero (``min_workers: 0``), each training stage waits for them
+    (``start_timeout_s`` >= `NODE_BOOT_S`).
+    """
+    problems = []
+    if run.ray_address != "auto":
+        problems.append(f"ray_address is {run.ray_address!r}: a job on the cluster joins it with ray_address: auto")
+    nodes = [(name, t.get("resources") or {}, int(t.get("max_workers", 0)), int(t.get("min_workers", 0)))
+             for name, t in (cluster.get("available_node_types") or {}).items()]
+    cpus_of = {"oracle": 1.0, "sft": run.sft.cpus_per_worker, "align": run.align.cpus_per_worker,
+               "pairs": 1.0, "eval": 1.0}
+    for stage, gpus in run.gpu_demand().items():
+        fit = sum(count * int(min(res.get("GPU", 0), res.get("CPU", 0) // cpus_of[stage]))
+                  for _, res, count, _ in nodes)
+        if gpus > fit:
+            problems.append(f"{stage} needs {gpus} GPU workers (1 GPU and {cpus_of[stage]:g} CPUs each); the node "
+                            f"types hold at most {fit}: lower its workers/actors or raise max_workers")
+    mounts = _mount_points(cluster.get("setup_commands") or [])
+    paths = {"storage": run.storage, "data.data_dir": run.data.data_dir, "model.name_or_path": run.model.name_or_path}
+    for key, path in paths.items():
+        if path.startswith("/") and not any(Path(path).is_relative_to(m) for m in mounts):
+            problems.append(f"{key} {path} is not on a filesystem every node mounts ({', '.join(mounts) or 'none'}); "
+                            "put it under the shared mount of setup_commands")
+        elif key == "storage" and not path.startswith("/"):
+            problems.append(f"storage {path!r} is relative: each node would write its own; use the shared mount")
+    if any(res.get("GPU") and low == 0 for _, res, _, low in nodes):
+        for stage in ("sft", "align"):
+            timeout = getattr(run, stage).start_timeout_s
+            if getattr(run, stage).use_gpu and timeout < NODE_BOOT_S:
+                problems.append(f"{stage}.start_timeout_s is {timeout:g} s; GPU nodes start from zero and take about "
+                                f"{NODE_BOOT_S} s to boot: set it to {NODE_BOOT_S * 2} or more")
+    return problems
+
+
+def _mount_points(commands: list[str]) -> list[str]:
+    """The mount points of the ``mount`` commands in the setup commands (the last argument of each)."""
+    points = []
+    for command in commands:
+        lexer = shlex.shlex(command, posix=True, punctuation_chars=True)
+        lexer.whitespace_split = True
+        segment: list[str] = []
+        for token in [*lexer, ";"]:
+            if token not in _SEPARATORS:
+                segment.append(token)
+                continue
+            words = segment[1:] if segment[:1] == ["sudo"] else segment
+            if words[:1] == ["mount"] and len(words) > 2:
+                points.append(words[-1])
+            segment = []
+    return points
+
+
+def main(argv: list[str]) -> int:
+    """Print the security problems of a cluster config and, given a run config, why it does not fit."""
+    import yaml
+
+    if not 1 <= len(argv) <= 2:
+        print("usage: python -m tools.cluster_check CLUSTER.yaml [RUN.yaml]", file=sys.stderr)
+        return 2
+    cluster = yaml.safe_load(Path(argv[0]).read_text(encoding="utf-8"))
+    problems = check_cluster_security(cluster)
+    if len(argv) == 2:
+        from rosepo.config import load_config
+
+        problems += check_run_fits(cluster, load_config(argv[1]))
+    for p in problems:
+        print(f"- {p}")
+    print("ok" if not problems else f"{len(problems)} problem(s)")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -204,6 +204,20 @@ def load_for_inference(path: str, adapter: str | None = None, *, device: str = "
     return (attach_items(model, items, trainable=False) if items else model).eval()
 
 
+def cuda_settings() -> None:
+    """What every rosepo process on a GPU sets before it computes: float32 matmuls in TF32 (as HF's
+    Trainer with ``tf32``; only float32 runs use them), and no cuDNN attention. Gemma-family models
+    (head_dim 256) train to NaN gradients within tens of steps in bfloat16 through cuDNN's masked
+    SDPA backward on Hopper GPUs (H100/H200), not on Ampere; PyTorch then takes its memory-efficient
+    kernel, which is stable (NVIDIA-NeMo/Automodel#3232; our Gemma-3-270M went NaN at step 50 on an
+    H200, and its bfloat16 losses were finite on the CPU)."""
+    import torch
+
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cuda.enable_cudnn_sdp(False)
+
+
 def inference_device(use_gpu: bool, key: str) -> str:
     """The device of a scoring actor: ``cuda`` when it was given a GPU (Ray makes it the only
     visible one), else ``cpu`` with one torch thread (the actor holds one core). ``key`` names the
@@ -219,6 +233,7 @@ def inference_device(use_gpu: bool, key: str) -> str:
         given = ray.get_runtime_context().get_assigned_resources() if ray.is_initialized() else {}
         raise ConfigError(f"config key {key!r} asks for a GPU, but this process sees none (Ray gave it {given}, "
                           f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}; is torch a CPU build?)")
+    cuda_settings()
     return "cuda"
 
 

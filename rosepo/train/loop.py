@@ -54,7 +54,7 @@ from typing import Any
 
 from rosepo.config import ModelConfig, TrainConfig
 from rosepo.errors import ConfigError, RosepoError, TrainingError
-from rosepo.model.factory import apply_lora, export_model, load_model, load_tokenizer, resolve_dtype
+from rosepo.model.factory import apply_lora, cuda_settings, export_model, load_model, load_tokenizer, resolve_dtype
 from rosepo.model.items import attach_items
 from rosepo.runtime import is_verbose, train_logging
 from rosepo.train.schedule import (TRAINER_STATE, check_resumable, find_latest_checkpoint, lr_factor, step_rows,
@@ -350,15 +350,11 @@ def _sorted_rows(name: str, key: str) -> list[dict]:
 
 
 def _train_dtype(model_cfg: ModelConfig, use_gpu: bool):
-    """The worker's training dtype (`resolve_dtype` on the card it holds). On a GPU worker float32
-    matmuls run in TF32 (Ampere and later), as HF's Trainer does with ``tf32``."""
-    import torch
-
-    dtype = resolve_dtype(model_cfg.dtype, use_gpu)
-    if use_gpu and dtype == torch.float32:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    return dtype
+    """The worker's training dtype (`resolve_dtype` on the card it holds); a GPU worker also takes
+    rosepo's CUDA settings (`cuda_settings`: TF32, no cuDNN attention)."""
+    if use_gpu:
+        cuda_settings()
+    return resolve_dtype(model_cfg.dtype, use_gpu)
 
 
 def _setup_engine(config: dict, total: int):

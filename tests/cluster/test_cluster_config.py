@@ -216,3 +216,32 @@ def test_an_export_does_not_leak_into_the_next_command(config):
     head = ["export RAY_AUTH_MODE=token", "ray start --head --dashboard-host=127.0.0.1"]
     [problem] = check_cluster_security({**config, "head_start_ray_commands": head})
     assert "RAY_AUTH_MODE=(unset)" in problem
+
+
+# --- a run config against the cluster -------------------------------------------------------
+
+def test_the_7b_config_fits_the_cluster_as_written(config):
+    """configs/llama-7b-lora.yaml on cluster/config.yaml: it joins the cluster, its 8 GPU workers fit
+    two of the four 4-GPU nodes, its paths lie on the EFS mount every node's setup makes, and its
+    training stages wait for GPU nodes booting from zero."""
+    from rosepo.config import load_config
+    from tools.cluster_check import check_run_fits, main
+
+    run = load_config(ROOT / "configs" / "llama-7b-lora.yaml")
+    assert check_run_fits(config, run) == []
+    assert main([str(CONFIG_PATH), str(ROOT / "configs" / "llama-7b-lora.yaml")]) == 0
+
+
+@pytest.mark.parametrize(("overrides", "expected"), [
+    (["sft.num_workers=17"], "sft needs 17 GPU workers"),
+    (["storage=/tmp/runs"], "storage /tmp/runs is not on a filesystem every node mounts (/mnt/rosepo)"),
+    (["align.start_timeout_s=60"], "align.start_timeout_s is 60 s; GPU nodes start from zero"),
+    (["ray_address=''"], "ray_address is ''"),
+    (["eval.num_actors=40"], "eval needs 40 GPU workers"),
+])
+def test_run_configs_that_would_not_start_are_refused_naming_why(config, overrides, expected):
+    from rosepo.config import load_config
+    from tools.cluster_check import check_run_fits
+
+    problems = check_run_fits(config, load_config(ROOT / "configs" / "llama-7b-lora.yaml", overrides))
+    assert any(expected in p for p in problems), problems

@@ -300,3 +300,23 @@ def test_orthogonal_title_rows_score_a_state_in_the_oracle_space_by_the_oracle_p
 def test_title_vectors_for_non_tokens_are_refused(tmp_path):
     with pytest.raises(ConfigError, match="title_tokens"):
         factory.build_tiny_model(SMALL, TITLES, tmp_path / "m", (), title_vectors={"Heat": [1.0, 2.0]})
+
+
+def test_a_gpu_training_worker_turns_off_cudnn_attention(monkeypatch):
+    """Gemma-3 trained to NaN within 50 steps in bfloat16 on an H200 (finite on the CPU): cuDNN's
+    masked SDPA backward, which PyTorch picks on Hopper GPUs. A GPU worker turns it off (and
+    TF32 on) before it computes; the CPU never takes that path, so this checks the switch."""
+    from rosepo.config import ModelConfig
+    from rosepo.train.loop import _train_dtype
+
+    before = (torch.backends.cuda.cudnn_sdp_enabled(), torch.backends.cuda.matmul.allow_tf32)
+    monkeypatch.setattr(factory, "gpu_has_bf16", lambda: True)
+    try:
+        torch.backends.cuda.enable_cudnn_sdp(True)
+        assert _train_dtype(ModelConfig(), use_gpu=False) == torch.float32
+        assert torch.backends.cuda.cudnn_sdp_enabled()  # the CPU path changes nothing
+        assert _train_dtype(ModelConfig(), use_gpu=True) == torch.bfloat16
+        assert not torch.backends.cuda.cudnn_sdp_enabled() and torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(before[0])
+        torch.backends.cuda.matmul.allow_tf32 = before[1]
