@@ -20,6 +20,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "gpu": ("bench.gpu_step", "RosePO step of a ~1B Llama on one GPU (bf16; LoRA and full; prefix sharing on/off)"),
     "report": ("bench.report_step", "SFT step time, ray.train.report every step vs at evaluations/checkpoints (#16)"),
     "gpu-sft": ("bench.gpu_sft", "Gemma config's SFT variants on one GPU without Ray: pack here, train there (#20)"),
+    "gpu-pipeline": ("bench.gpu_pipeline", "every stage on one GPU through Ray + DeepSpeed: times, GPU memory, tables"),
     "fusion": ("bench.fusion", "the LLM's and SASRec's candidate scores fused: does the LLM add to its oracle (#14)"),
 }
 

@@ -174,13 +174,19 @@ def cmd_recommend(args) -> None:
         raise RosepoError("give either --history (and --candidates) or --input, not both")
     if not args.input and args.history is None:
         raise RosepoError("give --history TITLE ... (oldest first), or --input FILE.jsonl")
-    recommender = Recommender(args.run, args.stage)
+    recommender = Recommender.from_pretrained(args.run, stage=args.stage, device=args.device)
     if args.input:
         for result in recommend_file(recommender, args.input, args.k):
             print(json.dumps(result, ensure_ascii=False))
     else:
-        query = recommender.query(args.history, args.candidates)
-        print(format_result(recommender.recommend([query], args.k)[0]))
+        print(format_result(recommender.recommend(args.history, args.candidates, args.k)))
+
+
+def cmd_export(args) -> None:
+    """Export a run's model (``--stage``) into ``--out``; print the folder."""
+    from rosepo.experiments.export import export_run
+
+    print(export_run(args.run, args.out, stage=args.stage))
 
 
 def cmd_bench(args) -> None:
@@ -289,7 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_compare)
     p = _command(sub, "recommend", "the next item for a history of titles, from a finished run's model",
                  'rosepo recommend --run runs/ml100k-tiny --history "Toy Story" "Fargo" "Star Wars" --k 5')
-    p.add_argument("--run", required=True, help="the run folder, e.g. runs/ml100k-tiny")
+    p.add_argument("--run", required=True, metavar="FOLDER",
+                   help="a run folder (runs/ml100k-tiny) or an exported model folder (rosepo export)")
     p.add_argument("--history", nargs="*", metavar="TITLE",
                    help='catalogue titles, oldest first, e.g. "Fargo" (MovieLens titles carry no year)')
     p.add_argument("--candidates", nargs="*", metavar="TITLE",
@@ -299,8 +306,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the aligned model (default) or the SFT model")
     p.add_argument("--input", help='JSONL of queries, one {"history": [...], "candidates": [...]} per line; '
                                    "prints one JSON result per line")
+    p.add_argument("--device", default="auto", help="auto (the GPU when there is one), cpu or cuda")
     _verbose_arg(p)
     p.set_defaults(func=cmd_recommend)
+    p = _command(sub, "export", "write a run's model as a self-contained folder: merged weights, tokenizer, "
+                 "catalogue, model card", "rosepo export --run runs/ml100k-tiny --out models/ml100k-tiny")
+    p.add_argument("--run", required=True, metavar="FOLDER", help="the run folder, e.g. runs/ml100k-tiny")
+    p.add_argument("--stage", choices=("align", "sft"), default="align",
+                   help="the aligned model (default) or the SFT model")
+    p.add_argument("--out", required=True, metavar="FOLDER", help="the folder to write (it must not exist)")
+    _verbose_arg(p)
+    p.set_defaults(func=cmd_export)
     p = _command(sub, "bench", "run a benchmark (data, ...; see BENCHMARKS.md)", "rosepo bench data")
     p.add_argument("name", help="benchmark name, or 'all'")
     p.add_argument("args", nargs=argparse.REMAINDER, help="the benchmark's own options")

@@ -31,13 +31,18 @@ ADAPTER_DIR = "adapter"
 PAIRS_FILE = "pairs.parquet"
 #: An evaluation's per-sample rows and metrics (eval stage, compare cells).
 ANSWERS_FILE, METRICS_FILE, TABLE_FILE = "answers.parquet", "metrics.json", "table.md"
+#: samples stage (and an exported model): the catalogue the samples were drawn from (item_id, title).
+CATALOG_FILE = "catalog.parquet"
 #: Sibling of the stage folders where training stages keep their Ray runs until they finish.
 WORK_DIR = ".work"
 
 
 def base_model_path(model_dir: str | Path) -> str:
-    """The base model a ``model`` stage folder stands for: the built tiny model, or the configured path."""
-    return read_manifest(model_dir)[MODEL_PATH_KEY]
+    """The base model a ``model`` stage folder stands for: the model inside it (the built tiny
+    model, a copy of a hub model; recorded relative to the folder, so a run folder can move), or
+    the configured path (a local folder, a fetched named model)."""
+    path = read_manifest(model_dir)[MODEL_PATH_KEY]
+    return path if Path(path).is_absolute() else str((Path(model_dir) / path).resolve())
 
 
 def sft_model_and_adapter(sft_dir: str | Path, base: str) -> tuple[str, str | None]:

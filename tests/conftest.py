@@ -168,6 +168,18 @@ def smoke_run(tmp_path_factory) -> tuple[str, str, Path]:
     return (run / SUMMARY_FILE).read_text(), proc.stdout, run
 
 
+@pytest.fixture(scope="session")
+def text_run(tmp_path_factory) -> Path:
+    """The smoke config as it ships (text-only prompts) through SFT, in a subprocess: the folder
+    of a run whose model plain transformers can run."""
+    storage = tmp_path_factory.mktemp("text")
+    proc = subprocess.run(rosepo_command("run", "--config", "configs/smoke.yaml", f"storage={storage}",
+                                         f"data.data_dir={REPO / 'data'}", "--until", "sft"),
+                          cwd=REPO, env=COMMAND_ENV, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    return storage / "smoke"
+
+
 def rosepo_command(*args: str) -> list[str]:
     """The command line of ``rosepo ARGS`` run by this interpreter."""
     return [sys.executable, "-m", "rosepo.cli", *args]

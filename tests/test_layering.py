@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 #: Layers, lowest first: (name, module prefixes). A module belongs to its longest matching prefix.
 LAYERS = [
-    ("foundation", ("rosepo", "rosepo.errors", "rosepo.schema", "rosepo.config", "rosepo.storage",
+    ("foundation", ("rosepo.errors", "rosepo.schema", "rosepo.config", "rosepo.storage",
                     "rosepo.runtime", "rosepo.layout")),
     ("library", ("rosepo.data", "rosepo.model", "rosepo.losses", "rosepo.pairs", "rosepo.eval",
                  "rosepo.train", "rosepo.eval.metrics", "rosepo.train.loop")),
@@ -23,6 +23,8 @@ LAYERS = [
     ("pipeline", ("rosepo.pipeline",)),
     ("experiments", ("rosepo.experiments",)),
     ("cli", ("rosepo.cli",)),
+    # The package itself: its public API (``from rosepo import Recommender``), loaded lazily.
+    ("api", ("rosepo",)),
 ]
 RANK = {name: i for i, (name, _) in enumerate(LAYERS)}
 
@@ -32,7 +34,8 @@ def layer_of(module: str) -> str:
     best, best_len = None, -1
     for name, prefixes in LAYERS:
         for p in prefixes:
-            if (module == p or module.startswith(p + ".")) and len(p) > best_len:
+            inside = module == p or (module.startswith(p + ".") and p != "rosepo")  # the root holds itself only
+            if inside and len(p) > best_len:
                 best, best_len = name, len(p)
     assert best is not None, f"{module} is in no layer: add it to LAYERS in tests/test_layering.py"
     return best

@@ -1,4 +1,9 @@
-"""``rosepo recommend``: ask a finished run's model for the next item of a history.
+"""`Recommender`, rosepo's Python API, and ``rosepo recommend``: ask a trained model for the next
+item of a history.
+
+    from rosepo import Recommender
+    rec = Recommender.from_pretrained("runs/ml100k-tiny")      # a run folder, or an exported one
+    rec.recommend(["Toy Story", "Fargo", "Star Wars"], k=5)     # {"answer": ..., "top": [...]}
 
 A query is a history of catalogue titles (oldest first) and, optionally, its candidates; without
 them, ``data.num_candidates`` candidates are drawn from the catalogue as the samples stage draws
@@ -8,10 +13,12 @@ history title). The prompt is the run's own (`rosepo.data.prompts`, ``data.promp
 stage does (`rosepo.eval.evaluate.EvalScorer`): the greedy answer, and each candidate's summed
 log-probability given the prompt, by which the candidates are ranked.
 
-The run is found through its folder: ``config.yaml`` written by `rosepo.pipeline.run_pipeline`,
-the stage folders addressed by it. Titles must match the catalogue exactly; an unknown one is
-refused with its closest titles. Not done here: Ray Data for large batches (queries are scored
-in-process, ``eval.batch_size`` at a time), sampling or beam search.
+A run is found through its folder: ``config.yaml`` written by `rosepo.pipeline.run_pipeline`, the
+stage folders addressed by it, wherever the folder now lies; its catalogue is the samples stage's
+copy. An exported folder (`rosepo.experiments.export`) holds the merged model, the catalogue and
+the settings itself. Titles must match the catalogue; an unknown one is refused with its closest
+titles. Not done here: Ray Data for large batches (queries are scored in-process,
+``eval.batch_size`` at a time), sampling or beam search.
 """
 
 from __future__ import annotations
@@ -26,12 +33,15 @@ from rosepo.data.prompts import choose_template, render_prompt
 from rosepo.data.samples import draw_candidates, load_source
 from rosepo.errors import ConfigError, DataError
 from rosepo.eval.evaluate import EvalScorer
-from rosepo.layout import aligned_model_and_adapter, base_model_path, sft_model_and_adapter
+from rosepo.layout import CATALOG_FILE, aligned_model_and_adapter, base_model_path, sft_model_and_adapter
 from rosepo.pipeline import RUN_CONFIG, stage_key
 from rosepo.storage import is_complete
 
 #: ``--stage``: the aligned adapter (the default) or the SFT model alone.
 STAGES = ("align", "sft")
+#: In an exported folder (`rosepo.experiments.export`): the recommender's own settings, the run's
+#: config and the catalogue.
+EXPORT_CARD, EXPORT_CONFIG = "rosepo.json", "run-config.yaml"
 
 
 def load_run(run_dir: str | Path) -> RunConfig:
@@ -39,36 +49,71 @@ def load_run(run_dir: str | Path) -> RunConfig:
     path = Path(run_dir) / RUN_CONFIG
     if not path.is_file():
         raise ConfigError(f"{run_dir} holds no {RUN_CONFIG}: give the folder of a finished `rosepo run` "
-                          "(runs/<name>)")
+                          "(runs/<name>) or of an exported model (rosepo export)")
     return load_config(path)
 
 
-class Recommender:
-    """A run's model, catalogue and prompt settings, ready to answer queries (`recommend`)."""
+def run_model(run: Path, cfg: RunConfig, stage: str) -> tuple[str, str | None, Path]:
+    """(base model, adapter, samples folder) of ``stage`` of the run in ``run``, found through
+    ``cfg``'s stage addresses under ``run`` (wherever the run folder now lies)."""
+    if stage not in STAGES:
+        raise ConfigError(f"stage {stage!r} is not one of {', '.join(STAGES)}")
+    folders = {s: run / stage_key(cfg, s) for s in ("samples", "model", "sft", "align")}
+    needed = [s for s in ("samples", "model", "sft") + (("align",) if stage == "align" else ())
+              if not is_complete(folders[s])]
+    if needed:
+        raise ConfigError(f"the run in {run} has not finished its {', '.join(needed)} stage(s) "
+                          f"({folders[needed[0]]}): run `rosepo run` with its config first")
+    base, adapter = sft_model_and_adapter(folders["sft"], base_model_path(folders["model"]))
+    if stage == "align":
+        base, adapter = aligned_model_and_adapter(folders["align"], base)
+    return base, adapter, folders["samples"]
 
-    def __init__(self, run_dir: str | Path, stage: str = "align", device: str = "auto"):
-        """Load the model of ``stage`` (`STAGES`) of the run in ``run_dir`` and its catalogue, on
-        ``device`` (``auto``: the GPU when this process sees one, else the CPU)."""
-        if stage not in STAGES:
-            raise ConfigError(f"stage {stage!r} is not one of {', '.join(STAGES)}")
-        run = Path(run_dir)
-        self.cfg = cfg = load_run(run)
-        folders = {s: run / stage_key(cfg, s) for s in ("model", "sft", "align")}
-        needed = [s for s in ("model", "sft") + (("align",) if stage == "align" else ()) if not is_complete(folders[s])]
-        if needed:
-            raise ConfigError(f"the run in {run} has not finished its {', '.join(needed)} stage(s) "
-                              f"({folders[needed[0]]}): run `rosepo run` with its config first")
-        base, adapter = sft_model_and_adapter(folders["sft"], base_model_path(folders["model"]))
-        if stage == "align":
-            base, adapter = aligned_model_and_adapter(folders["align"], base)
+
+class Recommender:
+    """A trained recommender: its model, catalogue and prompt settings, ready for histories.
+
+    ``Recommender.from_pretrained(folder)`` loads an exported folder (`rosepo export`) or a
+    finished run's folder; `recommend` answers one history, `recommend_many` a batch. Scoring is
+    the eval stage's (`rosepo.eval.evaluate.EvalScorer`), on the GPU when there is one.
+    """
+
+    def __init__(self, cfg: RunConfig, base: str, adapter: str | None, catalog: pa.Table, device: str = "auto"):
+        """From parts: a run config (its ``data``, ``model`` and ``eval`` settings), the model
+        (``base`` with ``adapter``) and the catalogue (``item_id``, ``title``); see `from_pretrained`."""
+        self.cfg = cfg
         self.scorer = EvalScorer(cfg, base, adapter, device=pick_device(device))
-        _, catalog, _ = load_source(cfg.data)
         self.titles: dict[str, str] = dict(zip(catalog.column("item_id").to_pylist(),
                                                catalog.column("title").to_pylist()))
         self.item_ids = sorted(self.titles)
         self.by_title: dict[str, str] = {}
         for item in self.item_ids:  # a title two items share stands for the first
             self.by_title.setdefault(self.titles[item], item)
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, *, stage: str = "align", device: str = "auto") -> "Recommender":
+        """The recommender in ``folder``: an exported one (it holds `EXPORT_CARD`), or the model of
+        ``stage`` (the aligned one, or ``sft``) of the finished run whose folder it is. ``device``:
+        ``auto`` (the GPU when this process sees one), ``cpu`` or ``cuda``."""
+        import pyarrow.parquet as pq
+
+        folder = Path(folder).resolve()
+        if (folder / EXPORT_CARD).is_file():
+            return cls(load_config(folder / EXPORT_CONFIG), str(folder), None, pq.read_table(folder / CATALOG_FILE),
+                       device)
+        cfg = load_run(folder)
+        base, adapter, samples = run_model(folder, cfg, stage)
+        return cls(cfg, base, adapter, run_catalog(samples, cfg), device)
+
+    def recommend(self, history: list[str], candidates: list[str] | None = None, k: int = 5) -> dict:
+        """The next item after ``history`` (catalogue titles, oldest first) among ``candidates``
+        (default: ``data.num_candidates`` drawn from the catalogue as the samples are): the greedy
+        ``answer`` and the ``top`` ``k`` candidates ranked by the log-probability of their title."""
+        return self.recommend_many([{"history": history, "candidates": candidates}], k)[0]
+
+    def recommend_many(self, queries: list[dict], k: int = 5) -> list[dict]:
+        """`recommend` for each ``{"history": [...], "candidates": [...] or None}``, batched."""
+        return self.answer([self.query(q["history"], q.get("candidates")) for q in queries], k)
 
     def check_titles(self, titles: list[str], what: str) -> list[str]:
         """The item ids of ``titles``; `DataError` naming the first unknown one and its closest titles."""
@@ -107,7 +152,7 @@ class Recommender:
         return {"sample_id": sample_id, "history": history, "candidates": list(candidates), "prompt": prompt,
                 "history_item_ids": history_ids, "candidate_item_ids": list(candidate_ids)}
 
-    def recommend(self, queries: list[dict], k: int) -> list[dict]:
+    def answer(self, queries: list[dict], k: int) -> list[dict]:
         """Answers to `query` results: ``history``, ``answer`` (the greedy answer) and ``top``
         (the ``k`` best candidates, ``[{"title", "score"}]``, score = summed log-probability of the
         title given the prompt, descending)."""
@@ -132,6 +177,16 @@ class Recommender:
                     out[i] = {"history": q["history"], "answer": s["answer"], "num_candidates": len(q["candidates"]),
                               "top": [{"title": t, "score": round(v, 4)} for t, v in ranked]}
         return out
+
+
+def run_catalog(samples_dir: Path, cfg: RunConfig) -> pa.Table:
+    """The catalogue a run's samples were drawn from: the copy the samples stage keeps, or for a
+    run made before it kept one, the configured input read again."""
+    import pyarrow.parquet as pq
+
+    if (samples_dir / CATALOG_FILE).is_file():
+        return pq.read_table(samples_dir / CATALOG_FILE)
+    return load_source(cfg.data)[1]
 
 
 def pick_device(device: str) -> str:
@@ -171,7 +226,7 @@ def recommend_file(recommender: Recommender, path: str | Path, k: int) -> list[d
             queries.append(recommender.query(q["history"], q.get("candidates")))
         except DataError as e:
             raise DataError(e.reason, file=str(path), line=n) from None
-    return recommender.recommend(queries, k)
+    return recommender.answer(queries, k)
 
 
 def format_result(result: dict) -> str:

@@ -45,10 +45,10 @@ def build_base_model(cfg: ModelConfig, data_dir: str, samples_dir: Path, oracle_
             texts, titles = tokenizer_texts(cfg, samples_dir)
             vectors = title_vectors(samples_dir, item_vectors) if cfg.title_init == "sasrec" else None
             built = build_tiny_model(cfg, texts, tmp / TINY_MODEL_DIR, titles=titles, title_vectors=vectors)
-            path = str(out / TINY_MODEL_DIR)  # where it will be once the folder is in place
+            path = TINY_MODEL_DIR  # relative to the stage folder, which may move (`base_model_path`)
         elif is_hub_name(cfg.name_or_path):
             built = copy_hub_model(cfg.name_or_path, tmp / TINY_MODEL_DIR)
-            path = str(out / TINY_MODEL_DIR)
+            path = TINY_MODEL_DIR
         else:
             path = built = resolve_model(cfg.name_or_path, data_dir)
         if cfg.finetune == "lora":

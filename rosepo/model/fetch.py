@@ -83,7 +83,7 @@ def resolve_model(name_or_path: str, data_dir: str | Path = "data") -> str:
     """``model.name_or_path`` as a loadable path: a named model is fetched (once) into the data
     directory and its folder returned; anything else (a folder, a hub name) is returned as is."""
     if name_or_path in MODELS:
-        return str(fetch_model(name_or_path, data_dir))
+        return str(fetch_model(name_or_path, data_dir).resolve())  # every process reads it, from any folder
     return name_or_path
 
 

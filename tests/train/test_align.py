@@ -130,24 +130,34 @@ def test_strategies_pick_their_argmax(ml100k_pairs, ml100k_samples):
     assert checked == {"self_hard", "semantic", "popularity"}
 
 
-# Against the fixture's build (1 actor, batches of 16): smaller batches, two actors, larger batches.
-# Each build is ~30 s (its own actor pool and model loads): three corners, not the whole grid.
-@pytest.mark.parametrize(("num_actors", "batch_size"), [(1, 1), (2, 8), (2, 32)])
-def test_pairs_same_hash_for_any_actors_and_batch_size(ml100k_pairs, ml100k_samples, tmp_path, num_actors,
-                                                        batch_size):
-    """The pair build gives the content hash of the fixture's build (1 actor, batches of 16) on 1 or
-    2 Ray Data actors and batches of 1 to 32: every sample is scored on its own, so its reference
-    log-probs, oracle scores and self-hard choice do not depend on the rows batched with it."""
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_pairs_same_hash_for_any_actor_count_and_rounding_for_another_batch_size(ml100k_pairs, ml100k_samples,
+                                                                               tmp_path):
+    """The pair build gives the content hash of the fixture's build (1 actor, batches of 16) on 2 Ray
+    Data actors: the driver cuts the batches (by prompt length), so which samples share a forward
+    does not depend on the actors. Batches of another size (8) pad differently, which moves the
+    reference log-probs in the last bits only (< 1e-4)."""
+    from rosepo.layout import read_pairs
     from rosepo.pairs.build import build_pairs
     from rosepo.storage import read_manifest
 
     model_dir, pairs = ml100k_pairs
-    cfg = _cfg()
-    cfg = dataclasses.replace(cfg, pairs=dataclasses.replace(cfg.pairs, num_actors=num_actors, batch_size=batch_size))
-    m = build_pairs(cfg, ml100k_samples, str(model_dir), None, pairs.parent / "oracle", tmp_path / "p",
-                    splits={"train": 48, "valid": 16})
     expected = read_manifest(pairs)["splits"]
-    assert {s: v["content_hash"] for s, v in m["splits"].items()} == {s: v["content_hash"] for s, v in expected.items()}
+    for num_actors, batch_size in ((2, 16), (1, 8)):
+        cfg = dataclasses.replace(_cfg(), pairs=dataclasses.replace(_cfg().pairs, num_actors=num_actors,
+                                                                   batch_size=batch_size))
+        out = tmp_path / f"p{num_actors}-{batch_size}"
+        m = build_pairs(cfg, ml100k_samples, str(model_dir), None, pairs.parent / "oracle", out,
+                        splits={"train": 48, "valid": 16})
+        if batch_size == 16:
+            assert {s: v["content_hash"] for s, v in m["splits"].items()} == \
+                {s: v["content_hash"] for s, v in expected.items()}
+        else:
+            ours, theirs = read_pairs(out, "train"), read_pairs(pairs, "train")
+            diff = np.abs(np.array(ours.column("ref_chosen_logp").to_pylist())
+                          - np.array(theirs.column("ref_chosen_logp").to_pylist()))
+            assert diff.max() < 1e-4
 
 
 def test_pairs_exclude_the_sft_slice(ml100k_pairs, ml100k_samples, tmp_path):
@@ -180,16 +190,16 @@ def test_pairs_exclude_the_sft_slice(ml100k_pairs, ml100k_samples, tmp_path):
 
 
 def test_batched_scores_differ_only_in_rounding(ml100k_pairs, ml100k_samples):
-    """Scoring all train samples in one padded batch moves the reference log-probs by rounding only
-    (< 1e-4), so a per-sample score is the batched one up to float32 noise; the builder's scores are
-    the per-sample ones, bit for bit."""
+    """Scoring all train samples in one padded batch, or each alone, moves the reference log-probs
+    by rounding only (< 1e-4): the builder's (batches of 16) are the per-sample ones up to float32
+    noise."""
     import torch
 
     from rosepo.data.samples import read_split
+    from rosepo.layout import read_pairs
     from rosepo.model.factory import load_model, load_tokenizer
     from rosepo.model.logprobs import answer_logps
     from rosepo.model.tokenize import encode_answer, encode_prompt
-    from rosepo.layout import read_pairs
 
     model_dir, pairs = ml100k_pairs
     tok = load_tokenizer(str(model_dir))
@@ -204,7 +214,7 @@ def test_batched_scores_differ_only_in_rounding(ml100k_pairs, ml100k_samples):
                              for p, c in zip(prompts, cands)]).double()
     stored = torch.tensor([r["ref_chosen_logp"] for r in rows], dtype=torch.float64)
     chosen = torch.tensor([r["chosen_index"] for r in rows])
-    assert torch.equal(stored, alone[torch.arange(len(rows)), chosen])
+    assert float((stored - alone[torch.arange(len(rows)), chosen]).abs().max()) < 1e-4
     assert float((batched - alone).abs().max()) < 1e-4
 
 
