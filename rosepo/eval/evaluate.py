@@ -270,8 +270,8 @@ def baseline_scores(name: str, rows: list[dict], popularity: dict[str, int], see
 
 #: Metrics shown in the comparison table, in order (the full set is in metrics.json).
 TABLE_METRICS = ("eval/hr@1", "eval/valid_ratio", "eval/hr@1_valid", "eval/rank/hr@1", "eval/rank/ndcg@5",
-                 "eval/hallucination/no_candidate", "eval/pop/percentile_rec", "eval/pop/head_share_rec",
-                 "eval/pop/tail_coverage")
+                 "eval/hallucination/no_candidate", "eval/hallucination/out_of_catalog", "eval/pop/percentile_rec",
+                 "eval/pop/head_share_rec", "eval/pop/tail_coverage")
 
 
 def markdown_table(results: dict[str, dict], metrics: tuple[str, ...] = TABLE_METRICS) -> str:

@@ -105,6 +105,9 @@ def generation_metrics(answers: list[str], candidate_titles_list: list[list[str]
       `named_candidates` (case-insensitive substring, whitespace normalised; the span rule cannot
       change whether *some* title is named, only which). NaN when ``catalog_titles`` is None.
       A subset of ``hallucination/no_candidate``.
+    - ``hallucination/out_of_catalog``: answers that name no title of the catalog at all (an
+      invented title, or no title), / N: the rest of ``hallucination/no_candidate``. NaN when
+      ``catalog_titles`` is None.
     - ``n``: N.
 
     Raises `DataError` when N is 0, the three lists differ in length, or a target index is out
@@ -134,6 +137,7 @@ def generation_metrics(answers: list[str], candidate_titles_list: list[list[str]
         "hr@1_valid": correct / valid if valid else 0.0,
         "hallucination/no_candidate": none / n,
         "hallucination/out_of_candidates": outside / n if catalog is not None else math.nan,
+        "hallucination/out_of_catalog": (none - outside) / n if catalog is not None else math.nan,
         "n": n,
     }
 

@@ -39,7 +39,8 @@ log = logging.getLogger(__name__)
 NOISE_MD, NOISE_JSON, NOISE_PNG = "noise.md", "noise.json", "noise.png"
 #: The metrics of the noise table, in order.
 NOISE_METRICS = ("eval/hr@1", "eval/valid_ratio", "eval/rank/hr@1", "eval/rank/ndcg@5",
-                 "eval/hallucination/no_candidate", "eval/pop/head_share_rec")
+                 "eval/hallucination/no_candidate", "eval/hallucination/out_of_catalog",
+                 "eval/pop/percentile_rec", "eval/pop/head_share_rec")
 
 
 def rate_config(cfg: RunConfig, rate: float) -> RunConfig:

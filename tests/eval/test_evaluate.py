@@ -119,7 +119,8 @@ def test_evaluate_model_end_to_end(ml100k_samples, tiny_eval_model, ray_session,
                                                  batch_size=8, num_actors=1, constrained=True))
     metrics = evaluate_model(cfg, ml100k_samples, tiny_eval_model, None, tmp_path / "base")
     expected = {"eval/valid_ratio", "eval/hr@1", "eval/hr@1_valid", "eval/hallucination/no_candidate",
-                "eval/hallucination/out_of_candidates", "eval/constrained/hr@1", "eval/pop/percentile_rec",
+                "eval/hallucination/out_of_candidates", "eval/hallucination/out_of_catalog",
+                "eval/constrained/hr@1", "eval/pop/percentile_rec",
                 "eval/pop/percentile_target", "eval/pop/head_share_rec", "eval/pop/head_share_target",
                 "eval/pop/tail_coverage"}
     expected |= {f"eval/rank/{m}@{k}" for m in ("hr", "ndcg") for k in (1, 5, 10)}

@@ -95,7 +95,8 @@ CATALOG = ["Heat", "Heat and Dust", "The Matrix", "Toy Story", "star wars", "Ali
 
 
 def test_generation_metrics_hand_computed():
-    """valid 3/6; correct 2/6; correct/valid 2/3; none 2/6; outside the candidates 1/6."""
+    """valid 3/6; correct 2/6; correct/valid 2/3; none 2/6; outside the candidates 1/6 (Star
+    Wars); outside the catalog 1/6 (I don't know)."""
     m = generation_metrics(ANSWERS, [CANDS] * 6, TARGETS, catalog_titles=CATALOG)
     assert m["n"] == 6
     assert m["valid_ratio"] == pytest.approx(0.5)
@@ -103,11 +104,12 @@ def test_generation_metrics_hand_computed():
     assert m["hr@1_valid"] == pytest.approx(2 / 3)
     assert m["hallucination/no_candidate"] == pytest.approx(1 / 3)
     assert m["hallucination/out_of_candidates"] == pytest.approx(1 / 6)
+    assert m["hallucination/out_of_catalog"] == pytest.approx(1 / 6)
 
 
 def test_generation_metrics_without_catalog_is_nan():
     m = generation_metrics(ANSWERS, [CANDS] * 6, TARGETS)
-    assert math.isnan(m["hallucination/out_of_candidates"])
+    assert math.isnan(m["hallucination/out_of_candidates"]) and math.isnan(m["hallucination/out_of_catalog"])
     assert m["hr@1"] == pytest.approx(1 / 3)
 
 

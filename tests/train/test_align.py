@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from rosepo.config import AlignConfig, ModelConfig, OracleConfig, PairsConfig, RunConfig
@@ -84,7 +85,7 @@ def test_strategies_pick_their_argmax(ml100k_pairs, ml100k_samples):
     import torch
 
     from rosepo.data.popularity import train_popularity
-    from rosepo.data.samples import read_split
+    from rosepo.data.samples import length_batches, read_split
     from rosepo.layout import read_pairs
     from rosepo.model.factory import load_model, load_tokenizer
     from rosepo.model.logprobs import answer_logps
@@ -94,22 +95,29 @@ def test_strategies_pick_their_argmax(ml100k_pairs, ml100k_samples):
     model_dir, pairs = ml100k_pairs
     tok = load_tokenizer(str(model_dir))
     model = load_model(str(model_dir), dtype=torch.float32).eval()
-    samples = {r["sample_id"]: r for r in read_split(ml100k_samples, "train").to_pylist()}
+    train = read_split(ml100k_samples, "train")
+    samples = {r["sample_id"]: r for r in train.to_pylist()}
     popularity = train_popularity(ml100k_samples)
     rows = read_pairs(pairs, "train").to_pylist()
+    # The builder scores the samples in its batches (by prompt length, 16 each): recomputed in the
+    # same batches, the numbers are the same bit for bit, so the argmax is checked exactly.
+    ids = {r["sample_id"] for r in rows}
+    chosen = train.filter(pa.array([i in ids for i in train.column("sample_id").to_pylist()]))
+    all_scores = {}
+    with torch.no_grad():
+        for batch in length_batches(chosen, 16):
+            logps, _ = answer_logps(model, [encode_prompt(tok, p, 512) for p in batch.column("prompt").to_pylist()],
+                                    [[encode_answer(tok, t, 48) for t in ts]
+                                     for ts in batch.column("candidate_titles").to_pylist()],
+                                    prefix_sharing=True, pad_id=tok.pad_token_id)
+            all_scores.update(zip(batch.column("sample_id").to_pylist(), logps.double().numpy()))
     checked = set()
     for r in rows:
         s = samples[r["sample_id"]]
         target = r["chosen_index"]
         wrong = [i for i in range(20) if i != target]
         if r["strategy"] == "self_hard":
-            with torch.no_grad():
-                scores, _ = answer_logps(model, [encode_prompt(tok, s["prompt"], 512)],
-                                         [[encode_answer(tok, t, 48) for t in s["candidate_titles"]]],
-                                         prefix_sharing=True, pad_id=tok.pad_token_id)
-            # The builder scores each sample alone, as here: the same numbers bit for bit, so the
-            # argmax is checked exactly, near-ties included.
-            scores = scores[0].double().numpy()
+            scores = all_scores[r["sample_id"]]
             assert r["rejected_index"][0] == max(wrong, key=lambda i: (scores[i], -i))
             assert r["ref_chosen_logp"] == float(scores[target])
             assert r["ref_rejected_logp"][0] == float(scores[r["rejected_index"][0]])
