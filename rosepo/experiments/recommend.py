@@ -9,9 +9,10 @@ stage does (`rosepo.eval.evaluate.EvalScorer`): the greedy answer, and each cand
 log-probability given the prompt, by which the candidates are ranked.
 
 The run is found through its folder: ``config.yaml`` written by `rosepo.pipeline.run_pipeline`,
-the stage folders addressed by it. Titles must match the catalogue exactly; an unknown one is
-refused with its closest titles. Not done here: Ray Data for large batches (queries are scored
-in-process, ``eval.batch_size`` at a time), sampling or beam search.
+the stage folders addressed by it. Titles must match the catalogue's, case and spacing aside
+(`rosepo.data.titles.title_key`); an unknown one is refused with its closest titles. Not done
+here: Ray Data for large batches (queries are scored in-process, ``eval.batch_size`` at a time),
+sampling or beam search.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import pyarrow as pa
 from rosepo.config import RunConfig, load_config
 from rosepo.data.prompts import choose_template, render_prompt
 from rosepo.data.samples import draw_candidates, load_source
+from rosepo.data.titles import title_key
 from rosepo.errors import ConfigError, DataError
 from rosepo.eval.evaluate import EvalScorer
 from rosepo.layout import aligned_model_and_adapter, base_model_path, sft_model_and_adapter
@@ -65,19 +67,20 @@ class Recommender:
         self.titles: dict[str, str] = dict(zip(catalog.column("item_id").to_pylist(),
                                                catalog.column("title").to_pylist()))
         self.item_ids = sorted(self.titles)
-        self.by_title: dict[str, str] = {}
-        for item in self.item_ids:  # a title two items share stands for the first
-            self.by_title.setdefault(self.titles[item], item)
+        # Keyed by title identity: the catalogue's titles are distinct under it (`rosepo.data.titles`).
+        self.by_title: dict[str, str] = {title_key(title): item for item, title in self.titles.items()}
 
     def check_titles(self, titles: list[str], what: str) -> list[str]:
         """The item ids of ``titles``; `DataError` naming the first unknown one and its closest titles."""
         for i, title in enumerate(titles):
-            if title not in self.by_title:
-                close = difflib.get_close_matches(title, list(self.by_title), n=3, cutoff=0.5)
-                hint = f"; close matches: {', '.join(map(repr, close))}" if close else ""
+            if title_key(title) not in self.by_title:
+                close = difflib.get_close_matches(title_key(title), list(self.by_title), n=3, cutoff=0.5)
+                close = [repr(self.titles[self.by_title[c]]) for c in close]
+                hint = f"; close matches: {', '.join(close)}" if close else ""
                 raise DataError(f"unknown title {title!r} ({what} {i + 1}): not in the catalogue of "
-                                f"data.format {self.cfg.data.format}; titles must match exactly{hint}")
-        return [self.by_title[t] for t in titles]
+                                f"data.format {self.cfg.data.format}; titles must match one of its titles, case "
+                                f"and spacing aside{hint}")
+        return [self.by_title[title_key(t)] for t in titles]
 
     def query(self, history: list[str], candidates: list[str] | None = None) -> dict:
         """A checked query: ``sample_id`` (the seed of its drawn candidates), ``history`` (the last
