@@ -64,7 +64,7 @@ def scaled_input(copies: int, root: str | Path = WORK, data_dir: str | Path = RE
     if inter_path.is_file() and cat_path.is_file():
         return inter_path, cat_path
     src = fetch("movielens-100k", str(data_dir))
-    inter, catalog = read_recbole(src / "ml-100k.inter", src / "ml-100k.item")
+    inter, catalog = read_recbole(src / "ml-100k.inter", src / "ml-100k.item", movielens=True)
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / "interactions.parquet.tmp"
     with pq.ParquetWriter(tmp, inter.schema) as w:

@@ -1,8 +1,9 @@
 """Typed, documented configuration: one dataclass per stage, one `RunConfig` holding them.
 
-Loaded from YAML (``yaml.safe_load``) and then ``key=value`` overrides with dotted keys
-(``align.beta=0.2``). Unknown keys, wrong types and out-of-range values raise `ConfigError`
-with the key, the value and what is expected, at load time, before any work starts.
+Loaded from YAML (`read_yaml`: PyYAML's safe loader, refusing a key given twice) and then
+``key=value`` overrides with dotted keys (``align.beta=0.2``). Unknown keys, wrong types and
+out-of-range values raise `ConfigError` with the key, the value and what is expected, at load
+time, before any work starts.
 
 Where the checks live: a field's own constraint is declared on its annotation, as a `Literal`
 of its choices or an ``Annotated[..., Range(...)]`` of its bounds; `RunConfig.validate` walks
@@ -18,6 +19,7 @@ these classes (``python -m tools.config_reference > docs/configuration.md``; a t
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -36,6 +38,8 @@ DataFormat = Literal["movielens-100k", "ml100k-raw", "recbole", "csv", "parquet"
 PromptStyle = Literal["paraphrase", "list"]
 #: ``data.domain``: `rosepo.data.prompts.DOMAINS`.
 Domain = Literal["movies", "books", "artists"]
+#: ``data.timestamp_unit``: ``auto`` or a key of `rosepo.data.readers.TIMESTAMP_UNITS`.
+TimestampUnit = Literal["auto", "s", "ms", "us", "ns"]
 #: Splits of a samples folder (`rosepo.data.samples.SPLITS`).
 Split = Literal["train", "valid", "test"]
 #: ``model.dtype``: the names `rosepo.model.factory.resolve_dtype` knows. No float16: the
@@ -52,6 +56,9 @@ METHOD_NAMES = ("dpo", "cdpo", "sdpo", "rosepo", "rosepo-self_hard", "rosepo-sem
                 "rosepo-no-smoothing", "rosepo-constant-eps")
 #: The sections with a ``use_gpu`` of their own, which the run's ``use_gpu`` fills when unset.
 GPU_STAGES = ("oracle", "sft", "pairs", "align", "eval")
+#: Names of the linear layers of the built-in tiny Llama (`rosepo.model.factory.linear_layer_names`),
+#: the names ``model.lora_target_modules`` may give it.
+TINY_LINEAR_LAYERS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head")
 #: Canonical column names ``data.columns`` may map (`rosepo.schema`).
 COLUMN_NAMES = ("user_id", "item_id", "timestamp", "title")
 
@@ -112,6 +119,11 @@ class DataConfig:
     columns: dict = field(default_factory=dict)
     #: Field delimiter for ``csv`` (``"\t"`` for TSV): one character, not a quote or line break.
     delimiter: str = ","
+    #: Unit of integer timestamps: ``s``, ``ms``, ``us`` or ``ns`` (converted to whole seconds), or
+    #: ``auto``: kept as given, each file's in the one unit their magnitudes imply (|t| < 1e11: s,
+    #: < 1e14: ms, < 1e17: us, else ns; dates after 1973), a file that mixes units refused. Arrow
+    #: timestamp and date columns and ISO-8601 text carry their own unit (`rosepo.data.readers.TimestampUnit`).
+    timestamp_unit: TimestampUnit = "auto"
     #: Longest history kept (oldest dropped first).
     max_history: Positive = 10
     #: Windows with fewer history items are dropped.
@@ -492,8 +504,9 @@ class RunConfig:
                f"must be >= data.min_history ({d.min_history})", d.max_history)
         _check(len(d.split) == 3 and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in d.split)
                and abs(sum(d.split) - 1) < 1e-6
-               and all(x >= 0 for x in d.split), "data.split",
-               "must be three non-negative fractions summing to 1, e.g. [0.8, 0.1, 0.1]", d.split)
+               and all(x > 0 for x in d.split), "data.split",
+               "must be three fractions > 0 summing to 1, e.g. [0.8, 0.1, 0.1]: the oracle trains on train and is "
+               "evaluated on valid and test, so none may be empty", d.split)
         _check(len(d.delimiter) == 1 and d.delimiter not in "\r\n\"", "data.delimiter",
                "must be one character other than a quote or a line break (\"\\t\" for TSV)", d.delimiter)
         _check(all(k in COLUMN_NAMES and isinstance(v, str) and v for k, v in d.columns.items()), "data.columns",
@@ -501,8 +514,9 @@ class RunConfig:
         _check(all(k in typing.get_args(Split) and isinstance(v, str) and v for k, v in d.llara.items()),
                "data.llara", f"must map splits ({', '.join(typing.get_args(Split))}) to JSON files", d.llara)
         if d.format == "llara-json":
-            _check(bool(d.llara), "data.llara", "must name the JSON file of at least one split when "
-                   "data.format is llara-json, e.g. {train: train.json}", d.llara)
+            _check(set(d.llara) == set(typing.get_args(Split)), "data.llara", "must name the JSON file of every "
+                   "split when data.format is llara-json ({train: train.json, valid: valid.json, test: test.json}): "
+                   "the oracle trains on train and is evaluated on valid and test", d.llara)
         elif d.format != "movielens-100k":
             for key in ("interactions", "catalog"):
                 _check(bool(getattr(d, key)), f"data.{key}", f"must name the input file when data.format is "
@@ -544,6 +558,10 @@ class RunConfig:
             if (t.finetune or m.finetune) == "lora":
                 _check(bool(m.lora_target_modules), "model.lora_target_modules",
                        f"must name at least one module: {name} fine-tunes with LoRA", m.lora_target_modules)
+                # A pretrained model's layers are known once it is resolved (the model stage checks them).
+                _check(m.name_or_path != "tiny" or set(m.lora_target_modules) <= set(TINY_LINEAR_LAYERS),
+                       "model.lora_target_modules", f"must name linear layers of the tiny model "
+                       f"({', '.join(TINY_LINEAR_LAYERS)})", m.lora_target_modules)
         for key in ("eps_max", "eps_constant"):
             _check(0 <= getattr(self.align, key) < 0.5, f"align.{key}",
                    "must be in [0, 0.5): at 0.5 the loss ignores which item was chosen", getattr(self.align, key))
@@ -559,6 +577,10 @@ class RunConfig:
                f"must map strategies among {', '.join(STRATEGY_NAMES)} to ratios >= 0 with a positive sum", ratios)
         _check(all(isinstance(s, str) and s in STRATEGY_NAMES for s in self.align.strategies), "align.strategies",
                f"must list strategies among {', '.join(STRATEGY_NAMES)} (empty = all pairs)", self.align.strategies)
+        drawn = [s for s, ratio in ratios.items() if ratio > 0]
+        _check(all(s in drawn for s in self.align.strategies), "align.strategies",
+               f"must list strategies the pairs are made by (pairs.strategies with a ratio > 0: {', '.join(drawn)}): "
+               "alignment would find no pair of the others", self.align.strategies)
         o = self.oracle
         _check(o.hidden_size % o.num_heads == 0, "oracle.hidden_size",
                f"must be a multiple of oracle.num_heads ({o.num_heads})", o.hidden_size)
@@ -719,27 +741,72 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """Load a `RunConfig` from YAML (or the defaults) plus ``key=value`` overrides, validated."""
+@functools.cache
+def _unique_key_loader() -> type:
+    """A `yaml.SafeLoader` that refuses a key given twice in one mapping, naming the dotted key
+    and both lines (PyYAML keeps the later value silently). The document's nodes are checked
+    before they are constructed, so the key's whole path is known."""
     import yaml
 
+    def check(node, prefix: str, seen_nodes: set) -> None:
+        if id(node) in seen_nodes:  # an alias: its node was checked where it was anchored
+            return
+        seen_nodes.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            lines: dict = {}
+            for key, value in node.value:
+                scalar = isinstance(key, yaml.ScalarNode)  # a complex key (a list, a mapping) is refused later
+                name, line = prefix + (key.value if scalar else "?"), key.start_mark.line + 1
+                if scalar and key.value in lines:
+                    raise ConfigError(f"key {name!r} appears twice (lines {lines[key.value]} and {line}); keep one")
+                if scalar:
+                    lines[key.value] = line
+                check(value, name + ".", seen_nodes)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                check(item, f"{prefix.removesuffix('.')}[{i}].", seen_nodes)
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_document(self, node):
+            check(node, "", set())
+            return super().construct_document(node)
+
+    return UniqueKeyLoader
+
+
+def read_yaml(path: str | Path, what: str, if_empty: str) -> dict:
+    """The top-level mapping of the YAML file ``path``, named ``what`` (``config file``, ``search
+    file``) in errors. `ConfigError` when it is a folder or missing, cannot be read, is not
+    YAML, gives a key twice in one mapping (the dotted key and both lines), holds no settings
+    (0 bytes, or only blank lines and comments: ``if_empty`` says what to do), or is not a mapping."""
+    import yaml
+
+    p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"{what} {p} is a directory; expected a YAML file")
+    if not p.is_file():
+        raise ConfigError(f"{what} {p} does not exist")
+    try:
+        data = yaml.load(p.read_text(encoding="utf-8"), Loader=_unique_key_loader())
+    except ConfigError as e:
+        raise ConfigError(f"{what} {p}: {e}") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{what} {p} is not valid YAML: {e}") from None
+    except OSError as e:
+        raise ConfigError(f"{what} {p} cannot be read: {e.strerror or e}") from None
+    if data is None:
+        raise ConfigError(f"{what} {p} holds no settings (it is empty, or only blank lines and comments): {if_empty}")
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what} {p}: expected a mapping at the top level")
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Load a `RunConfig` from a YAML file (`read_yaml`; no file: the defaults) plus ``key=value``
+    overrides, validated."""
     data: dict = {}
     if path:
-        p = Path(path)
-        if p.is_dir():
-            raise ConfigError(f"config file {p} is a directory; expected a YAML file")
-        if not p.is_file():
-            raise ConfigError(f"config file {p} does not exist")
-        try:
-            data = yaml.safe_load(p.read_text(encoding="utf-8"))
-        except (yaml.YAMLError, UnicodeDecodeError) as e:
-            raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
-        except OSError as e:
-            raise ConfigError(f"config file {p} cannot be read: {e.strerror or e}") from None
-        if data is None:  # an empty file: the defaults ("[]", "0", "false" are refused below)
-            data = {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file {p}: expected a mapping at the top level")
+        data = read_yaml(path, "config file", "write the settings to change, or leave out --config to run the defaults")
     apply_overrides(data, list(overrides or []))
     return _build(RunConfig, data).validate()
 

@@ -1,6 +1,8 @@
 """The canonical Arrow schemas every stage reads and writes.
 
-Ids are strings everywhere (whatever the source used), timestamps int64 seconds.
+Ids are strings everywhere (whatever the source used), timestamps int64 seconds (with
+``data.timestamp_unit: auto``, integer timestamps in the input's own unit, one per file:
+`rosepo.data.readers.TimestampUnit`).
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 from rosepo.config import (COLUMN_NAMES, STRATEGY_NAMES, DataFormat, Domain, Dtype, Embedder, Loss, PromptStyle,
-                           Range, RunConfig, Split, config_hash, load_config, set_dotted)
+                           Range, RunConfig, Split, TimestampUnit, config_hash, load_config, set_dotted)
 from rosepo.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -56,15 +56,43 @@ def test_defaults_and_shipped_config_load():
 def test_file_then_overrides_and_coercion(tmp_path):
     """Overrides win over the file; int -> float and list -> tuple are the only conversions."""
     path = write(tmp_path, "align:\n  beta: 0.2\n  eps_max: 0.25\ndata:\n  split: [0.5, 0.25, 0.25]\n")
-    cfg = load_config(path, ["align.beta=1", "data.split=[1, 0, 0]", "sft.num_workers=3"])
+    cfg = load_config(path, ["align.beta=1", "data.split=[1, 0, 0]", "data.split=[0.5, 0.3, 0.2]",
+                             "sft.num_workers=3"])
     assert cfg.align.beta == 1.0 and isinstance(cfg.align.beta, float)
     assert cfg.align.eps_max == 0.25
-    assert cfg.data.split == (1, 0, 0)
+    assert cfg.data.split == (0.5, 0.3, 0.2)
     assert cfg.sft.num_workers == 3
 
 
-def test_empty_file_is_the_defaults(tmp_path):
-    assert load_config(write(tmp_path, "# nothing\n")) == RunConfig()
+@pytest.mark.parametrize("text", ["", "# nothing\n", "\n  \n# a\n\n", "\ufeff"])
+def test_empty_file_refused(tmp_path, text):
+    """A file with no settings once ran the defaults (downloading MovieLens, building samples):
+    most likely the wrong file, or one not saved yet. Leaving out --config runs the defaults."""
+    with pytest.raises(ConfigError, match=r"config file .*run\.yaml holds no settings .*leave out --config"):
+        load_config(write(tmp_path, text))
+
+
+@pytest.mark.parametrize("text,message", [
+    ("align:\n  beta: 0.1\nsft:\n  epochs: 1\nalign:\n  loss: dpo\n", "key 'align' appears twice (lines 1 and 5)"),
+    ("# run\nalign:\n  beta: 0.1\n  loss: dpo\n  beta: 0.3\n", "key 'align.beta' appears twice (lines 3 and 5)"),
+    ("data:\n  columns: {user_id: u, user_id: v}\n", "key 'data.columns.user_id' appears twice (lines 2 and 2)"),
+    ("data:\n  llara:\n    - a: 1\n      a: 2\n", "key 'data.llara[0].a' appears twice (lines 3 and 4)"),
+])
+def test_duplicate_keys_refused_naming_the_key_and_both_lines(tmp_path, text, message):
+    """A key given twice once loaded with the later value, the earlier dropped without a word."""
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert str(e.value) == f"config file {path}: {message}; keep one"
+
+
+def test_duplicate_key_exits_2_through_the_cli(tmp_path, capsys):
+    from rosepo.cli import main
+
+    path = write(tmp_path, "align:\n  beta: 0.1\n  beta: 0.3\n")
+    assert main(["data", "build", "--config", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == f"rosepo: error: config file {path}: key 'align.beta' appears twice (lines 2 and 3); keep one"
 
 
 def test_utf8_bom_config_file(tmp_path):
@@ -205,6 +233,32 @@ def test_config_path_not_a_file(tmp_path, name, match):
 # --- issue 19: every value that once failed a later stage is refused at load -------------------
 
 
+@pytest.mark.parametrize("overrides,key,expected", [
+    (["data.split=[1, 0, 0]"], "data.split", "none may be empty"),    # once refused by the oracle, trained
+    (["data.split=[0, 0.5, 0.5]"], "data.split", "none may be empty"),
+    (["data.format=llara-json", "data.llara={train: t.json, valid: v.json}"], "data.llara",  # once after the oracle
+     "every split"),
+    (["align.strategies=[random]"], "align.strategies", "self_hard, semantic, popularity"),  # once at align
+    (["pairs.strategies={self_hard: 1, semantic: 0}", "align.strategies=[semantic]"], "align.strategies",
+     "ratio > 0: self_hard)"),
+    (["model.lora_target_modules=[q_proj, qkv]"], "model.lora_target_modules", "lm_head"),  # once at the model stage
+])
+def test_issue_39_checks_moved_to_load(overrides, key, expected):
+    """Checks that once fired in a later stage (#39) but need only the config."""
+    with pytest.raises(ConfigError) as e:
+        load_config(None, overrides)
+    assert f"config key '{key}'" in str(e.value) and expected in str(e.value), str(e.value)
+    if key == "model.lora_target_modules":  # a pretrained model's layers are checked at the model stage
+        load_config(None, overrides + ["model.name_or_path=some/model"])
+
+
+def test_tiny_linear_layers_are_the_tiny_models(tiny_model_dir):
+    from rosepo.config import TINY_LINEAR_LAYERS
+    from rosepo.model.factory import model_linear_layers
+
+    assert sorted(TINY_LINEAR_LAYERS) == model_linear_layers(tiny_model_dir)
+
+
 @pytest.mark.parametrize("key,value,expected", [
     ("eval.split", "tst", "'train', 'valid', 'test'"),                 # once failed at the eval stage, the last
     ("model.dtype", "fp16", "'auto', 'float32', 'bfloat16'"),          # once at SFT
@@ -258,7 +312,7 @@ def test_name_sets_match_their_registries():
     """config.py holds each set of names (it may not import the modules above it); each
     registry of those modules must hold exactly the same names."""
     from rosepo.data.prompts import DOMAINS, STYLES
-    from rosepo.data.readers import FILE_FORMATS
+    from rosepo.data.readers import FILE_FORMATS, TIMESTAMP_UNITS
     from rosepo.data.samples import SPLITS
     from rosepo.losses import LOSSES
     from rosepo.model.factory import resolve_dtype
@@ -268,6 +322,7 @@ def test_name_sets_match_their_registries():
 
     assert set(typing.get_args(DataFormat)) == set(FILE_FORMATS) | {"movielens-100k", "llara-json"}
     assert typing.get_args(Split) == SPLITS
+    assert set(typing.get_args(TimestampUnit)) == {"auto"} | set(TIMESTAMP_UNITS)
     assert set(typing.get_args(PromptStyle)) == set(STYLES)
     assert set(typing.get_args(Domain)) == set(DOMAINS)
     assert set(typing.get_args(Embedder)) == set(EMBEDDERS)
@@ -286,7 +341,7 @@ def test_name_sets_match_their_registries():
 SPECIAL_BAD = {
     "name": ["a/b", "..", ""], "storage": [""], "data.delimiter": ["", "::", "\n", '"'],
     "data.columns": [{"user": "uid"}, {"user_id": ""}], "data.llara": [{"tst": "x.json"}],
-    "data.split": [[0.5, 0.5, 0.5], [1, 0]], "data.max_history": [2], "data.interactions": [],
+    "data.split": [[0.5, 0.5, 0.5], [1, 0], [1, 0, 0]], "data.max_history": [2], "data.interactions": [],
     "pairs.strategies": [{"word2vec": 1.0}, {"self_hard": 0.0}], "align.strategies": [["bogus"]],
     "compare.methods": [["bogus"]], "model.lora_target_modules": [[""], []], "model.modules_to_save": [[1]],
     "pairs.num_negatives": [20], "align.eps_max": [0.5, -0.1], "align.eps_constant": [0.5],

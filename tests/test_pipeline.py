@@ -121,11 +121,11 @@ def test_over_long_prompt_refused_at_the_model_stage(tmp_path):
     titles = [f"Movie {k}" for k in range(20)]
     good = {"historyList": "::".join(titles[:3]), "itemList": titles[3:], "trueSelection": titles[3]}
     bad = {**good, "itemList": titles[3:-1] + [long_title]}
-    for split, rows in (("train", [good, good]), ("valid", [good, bad])):
+    for split, rows in (("train", [good, good]), ("valid", [good, bad]), ("test", [good])):
         (tmp_path / f"{split}.json").write_text(json.dumps(rows))
     cfg = RunConfig(storage=str(tmp_path / "runs"), data=DataConfig(
         format="llara-json", num_candidates=17,
-        llara={s: str(tmp_path / f"{s}.json") for s in ("train", "valid")})).validate()
+        llara={s: str(tmp_path / f"{s}.json") for s in ("train", "valid", "test")})).validate()
     samples = pipeline.run_stage(cfg, "samples")
     out = pipeline.stage_dir(cfg, "model")
     with pytest.raises(DataError, match=r"valid, row 2, column 'prompt': sample 'valid:0000001': the prompt has "

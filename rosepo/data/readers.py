@@ -13,6 +13,7 @@ import datetime
 import decimal
 import json
 import math
+import re
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -20,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from rosepo.data.titles import normalize_title
+from rosepo.data.titles import Listings, check_distinct, movielens_listings, normalize_title, title_key, title_year
 from rosepo.errors import DataError
 from rosepo.schema import CATALOG, HISTORY_SEP, INTERACTIONS
 
@@ -170,18 +171,21 @@ def _id_column(table: pa.Table, name: str, file: str) -> pa.Array:
 
 
 _INT64 = (-2**63, 2**63)
+#: The one syntax of an integer in text: optionally signed decimal digits, surrounding spaces
+#: aside. Not "1_000", "0x10", "1e3" or "3.0", which Python or Arrow would each read in some
+#: rows but not in others.
+_INTEGER_TEXT = re.compile(r"\s*[+-]?[0-9]+\s*")
 
 
 def _exact_int(v) -> int | None:
-    """``v`` as an exact int64, or None: ints, whole-number Decimals and text such as "17", "1e3",
-    "3.0" (read as decimals, never through a float, so 1700000000000000001 stays itself)."""
+    """``v`` as an exact int64, or None: ints, whole-number Decimals, and text in the one integer
+    syntax (`_INTEGER_TEXT`), never through a float, so 1700000000000000001 stays itself."""
     if isinstance(v, bool):
         return None
     if isinstance(v, str):
-        try:
-            v = decimal.Decimal(v.strip())
-        except decimal.InvalidOperation:
+        if not _INTEGER_TEXT.fullmatch(v):
             return None
+        v = int(v)
     if isinstance(v, decimal.Decimal):
         if not v.is_finite() or v.adjusted() > 19 or v != v.to_integral_value():
             return None
@@ -203,18 +207,66 @@ def _iso_seconds(v) -> int | None:
     return math.floor((t - datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)).total_seconds())
 
 
-def _timestamp_column(table: pa.Table, name: str, file: str) -> pa.Array:
-    """A timestamp column as int64, exactly: integers (any unit, kept as given), whole-number
-    text or decimals, floats within their exact range, Arrow timestamps and dates (seconds), or
-    ISO-8601 text (seconds). One column holds numbers or ISO times, not both (their units differ)."""
+#: ``data.timestamp_unit`` values and how many of each make a second.
+TIMESTAMP_UNITS = {"s": 1, "ms": 10**3, "us": 10**6, "ns": 10**9}
+#: Under ``auto``, the unit an integer timestamp's magnitude implies: the unit in which dates from
+#: 1973-03-03 (10^8 s) to the year 5138 (10^11 s) take it. |t| < 10^11: seconds (smaller values
+#: too: seconds before 1973, or ordinals); < 10^14: ms; < 10^17: µs; else ns.
+UNIT_BANDS = ((10**11, "s"), (10**14, "ms"), (10**17, "us"), (math.inf, "ns"))
+
+
+class TimestampUnit:
+    """The integer timestamps of one file, block by block, in `INTERACTIONS`' terms. With a
+    declared unit (``data.timestamp_unit``: `TIMESTAMP_UNITS`) they become whole seconds
+    (floored; events within one second then order by item id). With ``auto`` they are kept as
+    given, and refused when their magnitudes imply two units in the file (`UNIT_BANDS`): mixed
+    units would order events wrongly. Arrow timestamp and date columns and ISO-8601 text carry
+    their unit and are read as seconds whatever this says."""
+
+    def __init__(self, unit: str, file: str):
+        if unit != "auto" and unit not in TIMESTAMP_UNITS:
+            raise DataError(f"unknown data.timestamp_unit {unit!r}; expected auto, {', '.join(TIMESTAMP_UNITS)}")
+        self.unit, self.file = unit, file
+        #: (unit, 1-based row in the file, value) of the file's first integer timestamp, under auto.
+        self.first: tuple | None = None
+
+    def __call__(self, ts: pa.Array, offset: int) -> pa.Array:
+        """``ts`` (int64, no nulls) of the block whose first row is the file's row ``offset + 1``."""
+        values = ts.to_numpy(zero_copy_only=False)
+        if self.unit != "auto":
+            return pa.array(np.floor_divide(values, TIMESTAMP_UNITS[self.unit]), pa.int64())
+        if not len(values):
+            return ts
+        bands = np.searchsorted([b for b, _ in UNIT_BANDS], np.abs(values.astype(np.float64)), side="right")
+        if self.first is None:
+            self.first = (UNIT_BANDS[bands[0]][1], offset + 1, int(values[0]))
+        other = np.flatnonzero(bands != [u for _, u in UNIT_BANDS].index(self.first[0]))
+        if len(other):
+            i = int(other[0])
+            unit, row, value = self.first
+            raise DataError(f"timestamp {int(values[i])} reads as {UNIT_BANDS[bands[i]][1]} by its magnitude, but row "
+                            f"{row}'s {value} as {unit}: one file's timestamps are in one unit; set "
+                            "data.timestamp_unit (s, ms, us or ns) to the file's unit, or convert the file to one unit "
+                            "(data.timestamp_unit auto reads |t| < 1e11 as s, < 1e14 as ms, < 1e17 as us, else ns)",
+                            file=self.file, row=i + 1, column="timestamp")
+        return ts
+
+
+def _timestamp_column(table: pa.Table, name: str, file: str, unit: TimestampUnit, offset: int) -> pa.Array:
+    """A timestamp column as int64, exactly: integers (in ``unit``: `TimestampUnit`), text in the
+    one integer syntax (`_INTEGER_TEXT`), whole-number decimals, floats within their exact range,
+    Arrow timestamps and dates (seconds), or ISO-8601 text (seconds). One column holds numbers or
+    ISO times, not both (their units differ). ``offset``: the file's rows before this table."""
     col = table.column(name)
     if pa.types.is_date(col.type):
         col = pc.cast(col, pa.timestamp("s"))
     if pa.types.is_timestamp(col.type):  # whole seconds: sub-second parts are truncated
-        col = pc.cast(pc.cast(col, pa.timestamp("s"), safe=False), pa.int64())
-    if (pa.types.is_integer(col.type) or pa.types.is_string(col.type)) and col.null_count == 0:
-        try:  # the usual case, exact: Arrow refuses what is not an integer in range
-            return pc.cast(col, pa.int64()).combine_chunks()
+        return pc.cast(pc.cast(col, pa.timestamp("s"), safe=False), pa.int64()).combine_chunks()
+    fast = pa.types.is_integer(col.type) or (
+        pa.types.is_string(col.type) and pc.all(pc.match_substring_regex(col, r"^-?[0-9]+$"), min_count=0).as_py())
+    if fast and col.null_count == 0:
+        try:  # the usual case, exact: Arrow refuses what is out of range
+            return unit(pc.cast(col, pa.int64()).combine_chunks(), offset)
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError):  # the walk below names the row
             pass
     vals = col.to_pylist()
@@ -240,9 +292,9 @@ def _timestamp_column(table: pa.Table, name: str, file: str) -> pa.Array:
         out = iso
     i = _first_bad(out, lambda v: v is not None)
     if i >= 0:
-        raise DataError(f"expected an integer timestamp or an ISO-8601 time, found {vals[i]!r}", file=file,
-                        row=i + 1, column=name)
-    return pa.array(out, pa.int64())
+        raise DataError(f"expected an integer timestamp or an ISO-8601 time, found {vals[i]!r} (an integer is "
+                        "optionally signed decimal digits)", file=file, row=i + 1, column=name)
+    return pa.array(out, pa.int64()) if times else unit(pa.array(out, pa.int64()), offset)
 
 
 def _mapped(table: pa.Table, mapping: dict, canonical: tuple, file: str) -> pa.Table:
@@ -264,18 +316,33 @@ def _mapped(table: pa.Table, mapping: dict, canonical: tuple, file: str) -> pa.T
     return pa.table({dst: table.column(src) for src, dst in rename.items()})
 
 
-def canonical_interactions(table: pa.Table, file: str, mapping: dict | None = None) -> pa.Table:
-    """Map, type-check and convert a raw table to `INTERACTIONS`."""
+def canonical_interactions(table: pa.Table, file: str, mapping: dict | None = None,
+                           unit: TimestampUnit | None = None, offset: int = 0) -> pa.Table:
+    """Map, type-check and convert a raw table to `INTERACTIONS`; ``unit`` reads its integer
+    timestamps (``auto`` when None), ``offset`` is the file's rows before this table."""
     t = _mapped(table, mapping or {}, INTERACTION_COLUMNS, file)
     return pa.Table.from_arrays([_id_column(t, "user_id", file), _id_column(t, "item_id", file),
-                                 _timestamp_column(t, "timestamp", file)], schema=INTERACTIONS)
+                                 _timestamp_column(t, "timestamp", file, unit or TimestampUnit("auto", file), offset)],
+                                schema=INTERACTIONS)
 
 
-def canonical_catalog(table: pa.Table, file: str, mapping: dict | None = None,
-                      normalize: bool = True) -> pa.Table:
-    """Map, type-check and convert a raw table to `CATALOG`; titles normalised, unique ids."""
+#: What a refusal of two titles that are one (`rosepo.data.titles.check_distinct`) tells to do.
+TITLES_REMEDY = ("give each item a title of its own (e.g. add the year: \"Cape Fear (1962)\"), or list an item "
+                 "once and use one id for it in the interactions")
+
+
+def canonical_catalog(table: pa.Table, file: str, mapping: dict | None = None, normalize: bool = True,
+                      years: list[str] | None = None) -> tuple[pa.Table, Listings]:
+    """Map, type-check and convert a raw table to `CATALOG`: titles normalised (``normalize``:
+    `normalize_title`, else runs of whitespace collapsed), unique ids, and titles distinct under
+    `title_key`. With ``years`` (MovieLens: each row's release year) colliding titles are made
+    distinct by `movielens_listings` (films listed twice merged, namesakes dated); without,
+    two items of one title are refused naming both ids and rows. Returns the catalog and the
+    `Listings` (empty without ``years``)."""
     t = _mapped(table, mapping or {}, CATALOG_COLUMNS, file)
     ids = _id_column(t, "item_id", file)
+    if not (pa.types.is_string(t.column("title").type) or pa.types.is_large_string(t.column("title").type)):
+        raise DataError(f"expected string titles, found type {t.column('title').type}", file=file, column="title")
     titles = t.column("title").to_pylist()
     out = []
     for i, title in enumerate(titles):
@@ -297,7 +364,12 @@ def canonical_catalog(table: pa.Table, file: str, mapping: dict | None = None,
         dup_row = ids.to_pylist().index(item, row + 1)
         raise DataError(f"item id {item!r} appears twice (first at row {row + 1})", file=file,
                         row=dup_row + 1, column="item_id")
-    return pa.Table.from_arrays([ids, pa.array(out, pa.string())], schema=CATALOG)
+    ids, listings = ids.to_pylist(), Listings()
+    if years is not None:
+        kept, listings = movielens_listings(ids, out, years)
+        ids, out = list(kept), list(kept.values())
+    check_distinct(((item, title, file, i + 1) for i, (item, title) in enumerate(zip(ids, out))), TITLES_REMEDY)
+    return pa.Table.from_arrays([pa.array(ids, pa.string()), pa.array(out, pa.string())], schema=CATALOG), listings
 
 
 #: Formats of interaction and catalog files (`interaction_blocks`, `read_catalog`).
@@ -342,11 +414,12 @@ def _shifted(e: DataError, offset: int) -> DataError:
 
 
 def interaction_blocks(fmt: str, path: str | Path, *, filesystem=None, name: str | None = None,
-                       delimiter: str = ",", columns: dict | None = None,
+                       delimiter: str = ",", columns: dict | None = None, timestamp_unit: str = "auto",
                        block_rows: int = BLOCK_ROWS) -> Iterator[pa.Table]:
     """One interaction file of format ``fmt`` (`FILE_FORMATS`) as `INTERACTIONS` tables of at most
     ``block_rows`` rows, in file order; ``filesystem`` a `pyarrow.fs.FileSystem` (local when None),
-    ``name`` the file in errors, whose rows count from the file's first data row.
+    ``name`` the file in errors, whose rows count from the file's first data row; integer
+    timestamps read in ``timestamp_unit`` (`TimestampUnit`: under ``auto``, one unit per file).
 
     Parquet streams batch by batch (memory bounded by a block, whatever the file's size; the columns
     and their types are checked before any row is read). Text is read and checked whole (a
@@ -354,13 +427,14 @@ def interaction_blocks(fmt: str, path: str | Path, *, filesystem=None, name: str
     text logs into several files.
     """
     name = name or str(path)
+    unit = TimestampUnit(timestamp_unit, name)
     if fmt == "parquet":
         tables = _parquet_tables(path, filesystem, name, block_rows)
-        canonical_interactions(next(tables), name, columns)
+        canonical_interactions(next(tables), name, columns, unit)
         offset = 0
         for table in tables:
             try:
-                block = canonical_interactions(table, name, columns)
+                block = canonical_interactions(table, name, columns, unit, offset)
             except DataError as e:
                 raise _shifted(e, offset) from None
             offset += len(table)
@@ -375,24 +449,31 @@ def interaction_blocks(fmt: str, path: str | Path, *, filesystem=None, name: str
         raw = _read_delimited(path, delimiter, header=True, **where)
     else:
         raise DataError(f"unknown interaction file format {fmt!r}; expected one of {', '.join(FILE_FORMATS)}")
-    table = canonical_interactions(raw, name, columns)
+    table = canonical_interactions(raw, name, columns, unit)
     for batch in table.to_batches(max_chunksize=block_rows):
         yield pa.Table.from_batches([batch], schema=INTERACTIONS)
 
 
 def read_catalog(fmt: str, path: str | Path, *, filesystem=None, name: str | None = None, delimiter: str = ",",
-                 columns: dict | None = None) -> pa.Table:
-    """A catalog file of format ``fmt`` (`FILE_FORMATS`) as `CATALOG`; RecBole and ML-100K titles
-    normalised (``"Usual Suspects, The (1995)"`` -> ``"The Usual Suspects"``), the others kept."""
+                 columns: dict | None = None, movielens: bool = False) -> tuple[pa.Table, Listings]:
+    """A catalog file of format ``fmt`` (`FILE_FORMATS`) as `CATALOG` and its `Listings`; RecBole
+    and ML-100K titles normalised (``"Usual Suspects, The (1995)"`` -> ``"The Usual Suspects"``),
+    the others kept. Titles that are one under `title_key` are refused, except in MovieLens:
+    ``ml100k-raw``, and ``recbole`` with ``movielens`` (the fetched ``movielens-100k``), whose
+    titles are made distinct by their years (`movielens_listings`)."""
     name = name or str(path)
     where = {"filesystem": filesystem, "name": name}
     if fmt == "recbole":
         items = _recbole_names(_read_delimited(path, "\t", header=True, **where))
         title_col = "movie_title" if "movie_title" in items.column_names else "title"
-        return canonical_catalog(items, name, {"title": title_col})
+        years = None
+        if movielens:
+            years = (items.column("release_year").to_pylist() if "release_year" in items.column_names
+                     else [title_year(t) for t in items.column(title_col).to_pylist()])
+        return canonical_catalog(items, name, {"title": title_col}, years=years)
     if fmt == "ml100k-raw":
-        return canonical_catalog(_read_delimited(path, "|", header=False, names=_ML100K_ITEM, encoding="latin-1",
-                                                 **where), name)
+        items = _read_delimited(path, "|", header=False, names=_ML100K_ITEM, encoding="latin-1", **where)
+        return canonical_catalog(items, name, years=[title_year(t) for t in items.column("title").to_pylist()])
     if fmt == "csv":
         return canonical_catalog(_read_delimited(path, delimiter, header=True, **where), name, columns,
                                  normalize=False)
@@ -402,19 +483,24 @@ def read_catalog(fmt: str, path: str | Path, *, filesystem=None, name: str | Non
     raise DataError(f"unknown catalog file format {fmt!r}; expected one of {', '.join(FILE_FORMATS)}")
 
 
-def _read_pair(fmt: str, inter_path, item_path, **kw) -> tuple[pa.Table, pa.Table]:
+def _read_pair(fmt: str, inter_path, item_path, movielens: bool = False, **kw) -> tuple[pa.Table, pa.Table]:
     inter = pa.concat_tables([INTERACTIONS.empty_table(), *interaction_blocks(fmt, inter_path, **kw)])
-    return inter, read_catalog(fmt, item_path, **kw)
+    catalog, listings = read_catalog(fmt, item_path, movielens=movielens, **kw)
+    inter = inter.append_column("_row", pa.array(np.arange(len(inter), dtype=np.int64)))
+    return merge_listings(inter, listings.merged, "_row")[0].drop_columns(["_row"]), catalog
 
 
-def read_recbole(inter_path: str | Path, item_path: str | Path) -> tuple[pa.Table, pa.Table]:
-    """RecBole atomic files: TSV with ``name:type`` headers (``user_id:token`` ...)."""
-    return _read_pair("recbole", inter_path, item_path)
+def read_recbole(inter_path: str | Path, item_path: str | Path, *,
+                 movielens: bool = False) -> tuple[pa.Table, pa.Table]:
+    """RecBole atomic files: TSV with ``name:type`` headers (``user_id:token`` ...); ``movielens``:
+    ML-100K's, whose films listed twice are merged, their events remapped (`read_catalog`)."""
+    return _read_pair("recbole", inter_path, item_path, movielens)
 
 
 def read_ml100k_raw(data_path: str | Path, item_path: str | Path) -> tuple[pa.Table, pa.Table]:
-    """GroupLens ML-100K raw files: ``u.data`` (tab, no header) and ``u.item`` (pipe, latin-1)."""
-    return _read_pair("ml100k-raw", data_path, item_path)
+    """GroupLens ML-100K raw files: ``u.data`` (tab, no header) and ``u.item`` (pipe, latin-1);
+    films listed twice are merged, their events remapped (`read_catalog`)."""
+    return _read_pair("ml100k-raw", data_path, item_path, True)
 
 
 def read_csv_files(inter_path: str | Path, item_path: str | Path, *, delimiter: str = ",",
@@ -427,6 +513,38 @@ def read_parquet_files(inter_path: str | Path, item_path: str | Path, *,
                        columns: dict | None = None) -> tuple[pa.Table, pa.Table]:
     """Parquet files; ``columns`` maps canonical names to the files' column names."""
     return _read_pair("parquet", inter_path, item_path, columns=columns)
+
+
+def remap_items(events: pa.Table, merged: dict[str, str]) -> pa.Table:
+    """``events`` with every item id that is a key of ``merged`` replaced by its value."""
+    if not merged:
+        return events
+    items = events.column("item_id")
+    to = pc.take(pa.array(list(merged.values()), pa.string()),
+                 pc.index_in(items, value_set=pa.array(list(merged), pa.string())))
+    return events.set_column(events.schema.get_field_index("item_id"), "item_id", pc.coalesce(to, items))
+
+
+def merge_listings(events: pa.Table, merged: dict[str, str], order: str) -> tuple[pa.Table, int]:
+    """``events`` on the films listed more than once (``merged``: id -> the film's id,
+    `movielens_listings`) under the film's id (`remap_items`). Of one user's events on such a film
+    under several of its ids, only those under the id the user met first (earliest timestamp,
+    then ``order``, a column of distinct integers) are kept: the user rated one film, not two.
+    Returns the events and how many were dropped."""
+    if not merged:
+        return events, 0
+    remapped = remap_items(events, merged)
+    on_film = pc.is_in(remapped.column("item_id"), value_set=pa.array(sorted(set(merged.values())), pa.string()))
+    sub = pa.table({"user": events.column("user_id"), "film": remapped.column("item_id"),
+                    "item": events.column("item_id"), "t": events.column("timestamp"), "order": events.column(order)})
+    sub = sub.filter(on_film).sort_by([("user", "ascending"), ("film", "ascending"), ("t", "ascending"),
+                                       ("order", "ascending")])
+    first: dict[tuple, str] = {}
+    drop = [o for u, f, i, o in zip(*(sub.column(c).to_pylist() for c in ("user", "film", "item", "order")))
+            if first.setdefault((u, f), i) != i]
+    if not drop:
+        return remapped, 0
+    return remapped.filter(pc.invert(pc.is_in(events.column(order), value_set=pa.array(drop, pa.int64())))), len(drop)
 
 
 def check_known(events: pa.Table, known: pa.Array, file: str, offset: int = 0) -> None:
@@ -482,10 +600,15 @@ def check_consistency(inter: pa.Table, catalog: pa.Table, file: str, *, drop_dup
     return kept.drop_columns(["_row"]), stats
 
 
+#: What a refusal of two spellings of one title in LLaRA JSON tells to do.
+LLARA_REMEDY = "spell each title one way in every sample and file (LLaRA JSON names items by their titles)"
+
+
 def read_llara_json(path: str | Path, split: str = "train", num_candidates: int = 2) -> list[dict]:
     """The prepared LLaRA / S-DPO JSON: ``[{historyList, itemList, trueSelection}, ...]``.
 
-    These are samples already; item ids are the titles themselves (the format has no ids).
+    These are samples already; item ids are the titles themselves (the format has no ids), so
+    one title is spelled one way in the file (`rosepo.data.titles.check_distinct`).
     Returns rows with the `rosepo.schema.SAMPLES` fields except ``prompt``/``template_id``.
     A sample with fewer than ``num_candidates`` candidates (``data.num_candidates``; never fewer
     than 2) is refused with its 1-based index as the row: rejected sampling needs wrong candidates.
@@ -518,13 +641,13 @@ def read_llara_json(path: str | Path, split: str = "train", num_candidates: int 
         if any(HISTORY_SEP in c for c in candidates):
             raise DataError(f"a candidate title contains the history separator {HISTORY_SEP!r}",
                             column="itemList", **where)
-        if len(set(candidates)) != len(candidates):
-            raise DataError("itemList has repeated titles", column="itemList", **where)
+        if len({title_key(c) for c in candidates}) != len(candidates):
+            raise DataError("itemList has repeated titles (case and spacing aside)", column="itemList", **where)
         if len(candidates) < max(2, num_candidates):
             raise DataError(f"the sample has {len(candidates)} candidate(s), fewer than data.num_candidates "
                             f"({num_candidates}): the target and at least {max(2, num_candidates) - 1} wrong "
                             "title(s) are needed", column="itemList", **where)
-        if target not in candidates:
+        if title_key(target) not in {title_key(c) for c in candidates}:
             raise DataError(f"trueSelection {target!r} is not in itemList", column="trueSelection", **where)
         rows.append({
             "sample_id": f"{split}:{i:07d}", "user_id": f"{split}:{i:07d}", "split": split,
@@ -534,4 +657,6 @@ def read_llara_json(path: str | Path, split: str = "train", num_candidates: int 
         })
     if not rows:
         raise DataError("no samples in file", file=str(path))
+    check_distinct(((t, t, str(path), i + 1) for i, r in enumerate(rows)
+                    for t in r["history_titles"] + r["candidate_titles"] + [r["target_title"]]), LLARA_REMEDY)
     return rows

@@ -46,11 +46,15 @@ from rosepo.config import DataConfig
 from rosepo.data import readers
 from rosepo.data.fetch import fetch
 from rosepo.data.prompts import check_domain, choose_template, render_prompt, stable_int
+from rosepo.data.titles import Listings, check_distinct, title_key
 from rosepo.errors import DataError
 from rosepo.schema import INTERACTIONS, SAMPLES
 from rosepo.storage import atomic_dir, write_manifest
 
 SPLITS = ("train", "valid", "test")
+#: ``data.format`` values that read MovieLens, whose colliding titles `titles.movielens_listings`
+#: makes distinct (other catalogs' are refused).
+MOVIELENS_FORMATS = ("movielens-100k", "ml100k-raw")
 #: Most interactions one Ray task turns into samples at a time (about 0.8 samples each, ~2.5 KB
 #: per sample as Python objects): bounds a worker's memory whatever the input size.
 MAX_BLOCK_ROWS = 100_000
@@ -82,15 +86,20 @@ class Source:
     size: int
     delimiter: str = ","
     columns: dict = dataclasses.field(default_factory=dict)
+    #: ``data.timestamp_unit`` (`readers.TimestampUnit`).
+    timestamp_unit: str = "auto"
+    #: What the catalog's reader merged and dated (MovieLens' films listed twice, `titles.movielens_listings`).
+    listings: Listings = Listings()
 
     def events(self, i: int, known: pa.Array | None) -> Iterator[pa.Table]:
         """The events of file ``i`` in blocks with ``_pos``; unknown items refused when ``known``
-        (the catalog's ids) is given."""
+        (the catalog's ids) is given. Ids of a film listed twice stay as read (`clean_events` merges them)."""
         offset = 0
         for block in readers.interaction_blocks(self.fmt, self.paths[i], filesystem=self.filesystem,
-                                                name=self.files[i], delimiter=self.delimiter, columns=self.columns):
+                                                name=self.files[i], delimiter=self.delimiter, columns=self.columns,
+                                                timestamp_unit=self.timestamp_unit):
             if known is not None:
-                readers.check_known(block, known, self.files[i], offset)
+                readers.check_known(readers.remap_items(block, self.listings.merged), known, self.files[i], offset)
             pos = np.arange(offset, offset + len(block), dtype=np.int64) + (i << FILE_SHIFT)
             yield block.append_column("_pos", pa.array(pos))
             offset += len(block)
@@ -158,24 +167,35 @@ def open_source(cfg: DataConfig) -> tuple[Source, pa.Table, str]:
                         f"{', '.join(readers.FILE_FORMATS)} or llara-json")
     columns = dict(cfg.columns) if fmt in ("csv", "parquet") else {}
     fs, paths, names, size = list_files(inter_spec)
-    source = Source(fmt, inter_spec, tuple(names), tuple(paths), fs, size, cfg.delimiter, columns)
     item_fs, item_path, _ = _filesystem(item_spec)
-    catalog = readers.read_catalog(fmt, item_path, filesystem=item_fs, name=item_spec, delimiter=cfg.delimiter,
-                                   columns=columns)
+    catalog, listings = readers.read_catalog(fmt, item_path, filesystem=item_fs, name=item_spec,
+                                             delimiter=cfg.delimiter, columns=columns,
+                                             movielens=cfg.format in MOVIELENS_FORMATS)
+    source = Source(fmt, inter_spec, tuple(names), tuple(paths), fs, size, cfg.delimiter, columns, cfg.timestamp_unit,
+                    listings)
     return source, catalog, item_spec
 
 
-def clean_events(events: pa.Table, known: pa.Array, cfg: DataConfig) -> tuple[pa.Table, dict, dict | None]:
-    """``events`` (with ``_pos``) without unknown items (``data.drop_unknown_items``) and repeats
-    of one (user, item, timestamp), the first in input order kept. Returns the events, the counts
-    dropped and the earliest repeat (a row with ``_pos``; None when there is none), which
-    refuses the input unless ``data.drop_duplicates``."""
+def listing_counts(listings: Listings) -> dict:
+    """The manifest's counts of `Listings`: ids merged into another id of their film, titles dated."""
+    return {"items_merged": len(listings.merged), "titles_dated": len(listings.dated)}
+
+
+def clean_events(events: pa.Table, known: pa.Array, merged: dict,
+                 cfg: DataConfig) -> tuple[pa.Table, dict, dict | None]:
+    """``events`` (with ``_pos``, whole users) with the ids of a film listed twice merged
+    (``merged``, `readers.merge_listings`), without unknown items (``data.drop_unknown_items``) and
+    repeats of one (user, item, timestamp), the first in input order kept. Returns the events,
+    the counts dropped and the earliest repeat (a row with ``_pos``; None when there is none),
+    which refuses the input unless ``data.drop_duplicates``."""
+    events, listed = readers.merge_listings(events, merged, "_pos")
     unknown = 0
     if cfg.drop_unknown_items:
         events, unknown = readers.drop_unknown(events, known)
     kept, first, repeats = readers.drop_repeats(events, "_pos")
     repeat = None if first is None else events.slice(first, 1).to_pylist()[0]
-    return kept, {"duplicates_dropped": repeats, "unknown_items_dropped": unknown}, repeat
+    return kept, {"duplicates_dropped": repeats, "unknown_items_dropped": unknown, "merged_events_dropped": listed}, \
+        repeat
 
 
 def check_counts(name: str, events: int, users: int, longest: int, catalog: pa.Table, catalog_name: str,
@@ -207,7 +227,8 @@ def load_source(cfg: DataConfig) -> tuple[pa.Table, pa.Table, dict]:
     known = None if cfg.drop_unknown_items else catalog.column("item_id")
     events = pa.concat_tables([INTERACTIONS.empty_table().append_column("_pos", pa.array([], pa.int64())),
                                *(b for i in range(len(source.files)) for b in source.events(i, known))])
-    events, stats, repeat = clean_events(events, catalog.column("item_id"), cfg)
+    events, stats, repeat = clean_events(events, catalog.column("item_id"), source.listings.merged, cfg)
+    stats |= listing_counts(source.listings)
     if repeat is not None and not cfg.drop_duplicates:
         raise readers.duplicate_error(repeat, **source.where(repeat["_pos"]))
     counts = pc.value_counts(events.column("user_id")).field("counts")
@@ -264,16 +285,29 @@ def draw_candidates(sample_id: str, target: str, history: list[str], item_ids: l
     return [cands[i] for i in rng.permutation(len(cands))]
 
 
+def window_drop(history: list, target, cfg: DataConfig) -> str | None:
+    """Why the window ``(history, target)`` gives no sample, or None when it gives one: the window
+    rule of both the logs (`user_rows`) and LLaRA imports (`import_llara`). ``history`` is the at
+    most ``data.max_history`` items before the target; ``"too_short"``: fewer than
+    ``data.min_history`` of them; ``"target_in_history"``: the target is among them. Items compare
+    as given: ids of a checked catalog (one title each under `title_key`), or title keys."""
+    if len(history) < cfg.min_history:
+        return "too_short"
+    if target in history:
+        return "target_in_history"
+    return None
+
+
 def user_rows(user: str, seq: list[str], split: str, *, titles: dict[str, str], item_ids: list[str],
               cfg: DataConfig) -> list[tuple]:
     """The samples of one user (``seq``: item ids in time order) as tuples in `SAMPLES` column order.
 
     A sample's history is the at most ``max_history`` items before the target, oldest first;
-    windows with fewer than ``min_history`` items, or whose target is in the history, are dropped.
-    Train users keep all windows (or the last ``max_train_windows_per_user``); valid/test users keep
-    their last ``eval_windows_per_user``.
+    windows that `window_drop` drops give none. Train users keep all windows (or the last
+    ``max_train_windows_per_user``); valid/test users keep their last ``eval_windows_per_user``.
     """
-    positions = [t for t in range(cfg.min_history, len(seq)) if seq[t] not in seq[max(0, t - cfg.max_history):t]]
+    positions = [t for t in range(cfg.min_history, len(seq))
+                 if window_drop(seq[max(0, t - cfg.max_history):t], seq[t], cfg) is None]
     keep = cfg.max_train_windows_per_user if split == "train" else cfg.eval_windows_per_user
     if keep:
         positions = positions[-keep:]
@@ -404,32 +438,33 @@ def read_events(files: pa.Table, *, source: Source, known: pa.Array | None, refu
             raise UserCodeException(str(e)) from None
 
 
-def partition_stats(part: pa.Table, *, known: pa.Array, cfg: DataConfig) -> pa.Table:
+def partition_stats(part: pa.Table, *, known: pa.Array, merged: dict, cfg: DataConfig) -> pa.Table:
     """Ray Data task: of one shuffle partition (whole users), once cleaned (`clean_events`): one row
     with its users, their event counts, the counts dropped, the earliest repeat (JSON, "" for none)
     and the catalog items it holds (bits over the catalog's ids, sorted)."""
-    part, dropped, repeat = clean_events(part, known, cfg)
+    part, dropped, repeat = clean_events(part, known, merged, cfg)
     per_user = pc.value_counts(part.column("user_id"))
     seen = np.zeros(len(known), bool)
     seen[pc.index_in(part.column("item_id"), value_set=known).to_numpy(zero_copy_only=False)] = True
     return pa.table({"users": [per_user.field("values")], "events": [per_user.field("counts")],
                      "duplicates": [dropped["duplicates_dropped"]], "unknown": [dropped["unknown_items_dropped"]],
+                     "merged": [dropped["merged_events_dropped"]],
                      "repeat": [json.dumps(repeat) if repeat else ""], "items": [np.packbits(seen).tobytes()]},
                     schema=_STATS)
 
 
 _STATS = pa.schema([("users", pa.list_(pa.string())), ("events", pa.list_(pa.int64())), ("duplicates", pa.int64()),
-                    ("unknown", pa.int64()), ("repeat", pa.string()), ("items", pa.binary())])
+                    ("unknown", pa.int64()), ("merged", pa.int64()), ("repeat", pa.string()), ("items", pa.binary())])
 
 
 def build_partition(part: pa.Table, *, out_dir: str, titles: dict[str, str], item_ids: list[str], bounds: tuple,
-                    known: pa.Array, clean: bool, cfg: DataConfig) -> pa.Table:
+                    known: pa.Array, merged: dict, clean: bool, cfg: DataConfig) -> pa.Table:
     """Ray Data task: the samples of one shuffle partition (whole users): cleaned when ``clean``
     (`clean_events`), sorted and cut by `user_blocks`, written by `write_user_windows` one block
     at a time (shards named by the partition's first user, so names never collide); returns
     the per-user rows (`PER_USER`)."""
     if clean:
-        part = clean_events(part, known, cfg)[0]
+        part = clean_events(part, known, merged, cfg)[0]
     blocks = user_blocks(part.drop_columns(["_pos"]), 1)
     if not blocks:
         return PER_USER.empty_table()
@@ -492,8 +527,9 @@ def _build(cfg: DataConfig, source: Source, catalog: pa.Table, catalog_name: str
                                           "refused": str(tmp / REFUSED)})
     partitions = max(cfg.num_partitions, math.ceil(source.size / PARTITION_BYTES))
     parts = events.repartition(partitions, keys=["user_id"]).materialize()
+    merged = source.listings.merged
     stats = _arrow(parts.map_batches(partition_stats, batch_size=None, batch_format="pyarrow", zero_copy_batch=True,
-                                     fn_kwargs={"known": known, "cfg": cfg}))
+                                     fn_kwargs={"known": known, "merged": merged, "cfg": cfg}))
     stats = pa.concat_tables([_STATS.empty_table(), *stats])
     repeats = [json.loads(r) for r in stats.column("repeat").to_pylist() if r]
     if repeats and not cfg.drop_duplicates:
@@ -504,7 +540,8 @@ def _build(cfg: DataConfig, source: Source, catalog: pa.Table, catalog_name: str
     n_events = pc.sum(events_per_user).as_py() or 0
     check_counts(source.name, n_events, len(users), pc.max(events_per_user).as_py() or 0, catalog, catalog_name, cfg)
     policies = {"duplicates_dropped": pc.sum(stats.column("duplicates")).as_py(),
-                "unknown_items_dropped": pc.sum(stats.column("unknown")).as_py()}
+                "unknown_items_dropped": pc.sum(stats.column("unknown")).as_py(),
+                "merged_events_dropped": pc.sum(stats.column("merged")).as_py(), **listing_counts(source.listings)}
     seen = np.bitwise_or.reduce([np.frombuffer(b, np.uint8) for b in stats.column("items").to_pylist()])
     facts = {"users": len(users), "items": len(catalog), "interactions": n_events,
              "items_interacted": int(np.unpackbits(seen)[: len(item_ids)].sum())}
@@ -514,7 +551,7 @@ def _build(cfg: DataConfig, source: Source, catalog: pa.Table, catalog_name: str
     per_user = pa.concat_tables([PER_USER.empty_table(), *_arrow(parts.map_batches(
         build_partition, batch_size=None, batch_format="pyarrow", zero_copy_batch=True,
         fn_kwargs={"out_dir": str(tmp), "titles": titles, "item_ids": item_ids, "bounds": bounds, "known": known,
-                   "clean": any(policies.values()), "cfg": cfg}))])
+                   "merged": merged, "clean": any(policies.values()), "cfg": cfg}))])
     counts = {s: pc.sum(pc.filter(per_user.column("samples"), pc.equal(per_user.column("split"), s))).as_py() or 0
               for s in SPLITS}
     # Users with no sample: too few events, or every target already in its history window.
@@ -535,8 +572,12 @@ def _build(cfg: DataConfig, source: Source, catalog: pa.Table, catalog_name: str
 def import_llara(cfg: DataConfig, out_dir: str | Path) -> dict:
     """Import prepared LLaRA / S-DPO JSON samples (``cfg.llara``: split -> file) as a samples folder.
 
-    History, candidates and target are kept exactly; prompts are rendered from our templates.
-    Every file is read and checked before anything is written.
+    Candidates and target are kept exactly. The logs' window rule applies: a history is cut to
+    its last ``data.max_history`` titles, and a sample `window_drop` drops (a history shorter than
+    ``data.min_history``, or holding the target) is left out, counted in the manifest's
+    ``samples_dropped``. One title is spelled one way across all files (`titles.check_distinct`:
+    the format has no ids, so two spellings would be two items). Prompts are rendered from our
+    templates. Every file is read and checked before anything is written.
     """
     import pyarrow.parquet as pq
 
@@ -545,6 +586,24 @@ def import_llara(cfg: DataConfig, out_dir: str | Path) -> dict:
                         f"got {cfg.llara!r}")
     rows = {split: readers.read_llara_json(cfg.llara[split], split, cfg.num_candidates) if split in cfg.llara else []
             for split in SPLITS}
+    check_distinct(((t, t, cfg.llara[split], i + 1) for split in SPLITS for i, r in enumerate(rows[split])
+                    for t in r["history_titles"] + r["candidate_titles"] + [r["target_title"]]), readers.LLARA_REMEDY)
+    dropped = {"too_short": 0, "target_in_history": 0}
+    for split in SPLITS:
+        kept = []
+        for r in rows[split]:
+            history = r["history_titles"][-cfg.max_history:]
+            reason = window_drop([title_key(t) for t in history], title_key(r["target_title"]), cfg)
+            if reason:
+                dropped[reason] += 1
+                continue
+            kept.append(r | {"history_titles": history, "history_item_ids": history})
+        rows[split] = kept
+    if not any(rows.values()):
+        raise DataError(f"no samples: all {sum(dropped.values())} samples of {', '.join(cfg.llara.values())} were "
+                        f"dropped ({dropped['too_short']} with fewer than data.min_history = {cfg.min_history} "
+                        f"history titles, {dropped['target_in_history']} whose history holds the target); lower "
+                        "data.min_history")
     with atomic_dir(Path(out_dir), overwrite=True) as tmp:
         for split in SPLITS:
             for r in rows[split]:
@@ -555,7 +614,8 @@ def import_llara(cfg: DataConfig, out_dir: str | Path) -> dict:
             (tmp / split).mkdir()
             pq.write_table(pa.Table.from_pylist(rows[split], schema=SAMPLES), tmp / split / "part-0.parquet")
         manifest = {"stage": "samples", "source": "llara-json", "config": cfg.__dict__ | {"split": list(cfg.split)},
-                    "samples": {split: len(rows[split]) for split in SPLITS}, "content_hash": samples_hash(tmp)}
+                    "samples": {split: len(rows[split]) for split in SPLITS}, "samples_dropped": dropped,
+                    "content_hash": samples_hash(tmp)}
         write_manifest(tmp, manifest)
     return manifest
 

@@ -12,19 +12,12 @@ Keys carry no ``eval/`` prefix; the caller adds it (generation and ranking both 
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Iterable, Sequence
 
 import numpy as np
 
+from rosepo.data.titles import title_key
 from rosepo.errors import ConfigError, DataError
-
-_WHITESPACE = re.compile(r"\s+")
-
-
-def _normalise(text: str) -> str:
-    """Case-fold, collapse runs of whitespace to one space, strip the ends."""
-    return _WHITESPACE.sub(" ", text).strip().casefold()
 
 
 def _occurrences(haystack: str, needle: str) -> list[tuple[int, int]]:
@@ -52,8 +45,9 @@ def _named(answer: str, titles: Sequence[str]) -> list[int]:
 def named_candidates(answer: str, candidate_titles: list[str]) -> list[int]:
     """Indices (ascending) of the candidates whose title the answer names.
 
-    Definition. Answer and titles are normalised first: runs of whitespace collapse to one
-    space, the ends are stripped, and both are case-folded (``str.casefold``). A title *occurs*
+    Definition. Answer and titles are normalised first by `rosepo.data.titles.title_key`, the one
+    identity of titles in rosepo: runs of whitespace collapse to one space, the ends are
+    stripped, and both are case-folded (``str.casefold``). A title *occurs*
     wherever it is a substring of the answer; there is no word-boundary test, as in LLaRA's
     ``title.lower() in answer.lower()``. A candidate is *named* when at least one of its
     occurrences does not lie entirely inside the span of an occurrence of a strictly longer
@@ -67,7 +61,7 @@ def named_candidates(answer: str, candidate_titles: list[str]) -> list[int]:
     Empty titles are never named. Two candidates with the same normalised title are both named
     whenever one is, so such an answer is never valid.
     """
-    return _named(_normalise(answer), [_normalise(t) for t in candidate_titles])
+    return _named(title_key(answer), [title_key(t) for t in candidate_titles])
 
 
 def parse_answer(answer: str, candidate_titles: list[str], target_index: int) -> dict:
@@ -121,7 +115,7 @@ def generation_metrics(answers: list[str], candidate_titles_list: list[list[str]
                         f"{len(target_indices)} targets: they must be aligned one per sample")
     catalog = None
     if catalog_titles is not None:
-        catalog = list(dict.fromkeys(t for t in map(_normalise, catalog_titles) if t))
+        catalog = list(dict.fromkeys(t for t in map(title_key, catalog_titles) if t))
     valid = correct = none = outside = 0
     for answer, titles, target in zip(answers, candidate_titles_list, target_indices):
         parsed = parse_answer(answer, titles, target)
@@ -129,7 +123,7 @@ def generation_metrics(answers: list[str], candidate_titles_list: list[list[str]
         correct += parsed["correct"]
         none += parsed["named_none"]
         if parsed["named_none"] and catalog is not None:
-            text, own = _normalise(answer), {_normalise(t) for t in titles}
+            text, own = title_key(answer), {title_key(t) for t in titles}
             outside += any(t in text for t in catalog if t not in own)
     return {
         "valid_ratio": valid / n,

@@ -16,9 +16,10 @@ log-probability given the prompt, by which the candidates are ranked.
 A run is found through its folder: ``config.yaml`` written by `rosepo.pipeline.run_pipeline`, the
 stage folders addressed by it, wherever the folder now lies; its catalogue is the samples stage's
 copy. An exported folder (`rosepo.experiments.export`) holds the merged model, the catalogue and
-the settings itself. Titles must match the catalogue; an unknown one is refused with its closest
-titles. Not done here: Ray Data for large batches (queries are scored in-process,
-``eval.batch_size`` at a time), sampling or beam search.
+the settings itself. Titles must match the catalogue's, case and spacing aside
+(`rosepo.data.titles.title_key`), and the prompt spells them as the catalogue does; an unknown one
+is refused with its closest titles. Not done here: Ray Data for large batches (queries are scored
+in-process, ``eval.batch_size`` at a time), sampling or beam search.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import pyarrow as pa
 from rosepo.config import RunConfig, load_config
 from rosepo.data.prompts import choose_template, render_prompt
 from rosepo.data.samples import draw_candidates, load_source
+from rosepo.data.titles import title_key
 from rosepo.errors import ConfigError, DataError
 from rosepo.eval.evaluate import EvalScorer
 from rosepo.layout import CATALOG_FILE, aligned_model_and_adapter, base_model_path, sft_model_and_adapter
@@ -86,9 +88,8 @@ class Recommender:
         self.titles: dict[str, str] = dict(zip(catalog.column("item_id").to_pylist(),
                                                catalog.column("title").to_pylist()))
         self.item_ids = sorted(self.titles)
-        self.by_title: dict[str, str] = {}
-        for item in self.item_ids:  # a title two items share stands for the first
-            self.by_title.setdefault(self.titles[item], item)
+        # Keyed by title identity: the catalogue's titles are distinct under it (`rosepo.data.titles`).
+        self.by_title: dict[str, str] = {title_key(title): item for item, title in self.titles.items()}
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, *, stage: str = "align", device: str = "auto") -> "Recommender":
@@ -118,23 +119,26 @@ class Recommender:
     def check_titles(self, titles: list[str], what: str) -> list[str]:
         """The item ids of ``titles``; `DataError` naming the first unknown one and its closest titles."""
         for i, title in enumerate(titles):
-            if title not in self.by_title:
-                close = difflib.get_close_matches(title, list(self.by_title), n=3, cutoff=0.5)
-                hint = f"; close matches: {', '.join(map(repr, close))}" if close else ""
+            if title_key(title) not in self.by_title:
+                close = difflib.get_close_matches(title_key(title), list(self.by_title), n=3, cutoff=0.5)
+                close = [repr(self.titles[self.by_title[c]]) for c in close]
+                hint = f"; close matches: {', '.join(close)}" if close else ""
                 raise DataError(f"unknown title {title!r} ({what} {i + 1}): not in the catalogue of "
-                                f"data.format {self.cfg.data.format}; titles must match exactly{hint}")
-        return [self.by_title[t] for t in titles]
+                                f"data.format {self.cfg.data.format}; titles must match one of its titles, case "
+                                f"and spacing aside{hint}")
+        return [self.by_title[title_key(t)] for t in titles]
 
     def query(self, history: list[str], candidates: list[str] | None = None) -> dict:
         """A checked query: ``sample_id`` (the seed of its drawn candidates), ``history`` (the last
         ``data.max_history`` titles), ``candidates``, ``prompt``, and the item ids of both."""
         if not history:
             raise DataError("the history is empty: give at least one title, oldest first")
-        history = list(history)[-self.cfg.data.max_history:]
-        history_ids = self.check_titles(history, "history title")
+        history_ids = self.check_titles(list(history)[-self.cfg.data.max_history:], "history title")
+        history = [self.titles[i] for i in history_ids]  # as the catalogue spells them, as the samples do
         sample_id = "recommend:" + "\x1f".join(history)
         if candidates:
             candidate_ids = self.check_titles(candidates, "candidate")
+            candidates = [self.titles[i] for i in candidate_ids]
             twice = sorted({t for t in candidates if candidates.count(t) > 1})
             if twice:
                 raise DataError(f"candidate {twice[0]!r} is given more than once")

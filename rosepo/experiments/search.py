@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from rosepo.config import RunConfig, apply_values
+from rosepo.config import STRATEGY_NAMES, PairsConfig, RunConfig, apply_values, read_yaml
 from rosepo.errors import ConfigError
 
 #: Keys of a search YAML and their defaults.
@@ -31,22 +31,13 @@ GREEDY_METRICS = ("eval/hr@1", "eval/valid_ratio", "eval/hr@1_valid")
 def load_search(path: str | Path) -> dict:
     """Read and validate a search YAML; return it with defaults filled in.
 
-    Raises `ConfigError` naming the key for unknown keys (top level, scheduler, or a space key
+    Raises `ConfigError` for a file `read_yaml` refuses (a key given twice, no settings), and
+    naming the key for unknown keys (top level, scheduler, or a space key
     that is not a `RunConfig` field), malformed distributions, values a config would refuse
     (checked at both ends of a range and for every choice, against the default config), and a
     search algorithm that is not installed.
     """
-    import yaml
-
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"search file {p} does not exist")
-    try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"search file {p} is not valid YAML: {e}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"search file {p}: expected a mapping at the top level")
+    data = read_yaml(path, "search file", "give at least its space (see configs/search/rosepo-small.yaml)")
     return validate_search(data)
 
 
@@ -78,8 +69,11 @@ def validate_search(data: dict) -> dict:
             raise ConfigError(f"search space key {key!r}: only align.* keys can be searched, since "
                               "every trial trains on the same pairs and SFT model; build those per "
                               "setting and run one search each")
+        # Each value alone, on the defaults with every strategy drawn (so align.strategies is judged
+        # by its names); `check_search` judges them against the run's config.
+        every_strategy = RunConfig(pairs=PairsConfig(strategies={s: 1.0 for s in STRATEGY_NAMES}))
         for value in _distribution_values(key, dist):
-            apply_values(RunConfig(), {key: value})
+            apply_values(every_strategy, {key: value})
     return search
 
 

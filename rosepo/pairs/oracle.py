@@ -37,6 +37,9 @@ from rosepo.pairs.sasrec import (CONFIG, VOCAB, WEIGHTS, ItemVocab, build_model,
 from rosepo.runtime import train_logging
 from rosepo.storage import atomic_dir, write_manifest
 
+#: Splits the trained oracle is evaluated on (its manifest's ``metrics``).
+EVAL_SPLITS = ("valid", "test")
+
 
 def _encode_train(samples_dir: str, vocab: ItemVocab, cfg: OracleConfig) -> tuple[np.ndarray, np.ndarray]:
     """Train histories (N, max_len) and target indices (N,), a seeded subset if ``max_samples``."""
@@ -148,9 +151,10 @@ def train_oracle(samples_dir: str | Path, cfg: OracleConfig, out_dir: str | Path
     if n_train < cfg.num_workers:
         raise DataError(f"samples folder {samples_dir} has {n_train} train samples; the oracle needs at "
                         f"least one per worker ({cfg.num_workers})")
-    if not len(read_split(samples_dir, "valid")):
-        raise DataError(f"samples folder {samples_dir} has no valid samples; the oracle keeps the weights that "
-                        "score best on them: give data.split a valid share that leaves some users there")
+    for split in EVAL_SPLITS:  # chosen on valid, reported on both: refuse an empty one before training
+        if len(read_split(samples_dir, split)) == 0:
+            raise DataError(f"samples folder {samples_dir} has no {split} samples to evaluate the oracle on; "
+                            "give the split more users (data.split)")
     vocab = ItemVocab.from_samples(samples_dir)
     with atomic_dir(out_dir, overwrite=True) as tmp:
         trainer = TorchTrainer(
@@ -180,7 +184,7 @@ def train_oracle(samples_dir: str | Path, cfg: OracleConfig, out_dir: str | Path
             "loss_per_epoch": result.metrics["loss_per_epoch"],
             "best_step": result.metrics["best_step"],
             "valid_history": result.metrics["valid_history"],
-            "metrics": {split: evaluate_oracle(oracle, samples_dir, split) for split in ("valid", "test")},
+            "metrics": {split: evaluate_oracle(oracle, samples_dir, split) for split in EVAL_SPLITS},
             "fit_seconds": round(fit_seconds, 2),
             "seconds": round(time.perf_counter() - t0, 2),
         }

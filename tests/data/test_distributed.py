@@ -177,7 +177,8 @@ def test_duplicates_across_shards_name_the_earliest_repeat_or_are_dropped(tmp_pa
     assert (e.value.file, e.value.row) == (str(folder / "part-00004.csv"), 5)
     got = build_samples(config(str(folder), catalog, drop_duplicates=True, drop_unknown_items=True), tmp_path / "a")
     want = build_samples(config(str(tmp_path / "clean"), catalog), tmp_path / "b")
-    assert got["policies"] == {"duplicates_dropped": 2, "unknown_items_dropped": 1}
+    assert got["policies"] == {"duplicates_dropped": 2, "unknown_items_dropped": 1, "merged_events_dropped": 0,
+                               "items_merged": 0, "titles_dated": 0}
     assert got["content_hash"] == want["content_hash"] and got["interactions"] == want["interactions"] == len(rows)
 
 

@@ -74,6 +74,68 @@ def test_ml100k_raw_latin1(tmp_path):
     assert len(i) == 2
 
 
+# --- titles: one identity (`rosepo.data.titles.title_key`), checked when the catalog is read ---
+
+@pytest.mark.parametrize("fmt", ["csv", "parquet", "recbole"])
+def test_titles_one_under_case_and_spacing_refused(tmp_path, fmt):
+    """Two items of one title (case and spacing aside) in a catalog that is not MovieLens: refused,
+    naming the file, both ids, both rows and the remedy (once both became candidates and the
+    exactly right answer was scored invalid)."""
+    rows = [("1", "Movie 1"), ("2", "Heat"), ("3", "MOVIE  1")]
+    inter = write(tmp_path / "i.csv", "user_id,item_id,timestamp\nu,1,5\n")
+    if fmt == "csv":
+        items = write(tmp_path / "c.csv", "item_id,title\n" + "".join(f"{i},{t}\n" for i, t in rows))
+        read = lambda: readers.read_csv_files(inter, items)  # noqa: E731
+    elif fmt == "parquet":
+        pq.write_table(pa.table({"user_id": ["u"], "item_id": ["1"], "timestamp": [5]}), tmp_path / "i.parquet")
+        pq.write_table(pa.table({"item_id": [i for i, _ in rows], "title": [t for _, t in rows]}),
+                       items := tmp_path / "c.parquet")
+        read = lambda: readers.read_parquet_files(tmp_path / "i.parquet", items)  # noqa: E731
+    else:
+        inter = write(tmp_path / "x.inter", "user_id:token\titem_id:token\ttimestamp:float\nu\t1\t5\n")
+        items = write(tmp_path / "x.item", "item_id:token\tmovie_title:token_seq\n"
+                      + "".join(f"{i}\t{t}\n" for i, t in rows))
+        read = lambda: readers.read_recbole(inter, items)  # noqa: E731
+    with pytest.raises(DataError) as e:
+        read()
+    assert (e.value.file, e.value.row) == (str(items), 3)
+    assert "item '3' titled 'MOVIE 1' and item '1' titled 'Movie 1'" in str(e.value)  # spacing collapsed on read
+    assert "row 1" in str(e.value) and "a title of its own" in str(e.value)
+
+
+def test_ml100k_raw_namesakes_dated_and_double_listings_merged(tmp_path):
+    """ML-100K keeps its colliding titles apart: namesakes get their year back ("Cape Fear (1962)",
+    "Cape Fear (1991)"), one film listed twice ("Chasing Amy (1997)": 246 and 268) is merged into
+    the smallest id, its events remapped; a user who rated both listings keeps the first rating."""
+    genres = "|".join(["0"] * 19)
+    items = write(tmp_path / "u.item", "".join(f"{i}|{t}|01-Jan-1990||http://x|{genres}\n" for i, t in [
+        ("218", "Cape Fear (1991)"), ("246", "Chasing Amy (1997)"), ("268", "Chasing Amy (1997)"),
+        ("673", "Cape Fear (1962)"), ("1", "Toy Story (1995)")]), encoding="latin-1")
+    data = write(tmp_path / "u.data", "7\t268\t3\t100\n7\t246\t4\t200\n8\t268\t5\t300\n9\t673\t1\t400\n")
+    inter, catalog = readers.read_ml100k_raw(data, items)
+    assert catalog.to_pylist() == [{"item_id": "218", "title": "Cape Fear (1991)"},
+                                   {"item_id": "246", "title": "Chasing Amy"},
+                                   {"item_id": "673", "title": "Cape Fear (1962)"},
+                                   {"item_id": "1", "title": "Toy Story"}]
+    assert inter.to_pylist() == [{"user_id": "7", "item_id": "246", "timestamp": 100},
+                                 {"user_id": "8", "item_id": "246", "timestamp": 300},
+                                 {"user_id": "9", "item_id": "673", "timestamp": 400}]
+
+
+def test_llara_two_spellings_of_one_title_refused(tmp_path):
+    """LLaRA names items by their titles: "Movie 1" in one itemList and "MOVIE 1" in another would be
+    two items that evaluation cannot tell apart. Refused, naming both rows."""
+    p = tmp_path / "s.json"
+    p.write_text(json.dumps([{"historyList": "A::B::C", "itemList": ["Movie 1", "D"], "trueSelection": "D"},
+                             {"historyList": "A::B::C", "itemList": ["E", "MOVIE 1"], "trueSelection": "E"}]))
+    with pytest.raises(DataError, match=r"s\.json, row 2: 'MOVIE 1' and 'Movie 1' \(file .*s\.json, row 1\) are "
+                                        r"one title"):
+        readers.read_llara_json(p)
+    p.write_text(json.dumps([{"historyList": "A::B", "itemList": ["Movie 1", "movie 1"], "trueSelection": "D"}]))
+    with pytest.raises(DataError, match="repeated titles"):
+        readers.read_llara_json(p)
+
+
 # --- bad input: message names file, row, column; DataError only ---------------------------------
 
 def bad_case(tmp_path, inter_text, items_text="iid,name\n10,Heat\n11,Ran\n", inter_bytes=None):
@@ -235,9 +297,9 @@ def test_integer_timestamps_above_2_53_are_exact(tmp_path):
 
 @pytest.mark.parametrize("column,expected", [
     (pa.array([str(NS + 1), str(NS + 100)]), [NS + 1, NS + 100]),                  # string column
-    (pa.array([f" {NS + 1} ", "1e3"]), [NS + 1, 1000]),                            # the exact slow path
+    (pa.array([f" {NS + 1} ", f"+{NS + 2}"]), [NS + 1, NS + 2]),                  # the exact slow path
     (pa.array([NS + 1, NS + 100], pa.uint64()), [NS + 1, NS + 100]),
-    (pa.array([Decimal(NS + 1), Decimal(5)], pa.decimal128(38, 0)), [NS + 1, 5]),  # once through float()
+    (pa.array([Decimal(NS + 1), Decimal(NS + 5)], pa.decimal128(38, 0)), [NS + 1, NS + 5]),  # once through float()
     (pa.array([2.0**53, -(2.0**53)]), [2**53, -(2**53)]),                        # float64: exact up to 2^53
     (pa.array(["2024-01-31T12:00:00+01:00", "2024-01-31"]), [1706698800, 1706659200]),  # ISO-8601, seconds
 ])
@@ -264,6 +326,66 @@ def test_parquet_timestamps_refused_by_row(tmp_path, column, match):
     pq.write_table(pa.table({"item_id": ["a", "b"], "title": ["A", "B"]}), tmp_path / "c.parquet")
     with pytest.raises(DataError, match=r"i\.parquet, row (1|2), column 'timestamp': " + match):
         readers.read_parquet_files(tmp_path / "i.parquet", tmp_path / "c.parquet")
+
+
+# --- #39: timestamps in one unit per file (data.timestamp_unit), one integer syntax -------------
+
+
+@pytest.mark.parametrize("fmt", ["csv", "parquet"])
+def test_units_mixed_in_one_file_refused_naming_two_rows(tmp_path, fmt):
+    """Seconds and milliseconds in one file were accepted and ordered wrongly (the ms event of
+    2020 sorting after seconds of any year). Refused under data.timestamp_unit auto, naming both
+    rows (across Parquet batches too) and the remedy."""
+    ts = [1_600_000_000, 1_600_000_100, 1_600_000_000_500]
+    if fmt == "csv":
+        path = write(tmp_path / "i.csv", "user_id,item_id,timestamp\n" + "".join(f"u,a,{t}\n" for t in ts))
+    else:
+        pq.write_table(pa.table({"user_id": ["u"] * 3, "item_id": ["a"] * 3, "timestamp": ts}),
+                       path := tmp_path / "i.parquet")
+    with pytest.raises(DataError) as e:
+        list(readers.interaction_blocks(fmt, path, block_rows=1))
+    assert (e.value.file, e.value.row, e.value.column) == (str(path), 3, "timestamp")
+    assert "timestamp 1600000000500 reads as ms by its magnitude, but row 1's 1600000000 as s" in str(e.value)
+    assert "set data.timestamp_unit (s, ms, us or ns)" in str(e.value)
+
+
+@pytest.mark.parametrize("unit,expected", [
+    ("ms", [1_600_000_000, -1, 0, 1_600_000_001]),   # floored: -1 ms is the second before 1970
+    ("s", [1_600_000_000_500, -1, 5, 1_600_000_001_000]),
+])
+def test_declared_unit_is_converted_to_seconds(tmp_path, unit, expected):
+    """With a declared unit every integer is taken in it, whatever its magnitude (5 ms reads as
+    seconds under auto), and becomes whole seconds."""
+    path = write(tmp_path / "i.csv", "user_id,item_id,timestamp\nu,a,1600000000500\nu,b,-1\nu,c,5\nu,d,1600000001000\n")
+    inter = pa.concat_tables(readers.interaction_blocks("csv", path, timestamp_unit=unit))
+    assert inter.column("timestamp").to_pylist() == expected
+
+
+def test_declared_unit_leaves_iso_times_and_arrow_timestamps_in_seconds(tmp_path):
+    path = write(tmp_path / "i.csv", "user_id,item_id,timestamp\nu,a,2024-01-31\n")
+    assert pa.concat_tables(readers.interaction_blocks("csv", path, timestamp_unit="ms")).column(
+        "timestamp").to_pylist() == [1706659200]
+    pq.write_table(pa.table({"user_id": ["u"], "item_id": ["a"], "timestamp": pa.array([1500], pa.timestamp("ms"))}),
+                   tmp_path / "i.parquet")
+    assert pa.concat_tables(readers.interaction_blocks("parquet", tmp_path / "i.parquet", timestamp_unit="ns")).column(
+        "timestamp").to_pylist() == [1]
+
+
+@pytest.mark.parametrize("cells,bad", [
+    (["5", "0x10"], "0x10"),          # once 16, by Arrow, when every row cast
+    (["5", "0x10", "7.5"], "0x10"),   # ... and refused when a neighbour did not
+    (["5", "1_000"], "1_000"),        # once 1000, by Python's Decimal, when a neighbour did not cast
+    (["5", "1e3"], "1e3"),
+    (["5", "3.0"], "3.0"),
+    (["5", "\u0663"], "\u0663"),    # an Arabic-Indic digit: a digit to Python, not here
+])
+def test_one_integer_syntax_whatever_the_neighbours(tmp_path, cells, bad):
+    path = write(tmp_path / "i.csv", "user_id,item_id,timestamp\n" + "".join(f"u,a{k},{c}\n" for k, c in enumerate(cells)))
+    with pytest.raises(DataError) as e:
+        list(readers.interaction_blocks("csv", path))
+    assert (e.value.row, e.value.column) == (cells.index(bad) + 1, "timestamp") and repr(bad) in str(e.value)
+    write(path, "user_id,item_id,timestamp\nu,a, +5 \nu,b,-7\nu,c,007\n")
+    assert pa.concat_tables(readers.interaction_blocks("csv", path)).column("timestamp").to_pylist() == [5, -7, 7]
 
 
 def test_integer_ids_above_2_53_exact_and_float_ids_past_it_refused(tmp_path):

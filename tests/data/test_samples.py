@@ -13,24 +13,27 @@ import pytest
 
 from rosepo.config import DataConfig
 from rosepo.data.readers import read_llara_json
-from rosepo.data.samples import SPLITS, assign_splits, build_samples, read_split
+from rosepo.data.samples import SPLITS, assign_splits, build_samples, load_source, read_split
+from rosepo.data.titles import title_key
 from rosepo.errors import DataError
 from rosepo.schema import HISTORY_SEP
 from rosepo.storage import read_manifest
 
 
-#: The content hash of the default ML-100K samples, as the single-process build of main (b34bbb2)
-#: made it before the samples stage moved onto Ray Data (#17): the same rows.
-ML100K_HASH = "d90c3c746b54d36739c41d54238b79b77f6c8351d0bcdf8e957110f1f42b1c4c"
+#: The content hash of the default ML-100K samples. Once (b34bbb2) the single-process build's, the
+#: same rows the Ray Data build made (#17); since #39 with ML-100K's 18 films listed twice merged and
+#: 5 pairs of namesakes dated ("Cape Fear (1962)"): 221 train samples fewer, valid and test as many.
+ML100K_HASH = "5e555f0e84e003501b4cd86da0c59110e8e1429a87538b2ee20557b1de6ec1db"
 
 
 def test_manifest_counts(ml100k_samples):
     m = read_manifest(ml100k_samples)
     assert m["content_hash"] == ML100K_HASH
-    assert m["samples"] == {"train": 75629, "valid": 470, "test": 475}
-    assert (m["users"], m["items"], m["interactions"], m["items_interacted"]) == (943, 1682, 100000, 1682)
+    assert m["samples"] == {"train": 75408, "valid": 470, "test": 475}
+    assert (m["users"], m["items"], m["interactions"], m["items_interacted"]) == (943, 1664, 99693, 1664)
     assert m["samples"]["train"] > 50_000 and m["samples"]["valid"] > 400 and m["samples"]["test"] > 400
-    assert m["policies"] == {"duplicates_dropped": 0, "unknown_items_dropped": 0}
+    assert m["policies"] == {"duplicates_dropped": 0, "unknown_items_dropped": 0, "merged_events_dropped": 307,
+                             "items_merged": 18, "titles_dated": 10}
     assert m["users_dropped"] == {"too_short": 0, "no_new_target": 0}
 
 
@@ -53,6 +56,20 @@ def test_sample_invariants(ml100k_samples):
     assert not users["valid"] & users["test"]
     n = sum(len(u) for u in users.values())
     assert abs(len(users["train"]) / n - 0.8) < 0.01
+
+
+def test_history_never_holds_the_target_title(ml100k_samples):
+    """ML-100K lists 18 films twice and names 5 pairs of films alike once the year is stripped
+    ("Cape Fear" of 1962 and 1991): once 82 train / 3 valid / 1 test samples held their target's
+    title in the history. Now no history holds it, and candidates are distinct, under the one
+    title identity (`title_key`); the merge is counted in the manifest."""
+    for split in SPLITS:
+        for r in read_split(ml100k_samples, split).to_pylist():
+            history = {title_key(t) for t in r["history_titles"]}
+            assert title_key(r["target_title"]) not in history, r["sample_id"]
+            assert len({title_key(t) for t in r["candidate_titles"]}) == len(r["candidate_titles"])
+    policies = read_manifest(ml100k_samples)["policies"]
+    assert (policies["items_merged"], policies["titles_dated"], policies["merged_events_dropped"]) == (18, 10, 307)
 
 
 def test_same_hash_across_runs_and_parallelism(ml100k_samples, tmp_path, ray_session):
@@ -90,6 +107,52 @@ def test_llara_round_trip(ml100k_samples, tmp_path, ray_session):
         assert (a["history_titles"], a["candidate_titles"], a["target_title"]) == \
                (b["history_titles"], b["candidate_titles"], b["target_title"])
     assert read_llara_json(tmp_path / "valid.json", "valid")[0]["candidate_titles"] == rows[0]["candidate_titles"]
+
+
+def test_llara_import_applies_the_window_rules(tmp_path):
+    """LLaRA samples meet the logs' window rule (`window_drop`): a history holding the target, or
+    shorter than data.min_history, gives no sample (counted); a history longer than
+    data.max_history keeps its last titles. Once such samples were imported as they were."""
+    cands = [f"C{k}" for k in range(20)]
+    good = {"historyList": "A::B::C", "itemList": cands, "trueSelection": "C1"}
+    data = [good, {**good, "historyList": "A::C1::B"}, {**good, "historyList": "A::B"},
+            {**good, "historyList": HISTORY_SEP.join(f"H{k}" for k in range(12))}]
+    (tmp_path / "train.json").write_text(json.dumps(data))
+    m = build_samples(DataConfig(format="llara-json", llara={"train": str(tmp_path / "train.json")}), tmp_path / "s")
+    assert m["samples"]["train"] == 2 and m["samples_dropped"] == {"too_short": 1, "target_in_history": 1}
+    rows = read_split(tmp_path / "s", "train").to_pylist()
+    assert [r["history_titles"] for r in rows] == [["A", "B", "C"], [f"H{k}" for k in range(2, 12)]]
+    assert [r["sample_id"] for r in rows] == ["train:0000000", "train:0000003"]
+
+
+def test_llara_two_spellings_across_files_refused(tmp_path):
+    """One title spelled two ways in two files (train "Movie 1", valid "MOVIE 1") is refused,
+    naming both files, before anything is written."""
+    cands = [f"C{k}" for k in range(19)]
+    (tmp_path / "train.json").write_text(json.dumps(
+        [{"historyList": "A::B::C", "itemList": cands + ["Movie 1"], "trueSelection": "C1"}]))
+    (tmp_path / "valid.json").write_text(json.dumps(
+        [{"historyList": "A::B::C", "itemList": cands + ["MOVIE 1"], "trueSelection": "MOVIE 1"}]))
+    cfg = DataConfig(format="llara-json", llara={"train": str(tmp_path / "train.json"),
+                                                 "valid": str(tmp_path / "valid.json")})
+    with pytest.raises(DataError, match=r"valid\.json, row 1: 'MOVIE 1' and 'Movie 1' \(file .*train\.json, row 1\)"):
+        build_samples(cfg, tmp_path / "s")
+    assert not (tmp_path / "s").exists()
+
+
+def test_timestamp_unit_reaches_every_file_read(tmp_path):
+    """data.timestamp_unit reaches the reads of the samples stage (`load_source`, the same per-file
+    reads as on Ray): under auto a file in ms whose first event is before 1973 (in the seconds band
+    by its magnitude) is refused naming both rows; declared as ms it is read, in seconds."""
+    ms = [99_000_000_000 + k for k in range(3)] + [1_600_000_000_000 + 1000 * k for k in range(12)]
+    (tmp_path / "i.csv").write_text("user_id,item_id,timestamp\n" + "".join(f"u,{k},{t}\n" for k, t in enumerate(ms)))
+    (tmp_path / "c.csv").write_text("item_id,title\n" + "".join(f"{k},T{k}\n" for k in range(40)))
+    cfg = DataConfig(format="csv", interactions=str(tmp_path / "i.csv"), catalog=str(tmp_path / "c.csv"))
+    with pytest.raises(DataError, match=r"i\.csv, row 4, column 'timestamp': timestamp 1600000000000 reads as ms .* "
+                                        r"row 1's 99000000000 as s"):
+        load_source(cfg)
+    events, _, _ = load_source(dataclasses.replace(cfg, timestamp_unit="ms"))
+    assert events.column("timestamp").to_pylist() == [t // 1000 for t in ms]
 
 
 def test_too_few_items_leaves_nothing(tmp_path, ray_session):

@@ -63,6 +63,9 @@ def test_bundled_search_loads_with_defaults():
     ("space: {pairs.num_negatives: {grid: [1, 2]}}", "only align"),  # trials share the pairs
     ("space: {align.strategies: {grid: [[self_hard], [nope]]}}", "align.strategies"),
     ("max_failures: -1\nspace: {align.beta: {grid: [0.1]}}", "max_failures"),
+    ("space:\n  align.beta: {grid: [0.1]}\n  align.beta: {grid: [0.2]}\n",
+     "key 'space.align.beta' appears twice"),                                   # once the later, silently
+    ("# only a comment\n", "holds no settings"),
 ])
 def test_bad_search_files_are_refused_naming_the_key(tmp_path, text, needle):
     with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
