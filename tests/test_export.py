@@ -44,10 +44,9 @@ def test_an_exported_model_recommends_as_its_run_did_from_anywhere(smoke_run, tm
     assert "aligned (rosepo)" in card["metrics"]["results"]
     readme = (tmp_path / "copy" / "README.md").read_text()
     assert "Recommender.from_pretrained" in readme and "| aligned (rosepo) |" in readme
-    assert sorted(p.name for p in (tmp_path / "copy").iterdir()) >= ["README.md", "catalog.parquet", "config.json",
-                                                                     "generation_config.json",
-                                                                     "item_embeddings.safetensors",
-                                                                     "model.safetensors", "rosepo.json"]
+    assert {p.name for p in (tmp_path / "copy").iterdir()} >= {
+        "README.md", "catalog.parquet", "config.json", "generation_config.json", "item_embeddings.safetensors",
+        "model.safetensors", "rosepo.json", "run-config.yaml", "tokenizer.json"}
     with pytest.raises(ConfigError, match="exists: export into a new folder"):
         from rosepo.experiments.export import export_run
 

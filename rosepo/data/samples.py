@@ -48,6 +48,7 @@ from rosepo.data.fetch import fetch
 from rosepo.data.prompts import check_domain, choose_template, render_prompt, stable_int
 from rosepo.data.titles import Listings, check_distinct, title_key
 from rosepo.errors import DataError
+from rosepo.layout import CATALOG_FILE
 from rosepo.schema import INTERACTIONS, SAMPLES
 from rosepo.storage import atomic_dir, write_manifest
 
@@ -510,8 +511,18 @@ def build_samples(cfg: DataConfig, out_dir: str | Path, *, start_ray: Callable[[
             where = json.loads(refused[0].read_text())
             raise DataError(where.pop("message"), **where) from None
         manifest["seconds"] = round(time.perf_counter() - t0, 2)
+        write_catalog(tmp, catalog)
         write_manifest(tmp, manifest)
     return manifest
+
+
+def write_catalog(folder: Path, catalog: pa.Table) -> None:
+    """The catalogue the samples were drawn from (``item_id``, ``title``; after merges and dated
+    namesakes) into the samples folder: what `rosepo recommend` and an export draw candidates from,
+    so a run folder needs its input no more."""
+    import pyarrow.parquet as pq
+
+    pq.write_table(catalog.select(["item_id", "title"]).sort_by("item_id"), folder / CATALOG_FILE)
 
 
 def _build(cfg: DataConfig, source: Source, catalog: pa.Table, catalog_name: str, tmp: Path) -> dict:
@@ -616,6 +627,9 @@ def import_llara(cfg: DataConfig, out_dir: str | Path) -> dict:
         manifest = {"stage": "samples", "source": "llara-json", "config": cfg.__dict__ | {"split": list(cfg.split)},
                     "samples": {split: len(rows[split]) for split in SPLITS}, "samples_dropped": dropped,
                     "content_hash": samples_hash(tmp)}
+        titles = sorted({t for split in SPLITS for r in rows[split]
+                         for t in r["history_titles"] + r["candidate_titles"] + [r["target_title"]]})
+        write_catalog(tmp, pa.table({"item_id": titles, "title": titles}))  # the format's ids are its titles
         write_manifest(tmp, manifest)
     return manifest
 

@@ -244,6 +244,9 @@ def train_loop_per_worker(config: dict) -> dict:
     stop = min(total, config["stop_at_step"]) if config["stop_at_step"] > 0 else total
 
     engine, tokenizer = _setup_engine(config, total)
+    finetune = tcfg.model_config(config["model_cfg"]).finetune
+    peak = gpu_peak_flops() if tcfg.use_gpu and engine.bfloat16_enabled() else None
+    flops_per_token = training_flops_per_token(engine.module, finetune)
     start_step, history, eval_history = _resume(engine, config["resume_from"], len(rows), global_batch)
     evaluate = _evaluator(engine, task, tokenizer, eval_rows)
     writer = _tensorboard(config["tensorboard_dir"] if rank == 0 else None)
@@ -266,6 +269,8 @@ def train_loop_per_worker(config: dict) -> dict:
                                      tcfg.micro_batch_size, tcfg.grad_accum)
         metrics = _train_step(engine, task, [[rows[i] for i in idx] for idx in micro], tokenizer.pad_token_id, step)
         metrics.update(step=step + 1, epoch=(step + 1) * global_batch / len(rows))
+        if peak:
+            metrics["perf/mfu"] = metrics["perf/tokens_per_second"] * flops_per_token / (peak * world)
         history.append({"step": step + 1, "loss": metrics["loss"]})
         losses.append(metrics["loss"])
         evaluated = bool(eval_rows) and (step + 1 == total or (task.eval_every and (step + 1) % task.eval_every == 0))
@@ -284,7 +289,7 @@ def train_loop_per_worker(config: dict) -> dict:
             state = {"global_step": step + 1, "epoch": metrics["epoch"],
                      "data_position": (step + 1) * global_batch, "num_rows": len(rows),
                      "global_batch": global_batch, "history": history, "eval_history": eval_history}
-            _save_checkpoint(engine, tokenizer, state, metrics, rank, tcfg.model_config(config["model_cfg"]).finetune)
+            _save_checkpoint(engine, tokenizer, state, metrics, rank, finetune)
         elif evaluated or config["report_every_step"]:
             ray.train.report(metrics)
     if bar is not None:
@@ -293,6 +298,33 @@ def train_loop_per_worker(config: dict) -> dict:
         writer.close()
     return {"history": history, "eval_history": eval_history, "metrics": metrics,
             "resumed_from_step": start_step}
+
+
+#: Dense bfloat16 tensor-core peak of each GPU, in FLOP/s, by a substring of its name (the first
+#: that matches); ``perf/mfu`` divides the step's model FLOP/s by it.
+GPU_PEAK_BF16 = (("H200", 989e12), ("H100", 989e12), ("GH200", 989e12), ("A100", 312e12), ("L40S", 362e12),
+                 ("L4", 121e12), ("A10", 125e12), ("RTX 4090", 165e12), ("RTX 3090", 71e12))
+
+
+def gpu_peak_flops() -> float | None:
+    """`GPU_PEAK_BF16` of this process's CUDA device; None for a card not listed."""
+    import torch
+
+    name = torch.cuda.get_device_name()
+    return next((peak for key, peak in GPU_PEAK_BF16 if key in name), None)
+
+
+def training_flops_per_token(model, finetune: str) -> float:
+    """Model FLOPs per trained token: 2N forward and 2N for the activations' gradients over the N
+    weights outside the embeddings, plus 2N for the weights' own gradients where they train (all
+    of them with ``finetune: full``, the adapters' with LoRA). Attention scores and the LM head,
+    which runs on the answer positions only, are left out: MFU is slightly understated."""
+    embeddings = {id(model.get_input_embeddings().weight)}
+    counted = [(getattr(p, "ds_numel", p.numel()), p.requires_grad) for p in model.parameters()
+               if id(p) not in embeddings]
+    weights = sum(n for n, _ in counted)
+    trained = weights if finetune == "full" else sum(n for n, grad in counted if grad)
+    return 4.0 * weights + 2.0 * trained
 
 
 def metrics_line(metrics: dict, losses: list[float]) -> str:

@@ -15,3 +15,26 @@ def test_metrics_line_reads_like_hf_trainer():
     assert metrics_line(metrics, [0.4, 0.6, 0.5]) == (
         "{'loss': 0.5, 'grad_norm': 1.235, 'learning_rate': 0.0005, 'eval/loss': 2.346, "
         "'sft/token_accuracy': 0.25, 'epoch': 0.12}")
+
+
+def test_training_flops_per_token_counts_the_weights_that_run():
+    """A Llama of hidden 8, 2 layers, vocabulary 50, tied embeddings: the 400 embedding weights are a
+    lookup, not a matmul, and stay out. Full fine-tuning: 6 FLOPs per other weight and token
+    (forward, activations' and weights' gradients); LoRA: 4 per frozen weight plus 6 per adapter
+    weight."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from rosepo.config import ModelConfig
+    from rosepo.model.factory import apply_lora
+    from rosepo.train.loop import training_flops_per_token
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=8, intermediate_size=16, num_hidden_layers=2,
+                                         num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=True))
+    weights = sum(p.numel() for p in model.parameters()) - 50 * 8
+    assert training_flops_per_token(model, "full") == 6 * weights
+    lora = apply_lora(model, ModelConfig(lora_r=2, lora_target_modules=("q_proj",)))
+    adapters = sum(p.numel() for n, p in lora.named_parameters() if "lora_" in n)
+    assert adapters == 2 * (8 * 2 + 2 * 8)  # 2 layers x (A: 8->2, B: 2->8)
+    assert training_flops_per_token(lora, "lora") == 4 * (weights + adapters) + 2 * adapters
