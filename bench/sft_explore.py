@@ -1,4 +1,4 @@
-"""Exploration record for issue #14: the single-process probe that produced BENCHMARKS.md's
+"""Exploration record for issue #14: the single-process probe that produced docs/record.md's
 "SFT levers" curves (2026-12-01). Kept as it ran, with its own loss code (independent of
 `rosepo.train.sft`, as the pandas baseline of bench.data_pipeline is of rosepo's sample builder);
 the maintained measurement is `python -m bench sft-probe`, which trains with the SFT task itself.

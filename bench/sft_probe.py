@@ -12,7 +12,7 @@ log-likelihood (rank HR@1). One JSON line per evaluation; ``--out`` keeps the wh
 
     python -m bench.sft_probe --config configs/ml100k-tiny.yaml --steps 3000 sft.candidate_weight=1.0
 
-Prototypes that hand the oracle's scores to the answer position (BENCHMARKS.md, "The oracle's
+Prototypes that hand the oracle's scores to the answer position (docs/record.md, "The oracle's
 scores carried to the answer logits"; off by default, not part of the package):
 ``--skip-gain G`` adds G (a trained scalar) times the user token's input embedding to the final
 norm's output at the user position (`add_user_skip`); ``--detach-skip`` stops the gradient through

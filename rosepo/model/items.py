@@ -18,7 +18,7 @@ row))``, the oracle's user state for that history, so the position that predicts
 what the oracle knows about the user directly. The oracle is a constant copy (its item rows in
 the table's row order, row 0 padding), outside the module tree: never trained, never partitioned
 by ZeRO-3, never wrapped by peft. Placed after the history instead, the same vector did not help
-in 500 steps (BENCHMARKS.md, "The oracle's user state as the last prompt token").
+in 500 steps (docs/record.md, "The oracle's user state as the last prompt token").
 
 The file (`rosepo.layout.ITEM_EMBEDDINGS`, safetensors): ``table`` (N + 1, d), the projector's
 weights (``projector.*``, LLaRA's shape: Linear(d, H) → GELU → Linear(H, H), H the LM's hidden

@@ -23,7 +23,7 @@ softmax over the sample's candidates at ``sft.oracle_temperature`` and p(c) the 
 answer's first token gives candidate c (knowledge distillation, Hinton et al. 2015, restricted to
 the candidates). The target answer is one bit per sample; q ranks all twenty, and its mass is on
 the candidates only, so the same term teaches "answer a candidate" and "in the oracle's order"
-(the candidate term alone teaches "answer a popular candidate": BENCHMARKS.md, SFT levers). The
+(the candidate term alone teaches "answer a popular candidate": docs/record.md, SFT levers). The
 oracle scores each sample once, in the tokenising pipeline; ``sft/oracle_kl`` is KL(q ‖ p
 renormalised over the candidates), 0 when the model ranks as the oracle does. With multi-token
 titles both read the candidates' first tokens, the candidate term's relaxation.
