@@ -206,6 +206,8 @@ def run(argv: list[str] | None = None) -> int:
     p.add_argument("--methods", default=",".join(CLAIMS_METHODS), help="claims: the compared methods")
     p.add_argument("--seeds", type=int, default=2, help="claims: alignment seeds per method")
     p.add_argument("--cpu", action="store_true", help="on the CPU at the smoke config's size (the code path)")
+    p.add_argument("--no-dashboard", dest="dashboard", action="store_false",
+                   help="start Ray without its dashboard (a Ray installed without the dashboard's packages)")
     a = p.parse_args(argv if argv is not None else [])
     if argv is None or (not argv and not a.cpu):  # `python -m bench all`: this one needs a GPU
         import torch
@@ -216,7 +218,7 @@ def run(argv: list[str] | None = None) -> int:
     out = Path(a.out)
     storage = Path(a.storage) if a.storage else out / "runs"
     variants = [v for v in PLANS[a.plan] if not a.variant or v[0] in a.variant]
-    runtime.init_ray()
+    runtime.init_ray(dashboard=a.dashboard)
     memory = GpuMemory()
     report = {"plan": a.plan, "card": card(), "variants": {}}
     t0 = time.perf_counter()

@@ -100,7 +100,7 @@ _dashboard_url = ""
 _started_here = False
 
 
-def init_ray(address: str = "", num_cpus: int | None = None) -> str:
+def init_ray(address: str = "", num_cpus: int | None = None, *, dashboard: bool = True) -> str:
     """Connect to Ray once per process; a no-op when Ray is already initialised. Returns the
     dashboard's URL ("" when it is off or Ray was initialised by someone else).
 
@@ -108,6 +108,8 @@ def init_ray(address: str = "", num_cpus: int | None = None) -> str:
     ``num_cpus`` is ignored; otherwise a local Ray is started with the dashboard bound to
     127.0.0.1 on a free port (the dashboard's state API is what releases the CPUs of stopped
     Tune trials), and ``RAY_API_SERVER_ADDRESS`` is set to it here and in every worker.
+    ``dashboard=False`` starts it without (a Ray installed without the dashboard's packages, as
+    on the offline GPU machine; Tune's ASHA then cannot free a stopped trial's CPUs).
     """
     import ray
 
@@ -124,14 +126,15 @@ def init_ray(address: str = "", num_cpus: int | None = None) -> str:
         # trials' CPUs) finds the dashboard by scanning for local Ray instances and fails when
         # there are several on the machine; naming it removes the guess.
         port = free_port()
-        os.environ[API_SERVER_ENV] = f"http://127.0.0.1:{port}"
+        if dashboard:
+            os.environ[API_SERVER_ENV] = f"http://127.0.0.1:{port}"
         if not _verbose:
             # Ray 2.60 turns token authentication on for every new local cluster (generating
             # ~/.ray/auth_token) and says so at WARNING unless RAY_AUTH_MODE is set; choosing the
             # mode here would skip the token's generation, so the notice is silenced instead.
             logging.getLogger(_AUTH_LOGGER).setLevel(logging.ERROR)
-        env = {**worker_env_vars(), API_SERVER_ENV: os.environ[API_SERVER_ENV]}
-        ctx = ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+        env = {**worker_env_vars(), **({API_SERVER_ENV: os.environ[API_SERVER_ENV]} if dashboard else {})}
+        ctx = ray.init(num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1",
                        dashboard_port=port, runtime_env=_runtime_env(env), logging_level=_ray_log_level())
         _started_here = True
     _dashboard_url = ctx.dashboard_url or ""

@@ -48,7 +48,7 @@ def write(tmp_path: Path, text: str | bytes) -> Path:
 
 
 def test_defaults_and_shipped_config_load():
-    assert load_config() == RunConfig()
+    assert load_config() == RunConfig().validate()  # validation fills the stages' use_gpu from the run's
     cfg = load_config(REPO / "configs" / "ml100k-tiny.yaml")
     assert isinstance(cfg, RunConfig)
 
@@ -347,8 +347,9 @@ SPECIAL_BAD = {
     "pairs.num_negatives": [20], "align.eps_max": [0.5, -0.1], "align.eps_constant": [0.5],
     "oracle.batch_size": [0], "model.num_key_value_heads": [3],
     "pairs.exclude_sft": [True],  # with sft.max_samples 0 (all) nothing is left for the pairs
+    "compare.noise_rates": [[0.5], [0.2, 0.2], ["x"]],
 }
-WRONG_TYPE = {bool: "maybe", int: "many", float: "fast", str: [1], tuple: 5, dict: [1]}
+WRONG_TYPE = {bool: "maybe", bool | None: "maybe", int: "many", float: "fast", str: [1], tuple: 5, dict: [1]}
 
 
 def bad_values(key: str, tp: typing.Any) -> list:

@@ -22,7 +22,7 @@ LAYERS = [
                "rosepo.pairs.build", "rosepo.eval.evaluate")),
     ("pipeline", ("rosepo.pipeline",)),
     ("experiments", ("rosepo.experiments",)),
-    ("cli", ("rosepo.cli",)),
+    ("cli", ("rosepo.cli", "rosepo.__main__")),
     # The package itself: its public API (``from rosepo import Recommender``), loaded lazily.
     ("api", ("rosepo",)),
 ]
