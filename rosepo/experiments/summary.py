@@ -1,20 +1,22 @@
 """What ``rosepo run`` ends with: the run's result on one screen and in two files of its folder.
 
 `write_summary` renders the stage times (`rosepo.pipeline.read_run_record`), the run folder, the
-TensorBoard command and, once the eval stage has run, its table (method x the headline metrics
-below, from the eval manifest) as Markdown; writes it as ``summary.md`` and the table's bars as
-``results.png`` into the run folder, atomically; and returns the text for the console.
+TensorBoard command (or, without tensorboard installed, how to get it), once the eval stage has
+run its table (method x the headline metrics below, from the eval manifest), and last the trained
+model's folder, as Markdown; writes it as ``summary.md`` and the table's bars as ``results.png``
+into the run folder, atomically; and returns the text for the console.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from pathlib import Path
 
 from rosepo.config import RunConfig
 from rosepo.eval.evaluate import BASELINES, markdown_table
 from rosepo.experiments.plotting import pyplot, save_figure
-from rosepo.layout import WORK_DIR
+from rosepo.layout import SFT_MODEL_DIR, WORK_DIR, aligned_adapter
 from rosepo.pipeline import read_run_record, run_folder
 from rosepo.storage import atomic_write_text, read_manifest
 
@@ -35,7 +37,7 @@ def write_summary(cfg: RunConfig, outs: dict[str, Path]) -> str:
         entry = record.get(stage, {})
         seconds = "?" if entry.get("seconds") is None else f"{entry['seconds']:.1f}"
         lines.append(f"| {stage} | {seconds}{' (earlier run)' if entry.get('reused') else ''} | {path.name} |")
-    lines += ["", f"run folder: {folder}", f"TensorBoard: tensorboard --logdir {folder / WORK_DIR}"]
+    lines += ["", f"run folder: {folder}", tensorboard_line(folder / WORK_DIR)]
     if "eval" in outs:
         manifest = read_manifest(outs["eval"])
         # The manifest's keys are sorted: the table's order is the eval stage's, baselines first.
@@ -46,9 +48,28 @@ def write_summary(cfg: RunConfig, outs: dict[str, Path]) -> str:
                   markdown_table(results, SUMMARY_METRICS).rstrip("\n")]
     else:
         lines.append(f"summary: {folder / SUMMARY_FILE} (no eval stage in this run: no table)")
+    model = _model_line(outs)
+    lines += ["", model] if model else []
     text = "\n".join(lines) + "\n"
     atomic_write_text(folder / SUMMARY_FILE, text)
     return text
+
+
+def tensorboard_line(logdir: Path) -> str:
+    """The command that shows ``logdir`` in TensorBoard when this Python has it, else how to get it."""
+    if importlib.util.find_spec("tensorboard") is not None:
+        return f"TensorBoard: tensorboard --logdir {logdir}"
+    return f"TensorBoard logs: {logdir} (pip install tensorboard, then tensorboard --logdir {logdir})"
+
+
+def _model_line(outs: dict[str, Path]) -> str:
+    """Where the run's trained model is: the align stage's adapter, else the sft stage's model
+    ("" before either has run)."""
+    if "align" in outs:
+        return f"aligned model: {aligned_adapter(outs['align']).resolve()}"
+    if "sft" in outs:
+        return f"SFT model: {(outs['sft'] / SFT_MODEL_DIR).resolve()}"
+    return ""
 
 
 def _table_order(method: str) -> int:
