@@ -29,9 +29,9 @@ def test_logging_steps_below_one_is_a_fraction_of_the_run_as_in_hf():
     assert logging_interval(0, 1500) == 0
 
 
-def test_line_progress_prints_a_line_per_tenth_of_the_run(caplog):
-    """In a log file the bar is a line each time another tenth of the steps is done: 10 lines for
-    1,500 steps; from a resumed step 600 (40%), the 6 tenths left."""
+def test_line_progress_prints_a_line_per_fifth_of_the_run(caplog):
+    """In a log file the bar is a line each time another fifth of the steps is done: 5 lines for
+    1,500 steps; from a resumed step 600 (40%), the 3 fifths left."""
     caplog.set_level(logging.INFO, logger="rosepo")
     bar = LineProgress("sft", 1500)
     for _ in range(1500):
@@ -39,14 +39,14 @@ def test_line_progress_prints_a_line_per_tenth_of_the_run(caplog):
         bar.update(1)
     bar.close()
     lines = [r.getMessage() for r in caplog.records]
-    assert len(lines) == 10 and lines[0].startswith("sft loss=1.2345: 150/1500 steps (10%), ")
+    assert len(lines) == 5 and lines[0].startswith("sft loss=1.2345: 300/1500 steps (20%), ")
     assert lines[-1].startswith("sft loss=1.2345: 1500/1500 steps (100%), ") and lines[-1].endswith("0:00 left")
     caplog.clear()
     bar = LineProgress("align", 1500, start=600)
     for _ in range(900):
         bar.update(1)
     assert [r.getMessage().split(" steps")[0] for r in caplog.records] == [
-        f"align: {n}/1500" for n in (750, 900, 1050, 1200, 1350, 1500)]
+        f"align: {n}/1500" for n in (900, 1200, 1500)]
 
 
 def test_tensorboard_tags_are_the_console_names(tmp_path):
