@@ -273,9 +273,10 @@ class TrainConfig:
     #: Log to TensorBoard under the run's storage path.
     tensorboard: bool = True
     #: Every N optimiser steps rank 0 logs one line of the step's metrics (loss, grad_norm,
-    #: learning_rate, epoch), as TRL's ``logging_steps`` (0 = none; TensorBoard has every step).
+    #: learning_rate, epoch), as TRL's ``logging_steps``: below 1, that fraction of the stage's
+    #: steps (0.1: about ten lines a stage); 0 = none; TensorBoard has every step.
     #: What is printed, not what is trained: left out of the stage addresses (`UNHASHED`).
-    logging_steps: Annotated[int, Range(ge=0, note="0 = no metric lines")] = 10
+    logging_steps: Annotated[float, Range(ge=0, note="0 = no metric lines; below 1, a fraction of the steps")] = 0.1
 
     def model_config(self, model: "ModelConfig") -> "ModelConfig":
         """The model config this stage trains with: ``model`` with this stage's ``finetune``, if set."""
@@ -555,6 +556,8 @@ class RunConfig:
             t = getattr(self, name)
             _check(not t.offload or t.zero_stage >= 1, f"{name}.offload",
                    "needs zero_stage 1, 2 or 3 (ZeRO-Offload partitions the optimizer)", t.offload)
+            _check(t.logging_steps < 1 or t.logging_steps == int(t.logging_steps), f"{name}.logging_steps",
+                   "must be a whole number of steps, or a fraction of the stage's steps below 1", t.logging_steps)
             if (t.finetune or m.finetune) == "lora":
                 _check(bool(m.lora_target_modules), "model.lora_target_modules",
                        f"must name at least one module: {name} fine-tunes with LoRA", m.lora_target_modules)

@@ -6,9 +6,11 @@ The variable is read by the Train controller, an actor, so it is set both in thi
 (inherited by a local cluster started here) and in the job's runtime_env (a joined cluster).
 
 The console of a run is quiet unless ``--verbose`` (`set_console`): the driver's ``ray`` logger
-at WARNING, Ray Data's console from WARNING up, Hugging Face's progress bars and third-party
-deprecation warnings off, in this process and, through the ``worker_process_setup_hook``
-`quiet_worker`, in every worker; Ray's token-authentication notice for a new local cluster off.
+at WARNING, Ray Data's console from WARNING up less its notices that are no user's concern
+(`_shown`), Hugging Face's progress bars and third-party deprecation warnings off, in this process
+and, through the ``worker_process_setup_hook`` `quiet_worker`, in every worker; Ray's
+token-authentication notice for a new local cluster off; of the workers' lines Ray forwards, not
+the core worker's ERROR-level notice of every training stage (`SKIP_WORKER_LINES`).
 Ray Train's ``print`` patch is off in every worker, verbose or not (it wrote each line twice).
 """
 
@@ -28,6 +30,13 @@ _AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
 #: Environment of a quiet run, driver and workers alike: Hugging Face's progress bars ("Loading
 #: weights", "Writing model shards", one per actor and model load) off.
 QUIET_ENV = {"HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+#: Ray's filter of the worker lines it forwards to the driver's console (documented in Ray's
+#: "Configuring Logging"; its log files keep them), and what a quiet run filters: Ray Train's
+#: controller creates its ``PreemptionWatcher`` actor with ``max_restarts > 0`` and arguments in the
+#: object store, which Ray's core worker reports at ERROR level (``core_worker.cc``), once per
+#: training stage, though nothing failed.
+SKIP_ENV = "RAY_DEDUP_LOGS_SKIP_REGEX"
+SKIP_WORKER_LINES = r"core_worker\.cc:\d+: Actor with class name: .* has constructor arguments in the object store"
 _verbose = False
 
 
@@ -61,6 +70,8 @@ def set_console(verbose: bool) -> None:
         return
     for key, value in QUIET_ENV.items():
         os.environ.setdefault(key, value)
+    # Read by the driver when Ray is imported: the workers' lines it forwards are filtered there.
+    os.environ.setdefault(SKIP_ENV, SKIP_WORKER_LINES)
     quiet_warnings()
 
 
@@ -135,7 +146,8 @@ def init_ray(address: str = "", num_cpus: int | None = None, *, dashboard: bool 
             logging.getLogger(_AUTH_LOGGER).setLevel(logging.ERROR)
         env = {**worker_env_vars(), **({API_SERVER_ENV: os.environ[API_SERVER_ENV]} if dashboard else {})}
         ctx = ray.init(num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1",
-                       dashboard_port=port, runtime_env=_runtime_env(env), logging_level=_ray_log_level())
+                       dashboard_port=port, runtime_env=_runtime_env(env), logging_level=_ray_log_level(),
+                       _system_config={"num_workers_soft_limit": idle_workers_kept(num_cpus)})
         _started_here = True
     _dashboard_url = ctx.dashboard_url or ""
     if not _verbose:
@@ -171,6 +183,17 @@ def cluster_can_grow() -> bool:
     return not _started_here
 
 
+def idle_workers_kept(num_cpus: int | None) -> int:
+    """Idle task workers a local Ray keeps for reuse: its ``num_workers_soft_limit``, 2 per CPU.
+    At Ray's default (1 per CPU) each idle worker above it exits after a second: a make run on 2
+    CPUs started 46 worker processes, 19 of them task workers that exited idle, and in Ray 2.60
+    about one such exit in twenty aborts (``Mutex corrupt`` in the opencensus ``DeltaProducer``
+    harvester thread of Ray's core worker), a 14-line crash trace on the console. With 2 per CPU,
+    12 builds of a samples folder had 2 idle exits and no abort (62 exits and 3 aborts before).
+    More than 2 per CPU makes the raylet start that many workers at once, with a warning."""
+    return 2 * (num_cpus or os.cpu_count() or 1)
+
+
 def shutdown_ray() -> None:
     """Disconnect from Ray (stopping the local Ray `init_ray` started). Ray prints the workers'
     last forwarded lines (a progress bar's final frame) as it does, so they come before what is
@@ -191,23 +214,43 @@ def _quiet_ray_data() -> None:
     """Ray Data's console lines from WARNING up: its INFO lines are each dataset's execution plan,
     a line when it finishes and, when stdout is no terminal, a progress block every few seconds;
     and not its warning that progress bars are off (rosepo turns off the Train workers' own), nor
-    its issue detectors' reports, repeated every 30 s for as long as a dataset runs (an actor that
-    holds a 7 GiB pretrained LLM's activations is "high memory" for as long as it evaluates). Its
-    log file (the session's ``ray-data.log``) keeps everything. Ray Data sets its handlers when
-    imported."""
+    the records `_shown` drops. Its log file (the session's ``ray-data.log``) keeps everything.
+    Ray Data sets its handlers when imported."""
     import ray.data  # noqa: F401  (configures the "ray.data" logger)
 
     for handler in logging.getLogger("ray.data").handlers:
         if isinstance(handler, logging.StreamHandler):
             handler.setLevel(logging.WARNING)
-            if _not_issue_report not in handler.filters:
-                handler.addFilter(_not_issue_report)
+            if _shown not in handler.filters:
+                handler.addFilter(_shown)
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
 
 
-def _not_issue_report(record: logging.LogRecord) -> bool:
-    """False for a record of Ray Data's issue detectors (`_quiet_ray_data`)."""
-    return not record.name.startswith("ray.data._internal.issue_detection")
+#: Ray Data's two ERROR lines before a task's user-code error (a `rosepo.errors.RosepoError` raised
+#: in a task reaches the driver as one): "An exception was raised from a task of operator ...
+#: set DataContext.max_errored_blocks" and "Exception occurred in user code, with the abbreviated
+#: stack trace below" (the trace is logged to its file only). The exception itself still reaches
+#: the caller: the CLI prints a rosepo error's one line, and any other error's traceback.
+_USER_CODE_NOTICES = ("An exception was raised from a task of operator", "Exception occurred in user code")
+
+
+#: Ray Data's warning, once per process, that the cluster "currently does not have any available
+#: CPUs" when a dataset starts: it reads the cluster's resource view, which lags the tasks of the
+#: dataset before by up to a second, so it fires in the samples stage (one dataset right after
+#: another) with every CPU free.
+_NO_CPU_WARNING = "Warning: The Ray cluster currently does not have any available CPUs"
+
+
+def _shown(record: logging.LogRecord) -> bool:
+    """Whether a quiet console shows a record of Ray Data's (`_quiet_ray_data`): not its issue
+    detectors' reports, repeated every 30 s for as long as a dataset runs (an actor that holds a
+    7 GiB pretrained LLM's activations is "high memory" for as long as it evaluates), nor its
+    notices of a user-code error (`_USER_CODE_NOTICES`; an internal error's come with a traceback
+    and stay), nor `_NO_CPU_WARNING`."""
+    msg = str(record.msg)
+    if record.name.startswith("ray.data._internal.issue_detection") or msg.startswith(_NO_CPU_WARNING):
+        return False
+    return record.exc_info is not None or not msg.startswith(_USER_CODE_NOTICES)
 
 
 def is_verbose() -> bool:

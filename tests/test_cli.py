@@ -40,7 +40,8 @@ def test_run_ends_with_its_summary_and_prints_no_training_reports(smoke_run):
     """The console of a whole run: no per-step Ray Train report, no per-actor FutureWarning, rank 0's
     HF-style metrics lines, no training bar redrawn after its stage, at most 100 lines; it ends with
     the summary (also summary.md): stage times, the run folder, the TensorBoard command and the
-    eval table, whose numbers are the eval stage's; results.png is written."""
+    eval table, whose numbers are the eval stage's, then the aligned model's folder; results.png
+    is written."""
     summary, console, run = smoke_run
     assert "Reporting training result" not in console and "TrainingReport" not in console
     assert "FutureWarning" not in console and "Loading weights" not in console
@@ -62,7 +63,7 @@ def test_run_ends_with_its_summary_and_prints_no_training_reports(smoke_run):
     for stage in ("samples", "oracle", "model", "sft", "pairs", "align", "eval"):
         assert re.search(rf"^\| {stage} \| [0-9.]+ \| {stage}-[0-9a-f]{{12}} \|$", summary, re.M), stage
     ev = read_manifest(next(run.glob("eval-*")))
-    table = summary[summary.index("| method |"):].splitlines()
+    table = summary[summary.index("| method |"):].split("\n\n")[0].splitlines()
     assert table[0] == ("| method | hr@1 | valid_ratio | rank/hr@1 | rank/ndcg@5 | hallucination/no_candidate "
                         "| pop/head_share_rec |")
     assert [row.split(" | ")[0].removeprefix("| ") for row in table[2:]] == [
@@ -71,6 +72,7 @@ def test_run_ends_with_its_summary_and_prints_no_training_reports(smoke_run):
     assert table[-1].startswith(f"| aligned (rosepo) | {aligned['eval/hr@1']:.3f} | {aligned['eval/valid_ratio']:.3f} "
                                 f"| {aligned['eval/rank/hr@1']:.3f} | {aligned['eval/rank/ndcg@5']:.3f} |")
     assert "Evaluation on valid (16 samples)" in summary
+    assert summary.endswith(f"\n\naligned model: {next(run.glob('align-*')).resolve() / 'adapter'}\n")
     assert (run / RESULTS_PNG).stat().st_size > 10_000
     assert json.loads((run / "run.json").read_text())["eval"]["folder"] == next(run.glob("eval-*")).name
 

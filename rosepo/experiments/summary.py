@@ -1,21 +1,22 @@
 """What ``rosepo run`` ends with: the run's result on one screen and in two files of its folder.
 
 `write_summary` renders the stage times (`rosepo.pipeline.read_run_record`), the run folder, the
-TensorBoard command and, once the eval stage has run, its table (method x the headline metrics
-below, from the eval manifest) as Markdown; writes it as ``summary.md`` and the table's bars as
-``results.png`` into the run folder, atomically; and returns the text for the console.
+TensorBoard command (or, without tensorboard installed, how to get it), once the eval stage has
+run its table (method x the headline metrics below, from the eval manifest), and last the trained
+model's folder, as Markdown; writes it as ``summary.md`` and the table's bars as ``results.png``
+into the run folder, atomically; and returns the text for the console.
 """
 
 from __future__ import annotations
 
-import logging
+import importlib.util
 import math
 from pathlib import Path
 
 from rosepo.config import RunConfig
 from rosepo.eval.evaluate import BASELINES, markdown_table
 from rosepo.experiments.plotting import pyplot, save_figure
-from rosepo.layout import WORK_DIR
+from rosepo.layout import SFT_MODEL_DIR, WORK_DIR, aligned_adapter
 from rosepo.pipeline import read_run_record, run_folder
 from rosepo.storage import atomic_write_text, read_manifest
 
@@ -24,8 +25,6 @@ from rosepo.storage import atomic_write_text, read_manifest
 SUMMARY_METRICS = ("eval/hr@1", "eval/valid_ratio", "eval/rank/hr@1", "eval/rank/ndcg@5",
                    "eval/hallucination/no_candidate", "eval/pop/head_share_rec")
 SUMMARY_FILE, RESULTS_PNG = "summary.md", "results.png"
-
-log = logging.getLogger(__name__)
 
 
 def write_summary(cfg: RunConfig, outs: dict[str, Path]) -> str:
@@ -38,7 +37,7 @@ def write_summary(cfg: RunConfig, outs: dict[str, Path]) -> str:
         entry = record.get(stage, {})
         seconds = "?" if entry.get("seconds") is None else f"{entry['seconds']:.1f}"
         lines.append(f"| {stage} | {seconds}{' (earlier run)' if entry.get('reused') else ''} | {path.name} |")
-    lines += ["", f"run folder: {folder}", f"TensorBoard: tensorboard --logdir {folder / WORK_DIR}"]
+    lines += ["", f"run folder: {folder}", tensorboard_line(folder / WORK_DIR)]
     if "eval" in outs:
         manifest = read_manifest(outs["eval"])
         # The manifest's keys are sorted: the table's order is the eval stage's, baselines first.
@@ -48,11 +47,11 @@ def write_summary(cfg: RunConfig, outs: dict[str, Path]) -> str:
                   f"Evaluation on {manifest['split']} ({_samples(outs['eval'])} samples):", "",
                   markdown_table(results, SUMMARY_METRICS).rstrip("\n")]
         warnings = health_warnings(results, cfg, len(read_manifest(outs["sft"]).get("history", [])))
-        for text in warnings:
-            log.warning("%s", text)
         lines += ([""] + [f"WARNING: {text}" for text in warnings]) if warnings else []
     else:
         lines.append(f"summary: {folder / SUMMARY_FILE} (no eval stage in this run: no table)")
+    model = _model_line(outs)
+    lines += ["", model] if model else []
     text = "\n".join(lines) + "\n"
     atomic_write_text(folder / SUMMARY_FILE, text)
     return text
@@ -83,6 +82,21 @@ def health_warnings(results: dict[str, dict], cfg: RunConfig, sft_steps: int) ->
                    f"{floor:.3f}). Likely cause: too few training steps for this data ({trained}); raise "
                    "sft.max_steps, and check the oracle's valid HR@1 in its manifest (sft.oracle_weight distils it)")
     return out
+def tensorboard_line(logdir: Path) -> str:
+    """The command that shows ``logdir`` in TensorBoard when this Python has it, else how to get it."""
+    if importlib.util.find_spec("tensorboard") is not None:
+        return f"TensorBoard: tensorboard --logdir {logdir}"
+    return f"TensorBoard logs: {logdir} (pip install tensorboard, then tensorboard --logdir {logdir})"
+
+
+def _model_line(outs: dict[str, Path]) -> str:
+    """Where the run's trained model is: the align stage's adapter, else the sft stage's model
+    ("" before either has run)."""
+    if "align" in outs:
+        return f"aligned model: {aligned_adapter(outs['align']).resolve()}"
+    if "sft" in outs:
+        return f"SFT model: {(outs['sft'] / SFT_MODEL_DIR).resolve()}"
+    return ""
 
 
 def _table_order(method: str) -> int:

@@ -21,9 +21,12 @@ mid-epoch is exact, and 1 worker with ``grad_accum=2`` sees the same micro-batch
 2 workers with ``grad_accum=1``. A step may straddle two epochs; ``epoch`` is reported as the
 fraction of rows consumed. Total steps: ``max_steps`` or ``ceil(epochs * N / G)``.
 
-Console and metrics. Rank 0 shows one progress bar (steps, ETA, loss; Ray's ``tqdm_ray``, which
-the driver draws) and, every ``logging_steps``, logs one line of metrics to the ``rosepo`` logger,
-as HF's Trainer prints them (`metrics_line`); every step's metrics go to TensorBoard from rank 0.
+Console and metrics. Rank 0 shows its progress (steps, ETA, loss): on a terminal one bar (Ray's
+``tqdm_ray``, which the driver draws), in a log file a plain line every fifth of the run
+(`LineProgress`); and, every ``logging_steps`` (HF's convention: below 1, a fraction of the run's
+steps; the default 0.1 gives about ten lines a stage), one line of metrics to the ``rosepo``
+logger, as HF's Trainer prints them (`metrics_line`). Every step's metrics go to TensorBoard from
+rank 0, each under its console name (`_log_scalars`).
 Ray Train hears of the run only at evaluations and checkpoints (``ray.train.report``): a report
 every step cost a round trip through the controller per step and logged a ``TrainingReport`` line
 per rank (BENCHMARKS.md).
@@ -49,6 +52,7 @@ import json
 import logging
 import math
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -166,6 +170,7 @@ def fit(task: TrainingTask, model_cfg: ModelConfig, *, model_path: str, adapter:
             "tensorboard_dir": str(ray_run_dir / "tensorboard") if tcfg.tensorboard else None,
             "report_every_step": report_every_step,
             "log_level": logging.getLogger("rosepo").getEffectiveLevel(),
+            "console_tty": sys.stderr.isatty(),
         },
         scaling_config=ray.train.ScalingConfig(num_workers=tcfg.num_workers, use_gpu=tcfg.use_gpu,
                                                resources_per_worker=resources),
@@ -250,12 +255,8 @@ def train_loop_per_worker(config: dict) -> dict:
     start_step, history, eval_history = _resume(engine, config["resume_from"], len(rows), global_batch)
     evaluate = _evaluator(engine, task, tokenizer, eval_rows)
     writer = _tensorboard(config["tensorboard_dir"] if rank == 0 else None)
-    from ray.experimental import tqdm_ray
-
-    # Rank 0's bar, drawn by the driver: Ray forwards a worker's own tqdm redraws one line each.
-    bar = tqdm_ray.tqdm(total=total, desc=task.name) if rank == 0 else None
-    if bar is not None:
-        bar.n = start_step
+    bar = _progress(task.name, total, start_step, config["console_tty"]) if rank == 0 else None
+    every = logging_interval(tcfg.logging_steps, total)
     metrics: dict = {}
     losses: list[float] = []  # since the last metrics line
     if eval_rows and start_step == 0:
@@ -282,7 +283,7 @@ def train_loop_per_worker(config: dict) -> dict:
         if bar is not None:
             bar.set_description(f"{task.name} loss={metrics['loss']:.4f}")
             bar.update(1)
-        if rank == 0 and tcfg.logging_steps and ((step + 1) % tcfg.logging_steps == 0 or step + 1 == stop):
+        if rank == 0 and every and ((step + 1) % every == 0 or step + 1 == stop):
             log.info("%s", metrics_line(metrics, losses))
             losses = []
         if step + 1 == stop or (tcfg.checkpoint_every and (step + 1) % tcfg.checkpoint_every == 0):
@@ -340,6 +341,63 @@ def metrics_line(metrics: dict, losses: list[float]) -> str:
     return repr(line)
 
 
+def logging_interval(logging_steps: float, total: int) -> int:
+    """Steps between two metrics lines of a run of ``total`` steps (0 = none), as HF's Trainer reads
+    ``logging_steps``: below 1, that fraction of ``total`` (at least 1 step); else that many steps."""
+    if logging_steps <= 0:
+        return 0
+    return max(1, math.ceil(logging_steps * total)) if logging_steps < 1 else int(logging_steps)
+
+
+def _progress(name: str, total: int, start: int, tty: bool):
+    """Rank 0's progress from step ``start`` of ``total``: Ray's ``tqdm_ray`` bar, which the driver
+    draws, when the driver's stderr is a terminal; else (a log file, where carriage-return redraws
+    pile up in one line) a `LineProgress`."""
+    if not tty:
+        return LineProgress(name, total, start)
+    from ray.experimental import tqdm_ray
+
+    # Drawn by the driver: Ray forwards a worker's own tqdm redraws one line each.
+    bar = tqdm_ray.tqdm(total=total, desc=name)
+    bar.n = start
+    return bar
+
+
+class LineProgress:
+    """The progress bar of a console that is no terminal: ``tqdm_ray``'s methods, a ``[rosepo]``
+    line (steps, percent, elapsed, time left, the description) each time another fifth of the
+    ``total`` steps is done (the metrics lines come every tenth by default; both every tenth made
+    a make run's console 82 lines), and none on `close`."""
+
+    def __init__(self, name: str, total: int, start: int = 0, parts: int = 5):
+        import time
+
+        self.desc, self.total, self.n, self._start, self._parts = name, total, start, start, parts
+        self._t0 = time.monotonic()
+
+    def set_description(self, desc: str) -> None:
+        self.desc = desc
+
+    def update(self, n: int = 1) -> None:
+        import time
+
+        before, self.n = self.n, self.n + n
+        if self.n * self._parts // self.total > before * self._parts // self.total:
+            elapsed = time.monotonic() - self._t0
+            left = elapsed / (self.n - self._start) * (self.total - self.n)
+            log.info("%s: %d/%d steps (%d%%), %s elapsed, %s left", self.desc, self.n, self.total,
+                     100 * self.n // self.total, _clock(elapsed), _clock(left))
+
+    def close(self) -> None:
+        pass
+
+
+def _clock(seconds: float) -> str:
+    """``m:ss``, or ``h:mm:ss`` from an hour, as tqdm writes times."""
+    m, s = divmod(round(seconds), 60)
+    return f"{m // 60}:{m % 60:02d}:{s:02d}" if m >= 60 else f"{m}:{s:02d}"
+
+
 def _worker_logging(rank: int, level: int) -> None:
     """Worker logging at the driver's ``rosepo`` ``level``: rank 0's records (the metrics lines)
     as ``[rosepo] ...`` on stderr, which Ray forwards to the driver, the other ranks' from WARNING
@@ -356,20 +414,25 @@ def _worker_logging(rank: int, level: int) -> None:
 
 
 def _tensorboard(folder: str | None):
-    """A TensorBoard writer into ``folder`` (None: no writer)."""
+    """A TensorBoard event writer into ``folder`` (None: no writer)."""
     if folder is None:
         return None
-    from tensorboardX import SummaryWriter
+    from tensorboardX import FileWriter
 
-    return SummaryWriter(folder)
+    return FileWriter(folder)
 
 
 def _log_scalars(writer, metrics: dict, step: int) -> None:
-    """TensorBoard scalars (rank 0 holds the writer; None elsewhere or when disabled)."""
+    """A step's metrics as TensorBoard scalars, one event, each tagged with its console name
+    (rank 0 holds the writer; None elsewhere or when disabled). Written as a ``Summary`` rather
+    than through ``SummaryWriter.add_scalar``, which renames a tag with characters outside
+    ``[-/a-zA-Z0-9_.]`` (``eval/hr@1`` to ``eval/hr_1``): a TensorFlow graph's rule for node names, not
+    TensorBoard's, which shows ``eval/hr@1`` as it is."""
     if writer is not None:
-        for k, v in metrics.items():
-            # A tag may not hold "@": tensorboardX would rename eval/hr@1 so itself, logging each time.
-            writer.add_scalar(k.replace("@", "_"), v, step)
+        from tensorboardX.proto.summary_pb2 import Summary
+
+        writer.add_summary(Summary(value=[Summary.Value(tag=k, simple_value=float(v)) for k, v in metrics.items()]),
+                           step)
 
 
 def _sorted_rows(name: str, key: str) -> list[dict]:

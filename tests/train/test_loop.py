@@ -1,8 +1,12 @@
-"""The training loop's console line (`rosepo.train.loop.metrics_line`)."""
+"""The training loop's console and TensorBoard output (`rosepo.train.loop`): the metrics line,
+how often it is printed, the progress lines of a console that is no terminal, the scalars' tags."""
 
 from __future__ import annotations
 
-from rosepo.train.loop import metrics_line
+import logging
+import struct
+
+from rosepo.train.loop import LineProgress, _log_scalars, _tensorboard, logging_interval, metrics_line
 
 
 def test_metrics_line_reads_like_hf_trainer():
@@ -38,3 +42,49 @@ def test_training_flops_per_token_counts_the_weights_that_run():
     adapters = sum(p.numel() for n, p in lora.named_parameters() if "lora_" in n)
     assert adapters == 2 * (8 * 2 + 2 * 8)  # 2 layers x (A: 8->2, B: 2->8)
     assert training_flops_per_token(lora, "lora") == 4 * (weights + adapters) + 2 * adapters
+
+
+def test_logging_steps_below_one_is_a_fraction_of_the_run_as_in_hf():
+    """The default 0.1 prints every ceil(0.1 x steps): 150 of 1,500 steps (10 lines), 13 of 125
+    (10 lines with the last step's), at least every step; a whole number is steps; 0 is none."""
+    assert [logging_interval(0.1, n) for n in (1500, 125, 5)] == [150, 13, 1]
+    assert logging_interval(10.0, 1500) == 10 and logging_interval(10, 3) == 10
+    assert logging_interval(0, 1500) == 0
+
+
+def test_line_progress_prints_a_line_per_fifth_of_the_run(caplog):
+    """In a log file the bar is a line each time another fifth of the steps is done: 5 lines for
+    1,500 steps; from a resumed step 600 (40%), the 3 fifths left."""
+    caplog.set_level(logging.INFO, logger="rosepo")
+    bar = LineProgress("sft", 1500)
+    for _ in range(1500):
+        bar.set_description("sft loss=1.2345")
+        bar.update(1)
+    bar.close()
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 5 and lines[0].startswith("sft loss=1.2345: 300/1500 steps (20%), ")
+    assert lines[-1].startswith("sft loss=1.2345: 1500/1500 steps (100%), ") and lines[-1].endswith("0:00 left")
+    caplog.clear()
+    bar = LineProgress("align", 1500, start=600)
+    for _ in range(900):
+        bar.update(1)
+    assert [r.getMessage().split(" steps")[0] for r in caplog.records] == [
+        f"align: {n}/1500" for n in (900, 1200, 1500)]
+
+
+def test_tensorboard_tags_are_the_console_names(tmp_path):
+    """``eval/hr@1`` is stored as ``eval/hr@1`` (tensorboardX's add_scalar would store
+    ``eval/hr_1``), every metric of a step in one event at that step."""
+    from tensorboardX.proto import event_pb2
+
+    writer = _tensorboard(str(tmp_path))
+    _log_scalars(writer, {"loss": 0.5, "eval/hr@1": 0.25, "eval/rank/ndcg@5": 0.5}, 7)
+    writer.close()
+    (f,) = tmp_path.glob("events.out.tfevents.*")
+    data, pos, tags = f.read_bytes(), 0, {}
+    while pos < len(data):  # TFRecord: length (u64), its CRC, the record, the record's CRC
+        (n,) = struct.unpack("<Q", data[pos:pos + 8])
+        event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + n])
+        pos += 12 + n + 4
+        tags.update({v.tag: (event.step, v.simple_value) for v in event.summary.value})
+    assert tags == {"loss": (7, 0.5), "eval/hr@1": (7, 0.25), "eval/rank/ndcg@5": (7, 0.5)}
