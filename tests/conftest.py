@@ -99,6 +99,36 @@ def ml100k_samples(ray_session, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def smoke_overrides() -> list[str]:
+    """The overrides of `smoke_run` besides its storage: a config of configs/smoke.yaml with them and
+    ``storage=<the run's parent>`` finds that run's stages (cached) instead of building its own."""
+    return [f"data.data_dir={REPO / 'data'}", "model.item_embeddings=sasrec", "model.user_token=sasrec"]
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory, smoke_overrides) -> tuple[str, str, Path]:
+    """``rosepo run`` of the smoke config (every stage, with hybrid item tokens and the user token)
+    in a subprocess, as `make run` starts it: (its summary, the console as one stream, the run
+    folder). Once per session: the CLI tests and the benchmarks' smoke tests share it."""
+    import subprocess
+    import sys
+
+    from rosepo.experiments.summary import SUMMARY_FILE
+
+    storage = tmp_path_factory.mktemp("cli")
+    # Not this session's Ray settings (its `ray.init` exports some): the run starts its own Ray.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_") or k == "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"}
+    env["PYTHONUNBUFFERED"] = "1"  # as `make run`: stdout and stderr interleave as written
+    cmd = [sys.executable, "-m", "rosepo.cli", "run", "--config", "configs/smoke.yaml", f"storage={storage}",
+           *smoke_overrides]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          timeout=1500)
+    assert proc.returncode == 0, proc.stdout[-5000:]
+    run = storage / "smoke"
+    return (run / SUMMARY_FILE).read_text(), proc.stdout, run
+
+
 @pytest.fixture
 def kill_a_worker_midrun(ray_session):
     """``run(fit_fn, run_dir, after_step) -> (result, registered_at_kill, seconds_kill_to_end)``:
