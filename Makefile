@@ -37,7 +37,8 @@ clean:
 
 # Every CPU benchmark of bench/ in turn with its defaults (`python -m bench NAME` runs one), within
 # 20 minutes on the 2-core box; the commands and results are in BENCHMARKS.md. The peers it compares
-# with (TRL) come from pyproject's `bench` extra, never from requirements.txt. Not part of `make test`.
+# with (TRL) come from pyproject's `bench` extra, never from requirements.txt. `make test` runs each at a
+# tiny size instead (tests/bench/test_bench_smoke.py), TRL's half only where TRL is installed.
 BENCH_STAMP := $(VENV)/.bench-installed
 
 $(BENCH_STAMP): $(STAMP) pyproject.toml

@@ -1,12 +1,12 @@
 """RosePO alignment step with and without prefix sharing, its model-FLOPs utilisation, and the
 cost of a second intra-op thread on this 2-core machine.
 
-The step is rosepo's own (`rosepo.train.align.AlignTask`: `collate` + `compute_loss` + backward + gradient
-clipping + AdamW), on the default tiny model (``configs/ml100k-tiny.yaml``: title tokens, a new
-LoRA over the fully fine-tuned SFT model, here random weights, fp32), with real ML-100K prompts
-(target = chosen, another candidate = rejected) and reference log-probs precomputed, as the
-pairs stage provides them. Variants, timed in turn (A B C A B C ...), each on its own copy of
-the model and optimiser:
+The step is rosepo's own (`rosepo.train.align.AlignTask`: `collate` + `compute_loss` with the
+config's loss terms + backward + gradient clipping + AdamW), on the default tiny model
+(``configs/ml100k-tiny.yaml``: title tokens, a new LoRA over the fully fine-tuned SFT model, here
+random weights, fp32), with real ML-100K prompts (target = chosen, another candidate = rejected)
+and reference log-probs precomputed, as the pairs stage provides them. Variants, timed in turn
+(A B C A B C ...), each on its own copy of the model and optimiser:
 
 - ``shared``: prefix sharing (the default), 1 torch thread, as each Ray Train worker runs it
   (``OMP_NUM_THREADS=1``, one worker per core);
@@ -18,6 +18,7 @@ scored positions; `bench.common.llama_forward_flops`) per second over the fp32 m
 measured in the same run with the same number of threads.
 
     python -m bench align [--reps 12] [--batch 8]
+    python -m bench align --reps 1 --batch 2 --batches 1 --users 4   # seconds: a check, not a measurement
 """
 
 from __future__ import annotations
@@ -32,25 +33,35 @@ from bench.common import (CONFIG, REPO, alternate, attended_keys, bench_config, 
 
 def text_pairs(samples: list[dict], n: int) -> list[dict]:
     """``n`` preference pairs as text, spread over ``samples``: the prompt, the target title
-    (chosen) and the first other candidate (rejected)."""
+    (chosen), the first other candidate (rejected) and the sample's candidate titles."""
     out = []
     for r in samples[:: max(1, len(samples) // max(1, n))][:n]:
         other = next(t for t in r["candidate_titles"] if t != r["target_title"])
-        out.append({"prompt": r["prompt"], "chosen": r["target_title"], "rejected": other})
+        out.append({"prompt": r["prompt"], "chosen": r["target_title"], "rejected": other,
+                    "candidate_titles": r["candidate_titles"]})
     if len(out) < n:
         raise ValueError(f"asked for {n} pairs, the samples give {len(out)}")
     return out
 
 
-def pair_rows(tok, model_cfg, pairs: list[dict]) -> list[dict]:
+def pair_rows(tok, model_cfg, align_cfg, pairs: list[dict]) -> list[dict]:
     """rosepo's pair rows (token ids as the pairs stage writes them) of text ``pairs``, with fixed,
-    distinct oracle scores; reference log-probs are added by `add_reference`."""
-    from rosepo.model.tokenize import encode_answer, encode_prompt
+    distinct oracle scores, and the candidates' first tokens where ``align_cfg.candidate_weight``
+    reads them (added as `rosepo.train.align.fit_align` adds them); reference log-probs are added
+    by `add_reference`."""
+    import pyarrow as pa
 
-    return [{"prompt_ids": encode_prompt(tok, p["prompt"], model_cfg.max_prompt_tokens),
+    from rosepo.model.tokenize import encode_answer, encode_prompt
+    from rosepo.train.align import with_candidate_first_ids
+
+    rows = [{"prompt_ids": encode_prompt(tok, p["prompt"], model_cfg.max_prompt_tokens),
              "chosen_ids": encode_answer(tok, p["chosen"], model_cfg.max_answer_tokens),
              "rejected_ids": [encode_answer(tok, p["rejected"], model_cfg.max_answer_tokens)],
-             "oracle_chosen": 1.0 + 0.1 * (i % 7), "oracle_rejected": [0.5]} for i, p in enumerate(pairs)]
+             "oracle_chosen": 1.0 + 0.1 * (i % 7), "oracle_rejected": [0.5],
+             "candidate_titles": p["candidate_titles"]} for i, p in enumerate(pairs)]
+    if align_cfg.candidate_weight:
+        rows = with_candidate_first_ids(pa.Table.from_pylist(rows), tok, model_cfg.max_answer_tokens).to_pylist()
+    return rows
 
 
 def add_reference(model, rows: list[dict], batch: int, pad_id: int) -> float:
@@ -148,7 +159,7 @@ def setup(users: int, n_pairs: int, batch: int, model: str = "tiny"):
     path = tiny_model(run_cfg.model, samples, titles) if model == "tiny" else fetch_model(model, run_cfg.data.data_dir)
     tok = load_tokenizer(path)
     pairs = text_pairs(samples, n_pairs)
-    rows = pair_rows(tok, model_cfg, pairs)
+    rows = pair_rows(tok, model_cfg, run_cfg.align, pairs)
     ref_s = add_reference(policy(path, model_cfg), rows, batch, tok.pad_token_id)
     return {"run_cfg": run_cfg, "model_cfg": model_cfg, "align_cfg": run_cfg.align, "path": path, "tok": tok,
             "pairs": pairs, "rows": rows, "ref_s": ref_s, "model": model}
@@ -158,14 +169,16 @@ def describe(model, s: dict, batch: int, batches: int) -> str:
     """One line: the model and the batches."""
     import torch
 
-    rows, mcfg = s["rows"], s["model_cfg"]
+    rows, mcfg, acfg = s["rows"], s["model_cfg"], s["align_cfg"]
+    loss = acfg.loss + (f" + {acfg.sft_weight:g} × chosen NLL" if acfg.sft_weight else "") + (
+        f" + {acfg.candidate_weight:g} × candidate term" if acfg.candidate_weight else "")
     p_len = [len(r["prompt_ids"]) for r in rows]
     a_len = [len(a) for r in rows for a in (r["chosen_ids"], *r["rejected_ids"])]
     n_base = sum(q.numel() for q in model.get_base_model().parameters())
     what = "tiny Llama" if s["model"] == "tiny" else f"{s['model']} ({type(model.get_base_model()).__name__})"
     return (f"model: {what} {n_base / 1e6:.2f} M parameters (vocab {model.config.vocab_size}"
             f"{', title tokens' if mcfg.title_tokens else ''}), "
-            f"LoRA r={mcfg.lora_r} on {len(mcfg.lora_target_modules)} modules, fp32; loss {s['align_cfg'].loss}; "
+            f"LoRA r={mcfg.lora_r} on {len(mcfg.lora_target_modules)} modules, fp32; loss {loss}; "
             f"{batch} pairs/step, {batches} batches cycled; prompt {min(p_len)}–{max(p_len)} tokens, answers "
             f"{min(a_len)}–{max(a_len)}; torch {torch.__version__}")
 

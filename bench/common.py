@@ -173,18 +173,18 @@ def ml100k_samples(data_cfg, users: int) -> tuple[list[dict], list[str]]:
     return rows, sorted(set(titles.values()))
 
 
-def tiny_model(model_cfg, samples: list[dict], titles: list[str], root: str | Path = WORK) -> Path:
+def tiny_model(model_cfg, samples: list[dict], titles: list[str], root: str | Path | None = None) -> Path:
     """The built-in tiny Llama of ``model_cfg`` with its tokenizer trained, as the model stage
     trains it, on prompts and titles (here those of ``samples`` and the catalog); random weights
-    under seed 0. Returns the HF folder, cached under ``root`` by a hash of its inputs (the
-    benchmarks of one ``make bench`` share it)."""
+    under seed 0. Returns the HF folder, cached under ``root`` (default `WORK`) by a hash of its
+    inputs (the benchmarks of one ``make bench`` share it)."""
     import dataclasses
 
     from rosepo.config import config_hash
     from rosepo.model.factory import build_tiny_model
 
     texts = [r["prompt"] for r in samples] + titles
-    out = Path(root) / f"model-{config_hash(dataclasses.asdict(model_cfg), texts)}" / "hf"
+    out = Path(root or WORK) / f"model-{config_hash(dataclasses.asdict(model_cfg), texts)}" / "hf"
     if not (out / "config.json").is_file():
         build_tiny_model(model_cfg, texts, out, titles=titles)
     return out

@@ -20,6 +20,9 @@ Each measured build runs in its own child process (``python -m bench.data_pipeli
 the parent samples the RSS of the child (the driver) and of the child and all its descendants
 (Ray's raylet, GCS, workers) every 0.1 s and kills the tree if it passes a memory cap, so one
 oversized run cannot take the machine down.
+
+    python -m bench data [--sizes 1] [--reps 2] [--solo 10]
+    python -m bench data --users 20 --reps 1 --solo   # seconds: a check, not a measurement
 """
 
 from __future__ import annotations
@@ -36,7 +39,6 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 #: Inputs, outputs, logs and results.json (``ROSEPO_BENCH_DIR`` overrides; ``make clean`` removes runs/).
 WORK = Path(os.environ.get("ROSEPO_BENCH_DIR", REPO / "runs" / "bench")) / "data"
-ML100K_ROWS = 100_000
 #: A build is killed when the machine's available memory falls below this (shared machine).
 MIN_AVAILABLE = 2 * 2**30
 
@@ -45,12 +47,15 @@ MIN_AVAILABLE = 2 * 2**30
 # Input
 # ---------------------------------------------------------------------------------------------
 
-def scaled_input(copies: int, root: str | Path = WORK, data_dir: str | Path = REPO / "data") -> tuple[Path, Path]:
-    """MovieLens-100K replicated ``copies`` times with remapped users, as Parquet; cached.
+def scaled_input(copies: int, root: str | Path | None = None, data_dir: str | Path = REPO / "data",
+                 users: int = 0) -> tuple[Path, Path]:
+    """MovieLens-100K replicated ``copies`` times with remapped users, as Parquet; cached under
+    ``root`` (default `WORK`).
 
     Returns ``(interactions.parquet, catalog.parquet)``. Copy ``r`` renames user ``u`` to
     ``f"{u}-r{r}"``; items, titles and timestamps are unchanged, so every copy yields the same
-    windows for its own users (different candidates: they are seeded by sample id).
+    windows for its own users (different candidates: they are seeded by sample id). ``users`` > 0
+    keeps only the first ``users`` users (by id) of ML-100K before copying.
     """
     import pyarrow as pa
     import pyarrow.compute as pc
@@ -59,12 +64,15 @@ def scaled_input(copies: int, root: str | Path = WORK, data_dir: str | Path = RE
     from rosepo.data.fetch import fetch
     from rosepo.data.readers import read_recbole
 
-    folder = Path(root) / f"input-{copies}x"
+    folder = Path(root or WORK) / (f"input-{copies}x" + (f"-{users}u" if users else ""))
     inter_path, cat_path = folder / "interactions.parquet", folder / "catalog.parquet"
     if inter_path.is_file() and cat_path.is_file():
         return inter_path, cat_path
     src = fetch("movielens-100k", str(data_dir))
     inter, catalog = read_recbole(src / "ml-100k.inter", src / "ml-100k.item", movielens=True)
+    if users:
+        kept = sorted(set(inter.column("user_id").to_pylist()))[:users]
+        inter = inter.filter(pc.is_in(inter.column("user_id"), pa.array(kept)))
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / "interactions.parquet.tmp"
     with pq.ParquetWriter(tmp, inter.schema) as w:
@@ -292,8 +300,9 @@ def _tree_sum(procs, what: str) -> int:
 
 
 def measure(impl: str, copies: int, *, cap_bytes: int, timeout_s: float, interval_s: float = 0.1,
-            pss_every: int = 10) -> dict:
-    """Run one build of ``impl`` on the ``copies``x input in a child process and return its result.
+            pss_every: int = 10, users: int = 0) -> dict:
+    """Run one build of ``impl`` on the ``copies``x input (of the first ``users`` users, 0: all; see
+    `scaled_input`) in a child process and return its result.
 
     Added to the child's own result: ``peak_rss`` (bytes, summed over the child and all its
     descendants, Ray's included, sampled every ``interval_s``), ``driver_peak_rss`` (the child
@@ -305,12 +314,16 @@ def measure(impl: str, copies: int, *, cap_bytes: int, timeout_s: float, interva
     timeout / failed). The tree is killed, process by process, past ``cap_bytes`` or ``timeout_s``.
     """
     import psutil
+    import pyarrow.parquet as pq
 
-    inter_path, cat_path = scaled_input(copies)
-    out_dir = WORK / f"out-{impl}-{copies}x"
-    log = WORK / f"log-{impl}-{copies}x-{time.strftime('%H%M%S')}.txt"
+    inter_path, cat_path = scaled_input(copies, users=users)
+    size = f"{copies}x" + (f"-{users}u" if users else "")
+    out_dir = WORK / f"out-{impl}-{size}"
+    log = WORK / f"log-{impl}-{size}-{time.strftime('%H%M%S')}.txt"
     WORK.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", RAY_DEDUP_LOGS="0")
+    # The child starts its own Ray: no address of one this process may be connected to.
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
+    env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", RAY_DEDUP_LOGS="0")
     with open(log, "w") as err:
         child = subprocess.Popen([sys.executable, "-m", "bench.data_pipeline", "child", impl, str(inter_path),
                                   str(cat_path), str(out_dir)], cwd=REPO, env=env, stdout=subprocess.PIPE,
@@ -372,7 +385,7 @@ def measure(impl: str, copies: int, *, cap_bytes: int, timeout_s: float, interva
     if not result and st["status"] == "ok":
         st["status"] = "failed"
     cpu_end = st["cpu_done"] if st["cpu_done"] is not None else sum(cpu.values())
-    result.update(impl=impl, copies=copies, rows=copies * ML100K_ROWS, peak_rss=st["peak"],
+    result.update(impl=impl, copies=copies, rows=pq.read_metadata(inter_path).num_rows, peak_rss=st["peak"],
                   driver_peak_rss=st["driver"], peak_pss=st["pss"],
                   idle_rss=st["idle"], cpu_s=cpu_end - st["cpu_ready"], phase_peak_rss=phase_peaks,
                   status=st["status"])
@@ -477,9 +490,10 @@ def run(argv: list[str] | None = None) -> int:
     what ``make bench`` runs. BENCHMARKS.md gives the commands of the 10M point."""
     import argparse
 
-    from bench.common import machine
-
     import psutil
+    import pyarrow.parquet as pq
+
+    from bench.common import machine
 
     p = argparse.ArgumentParser(prog="python -m bench data", description=__doc__.splitlines()[0])
     p.add_argument("--sizes", type=int, nargs="*", default=[1],
@@ -491,6 +505,8 @@ def run(argv: list[str] | None = None) -> int:
                    help="extra sizes (copies) run once per --solo-impls, in turn; e.g. 100 for 10M")
     p.add_argument("--solo-impls", nargs="+", default=["rosepo", "pandas"], choices=IMPLS,
                    help="implementations run once at each --solo size")
+    p.add_argument("--users", type=int, default=0,
+                   help="only the first N users of ML-100K, before the copies (0: all; a few: a check in seconds)")
     p.add_argument("--cap-gib", type=float, default=None,
                    help="kill a build whose process tree passes this RSS (default: none; a build is always "
                         "killed when the machine's available memory falls under 2 GiB)")
@@ -509,13 +525,14 @@ def run(argv: list[str] | None = None) -> int:
     plan += [(c, impl) for c in args.solo for impl in args.solo_impls]
     for c in sorted({c for c, _ in plan}):
         t = time.perf_counter()
-        scaled_input(c)
-        print(f"input {c}x ({c * ML100K_ROWS:,} interactions) ready in {time.perf_counter() - t:.1f} s", flush=True)
+        inter_path, _ = scaled_input(c, users=args.users)
+        print(f"input {c}x ({pq.read_metadata(inter_path).num_rows:,} interactions) ready in "
+              f"{time.perf_counter() - t:.1f} s", flush=True)
     results = []
     for c, impl in plan:
-        r = measure(impl, c, cap_bytes=cap, timeout_s=args.timeout)
+        r = measure(impl, c, cap_bytes=cap, timeout_s=args.timeout, users=args.users)
         results.append(r)
-        print(f"  {impl:>13} {c * ML100K_ROWS:>11,}: {r.get('seconds', float('nan')):7.1f} s  peak "
+        print(f"  {impl:>13} {r['rows']:>11,}: {r.get('seconds', float('nan')):7.1f} s  peak "
               f"{_fmt_mib(r['peak_rss'])} MiB (driver {_fmt_mib(r['driver_peak_rss'])})  "
               f"{r['status']}  {r.get('content_hash', '')[:12]}  "
               f"load {os.getloadavg()[0]:.1f}", flush=True)
@@ -523,7 +540,10 @@ def run(argv: list[str] | None = None) -> int:
         Path(args.json).write_text(json.dumps(results, indent=1))
     print(f"\nmachine at the end: {machine()}\n")
     print(summarise(results))
-    return 0
+    failed = [f"{r['impl']} {r['rows']:,}: {r['log']}" for r in results if r["status"] == "failed"]
+    if failed:  # a crash, not a limit this benchmark sets (memory, time): the logs say why
+        print("failed builds (their logs): " + "; ".join(failed), file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ ranks the candidates by w · z(LLM) + (1 − w) · z(SASRec) for w from 0 to 1, 
 sample's 20 scores. Two recommenders whose errors differ make an ensemble that beats both at some
 0 < w < 1; a curve that falls from w = 0 says the LLM's ranking is a noisier copy of the oracle's,
 so what it learned from the oracle (item and user tokens, distillation) cannot take it past the
-oracle (issues #14, #20). Also: how often each is right where the other is wrong, a paired
+oracle. Also: how often each is right where the other is wrong, a paired
 bootstrap interval of the difference in ranking HR@1, and, from the run's samples folder, whether
 two signals the tiny model could draw on add to SASRec: popularity (log(1 + train count) of each
 candidate) and title semantics (the mean MiniLM similarity of the history's titles to each

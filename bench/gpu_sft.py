@@ -1,4 +1,4 @@
-"""SFT of a config's model on one CUDA GPU, without Ray or DeepSpeed: issue #20's GPU check.
+"""SFT of a config's model on one GPU, without Ray or DeepSpeed: pack the inputs here, train there.
 
 A lent GPU machine (the ``device`` tool) has torch, transformers and peft, but no Ray, no
 DeepSpeed, no network, and takes 64 MiB per call. So the work is split in two:
@@ -182,7 +182,7 @@ def train(bundle_dir: Path, model_dir: str, variant: str, *, seconds: float, ste
     import numpy as np
     import torch
 
-    from bench.sft_probe import _evaluate, _tokenize
+    from bench.sft_probe import evaluate, tokenize_rows
     from rosepo.data.samples import read_split
     from rosepo.eval.evaluate import first_samples
     from rosepo.model.factory import apply_lora, load_model, load_tokenizer
@@ -227,7 +227,7 @@ def train(bundle_dir: Path, model_dir: str, variant: str, *, seconds: float, ste
     def rows(idx: list[int]) -> list[dict]:  # tokenised on first use, by the SFT task's own UDF
         todo = [i for i in idx if i not in cache]
         if todo:
-            cache.update(zip(todo, _tokenize(train_df.iloc[todo], str(tok_dir), cfg, bundle_dir / "oracle", items)))
+            cache.update(zip(todo, tokenize_rows(train_df.iloc[todo], str(tok_dir), cfg, bundle_dir / "oracle", items)))
         return [cache[i] for i in idx]
 
     def step(idx: list[int], lr_now: float):
@@ -268,7 +268,7 @@ def train(bundle_dir: Path, model_dir: str, variant: str, *, seconds: float, ste
     t = time.perf_counter()
     for n in sorted({min(100, len(test)), len(test)}):
         emit({"eval_samples": n, "steps": steps, "samples": steps * batch, "train_seconds": round(train_s, 1),
-              "epochs": round(steps * batch / len(train_df), 3), **_evaluate(model, tok, test[:n], cfg),
+              "epochs": round(steps * batch / len(train_df), 3), **evaluate(model, tok, test[:n], cfg),
               "eval_seconds": round(time.perf_counter() - t, 1)})
     return lines
 

@@ -1,14 +1,15 @@
-"""SFT step time with a ``ray.train.report`` every step (rosepo before issue #16) against reports
-at evaluations and checkpoints only (now), alternated in one process (A B A B ...).
+"""SFT step time with a ``ray.train.report`` every step (what rosepo did before) against reports
+at evaluations and checkpoints only (what it does now), alternated in one process (A B A B ...).
 
-The pipeline builds the config's samples and model (cached like any run); the SFT training set
-is tokenised once; then each round runs `rosepo.train.loop.fit` of the SFT task twice, one run per
-variant (``report_every_step`` on and off), on the same Ray. A step's time is the wall-clock gap
-between rank 0's TensorBoard writes of consecutive steps (so the report round trip is in it); the
-first step (warm-up) and the last (the final checkpoint) are left out. One JSON line per run,
-then the medians.
+The pipeline builds the config's samples, oracle and model (cached like any run); the SFT training
+set is tokenised once, as the sft stage tokenises it; then each round runs `rosepo.train.loop.fit`
+of the SFT task twice, one run per variant (``report_every_step`` on and off), on the same Ray. A
+step's time is the wall-clock gap between rank 0's TensorBoard writes of consecutive steps (so the
+report round trip is in it); the first step (warm-up) and the last (the final checkpoint) are left
+out. One JSON line per run, then the medians.
 
     python -m bench report --rounds 3 --steps 40
+    python -m bench report --rounds 1 --steps 4   # a check of the code, not a measurement
 """
 
 from __future__ import annotations
@@ -51,26 +52,28 @@ def measure(cfg, rounds: int) -> list[dict]:
     """``rounds`` x both variants of SFT `fit`, alternated; one dict per run."""
     import ray
 
-    from rosepo.data.samples import read_split, select_samples
-    from rosepo.layout import base_model_path
+    from rosepo.layout import base_model_path, find_items
     from rosepo.pipeline import run_stage
     from rosepo.runtime import init_ray
     from rosepo.train.loop import fit
-    from rosepo.train.sft import SFTTask, sft_dataset
+    from rosepo.train.sft import SFTTask, sft_dataset, sft_samples
 
     init_ray(cfg.ray_address)
-    base = base_model_path(run_stage(cfg, "model"))
-    train = select_samples(read_split(run_stage(cfg, "samples"), "train"), cfg.sft.max_samples, cfg.sft.seed)
-    dataset = sft_dataset(cfg, ray.data.from_arrow(train), base)
+    model_stage = run_stage(cfg, "model")
+    base, items = base_model_path(model_stage), find_items(model_stage)
+    train = sft_samples(cfg.sft, run_stage(cfg, "samples"))
+    # As the sft stage tokenises them: item tokens with the model's item file, the oracle's scores
+    # where the config distils them.
+    dataset = sft_dataset(cfg, ray.data.from_arrow(train), base, items, run_stage(cfg, "oracle"))
     runs = []
     with tempfile.TemporaryDirectory() as out:
         for r in range(rounds):
             for name, every_step in VARIANTS.items():
                 t0 = time.perf_counter()
                 fit(SFTTask(cfg.sft), cfg.model, model_path=base, adapter=None, datasets={"train": dataset},
-                    output_dir=out, run_name=f"{name}-{r}", report_every_step=every_step)
-                gaps = step_gaps(Path(out) / f"{name}-{r}" / "tensorboard")
-                runs.append({"variant": name, "round": r, "steps": len(gaps) + 2,
+                    output_dir=out, run_name=f"{name}-{r}", report_every_step=every_step, items_path=items)
+                gaps = step_gaps(Path(out) / f"{name}-{r}" / "tensorboard")  # of n steps: n - 1, less 2
+                runs.append({"variant": name, "round": r, "steps": len(gaps) + 3,
                              "step_ms_median": 1000 * statistics.median(gaps),
                              "fit_s": round(time.perf_counter() - t0, 1)})
                 print(json.dumps(runs[-1] | {"step_ms_median": round(runs[-1]["step_ms_median"], 1)}), flush=True)

@@ -16,8 +16,10 @@ The same model, pairs, batch and optimiser on every side:
 Variants, timed in turn (A B C A B C ...) on batches cycled from the same pairs:
 
 - ``rosepo``: `rosepo.train.align.collate` + `rosepo.train.align.compute_loss` (RosePO loss,
-  personalised ε, reference log-probs precomputed, prefix sharing: prompt once, no padding of
-  answers to the prompt); its reference pass is timed once, separately, as the pairs stage runs it;
+  personalised ε, and the config's other terms: the chosen answer's NLL, ``align.sft_weight``, and
+  the candidate term, ``align.candidate_weight``, read from the same forward; reference log-probs
+  precomputed, prefix sharing: prompt once, no padding of answers to the prompt); its reference
+  pass is timed once, separately, as the pairs stage runs it;
 - ``trl``: ``DPOTrainer``, sigmoid loss, default online reference (the LoRA disabled);
 - ``trl-precomputed``: the same with ``precompute_ref_log_probs=True`` (its pre-pass, run by the
   trainer's constructor, is timed and reported, not counted in the step);
@@ -32,9 +34,11 @@ TRL is driven the way ``Trainer`` drives it per step (``data_collator`` → ``tr
 ``clip_grad_norm_`` → ``optimizer.step`` → ``lr_scheduler.step`` → ``zero_grad``), so the
 trainers' own loop (callbacks, logging, data loader) is left out of the alternated timing; a
 short ``trainer.train()`` per TRL variant afterwards shows that loop's cost (``--train-steps``).
-Needs the ``bench`` extra (``pip install -e '.[bench]'``): without trl it says so and exits 2.
+Needs the ``bench`` extra (``pip install -e '.[bench]'``): without trl it says so and exits 2
+(``--no-trl`` times rosepo's step alone, for a check where TRL is not installed).
 
     python -m bench trl [--model tiny|gemma-3-270m] [--reps 10] [--batch 8] [--threads 1] [--train-steps 6]
+    python -m bench trl --reps 1 --batch 2 --batches 1 --users 4 --train-steps 1   # seconds: a check, not a measurement
 """
 
 from __future__ import annotations
@@ -70,26 +74,15 @@ def _step_ends():
     return StepEnds
 
 
-def run(argv: list[str]) -> int:
-    """Time the variants alternately; print the tables."""
-    p = argparse.ArgumentParser(prog="python -m bench trl", description=__doc__.splitlines()[0])
-    p.add_argument("--model", choices=list(MODELS), default="tiny", help="the model both sides train")
-    p.add_argument("--reps", type=int, default=10, help="alternated rounds (after 2 warm-up rounds)")
-    p.add_argument("--batch", type=int, default=8, help="pairs per step (the default align.micro_batch_size)")
-    p.add_argument("--batches", type=int, default=4, help="distinct batches, cycled")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (see BENCHMARKS.md: 1 on this box)")
-    p.add_argument("--users", type=int, default=64, help="ML-100K users whose samples give prompts")
-    p.add_argument("--train-steps", type=int, default=6,
-                   help="steps of trainer.train() per TRL variant after the alternation (0: skip)")
-    args = p.parse_args(argv)
-    try:
-        import trl
-    except ImportError:
-        print(TRL_MISSING, file=sys.stderr)
-        return 2
-    quiet_hf()
+def trl_peers(args, st: dict) -> dict | None:
+    """The TRL variants on the pairs of ``st`` (`bench.align_step.setup`): ``steps`` (name -> step
+    function), ``precompute_s`` (TRL's reference pre-pass), ``train_loops()`` (median seconds per
+    ``trainer.train()`` step of each stock variant), ``version`` and ``cleanup()``. None, after
+    saying why, when TRL tokenised the pairs differently from rosepo."""
     import datasets
     import torch
+    import trl
+    import trl.trainer.utils as trl_utils
     from peft import LoraConfig
     from trl import DPOConfig, DPOTrainer
 
@@ -97,11 +90,7 @@ def run(argv: list[str]) -> int:
 
     datasets.disable_progress_bars()
     StepEnds = _step_ends()
-    torch.set_num_threads(args.threads)
-    st = setup(args.users, args.batch * args.batches, args.batch, args.model)
     mcfg, acfg, tok, path, rows = st["model_cfg"], st["align_cfg"], st["tok"], st["path"], st["rows"]
-    model = policy(path, mcfg)
-    steps = {"rosepo": rosepo_step(model, rows, args.batch, acfg, tok.pad_token_id)}
 
     class TimedDPOTrainer(DPOTrainer):
         """DPOTrainer whose reference pre-pass (run by its constructor) is timed."""
@@ -116,10 +105,8 @@ def run(argv: list[str]) -> int:
 
     lora = LoraConfig(r=mcfg.lora_r, lora_alpha=mcfg.lora_alpha, lora_dropout=mcfg.lora_dropout,
                       target_modules=list(mcfg.lora_target_modules), task_type="CAUSAL_LM")
-    text = datasets.Dataset.from_list(st["pairs"])
+    text = datasets.Dataset.from_list([{k: p[k] for k in ("prompt", "chosen", "rejected")} for p in st["pairs"]])
     tmp = tempfile.TemporaryDirectory()
-    import trl.trainer.utils as trl_utils
-
     stock_use_triton = trl_utils._use_triton
     # Stock TRL on CPU pushes every position through the LM head: with Gemma's 262,144-token
     # vocabulary that is ~4 TFLOP a step (minutes), and not how TRL runs where it is used. On a
@@ -158,40 +145,87 @@ def run(argv: list[str]) -> int:
     if not same_ids:
         print("bench trl: TRL tokenised the pairs differently from rosepo; the comparison would not be fair",
               file=sys.stderr)
-        return 1
+        tmp.cleanup()
+        return None
 
     def trl_step(name: str, tr, compact: bool):
         def step(i: int) -> None:
             # TRL's fused LM head scores only the completion positions where its Triton kernel runs
             # (CUDA, XPU) and every position elsewhere; "compact" takes the CUDA path's choice on CPU.
             trl_utils._use_triton = (lambda device: True) if compact else stock_use_triton
-            batch = tr.data_collator(examples[name][(i % args.batches) * args.batch:][:args.batch])
-            tr.training_step(tr.model, batch)
-            tr.accelerator.clip_grad_norm_(tr.model.parameters(), tr.args.max_grad_norm)
-            tr.optimizer.step()
-            tr.lr_scheduler.step()
-            tr.model.zero_grad()
+            try:
+                batch = tr.data_collator(examples[name][(i % args.batches) * args.batch:][:args.batch])
+                tr.training_step(tr.model, batch)
+                tr.accelerator.clip_grad_norm_(tr.model.parameters(), tr.args.max_grad_norm)
+                tr.optimizer.step()
+                tr.lr_scheduler.step()
+                tr.model.zero_grad()
+            finally:
+                trl_utils._use_triton = stock_use_triton
         return step
 
+    steps = {}
     if stock:
         steps |= {"trl": trl_step("trl", trl_default, False),
                   "trl-precomputed": trl_step("trl-precomputed", trl_pre, False)}
     steps |= {"trl-compact": trl_step("trl", trl_default, True),
               "trl-compact-precomputed": trl_step("trl-precomputed", trl_pre, True)}
+
+    def train_loops() -> dict[str, float]:
+        loop = {}
+        for name, precompute in (("trl", False), ("trl-precomputed", True)):
+            if args.train_steps and stock:
+                tr, _ = trainer(precompute, max_steps=args.train_steps + 1)
+                ends = StepEnds()
+                tr.add_callback(ends)
+                torch.set_num_threads(args.threads)
+                with contextlib.redirect_stdout(io.StringIO()):  # the trainer prints its summary
+                    tr.train()
+                loop[name] = statistics.median(b - a for a, b in zip(ends.at, ends.at[1:]))
+        return loop
+
+    return {"steps": steps, "precompute_s": trl_precompute_s, "train_loops": train_loops,
+            "version": trl.__version__, "cleanup": tmp.cleanup}
+
+
+def run(argv: list[str]) -> int:
+    """Time the variants alternately; print the tables."""
+    p = argparse.ArgumentParser(prog="python -m bench trl", description=__doc__.splitlines()[0])
+    p.add_argument("--model", choices=list(MODELS), default="tiny", help="the model both sides train")
+    p.add_argument("--reps", type=int, default=10, help="alternated rounds (after 2 warm-up rounds)")
+    p.add_argument("--batch", type=int, default=8, help="pairs per step (the default align.micro_batch_size)")
+    p.add_argument("--batches", type=int, default=4, help="distinct batches, cycled")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (see BENCHMARKS.md: 1 on this box)")
+    p.add_argument("--users", type=int, default=64, help="ML-100K users whose samples give prompts")
+    p.add_argument("--train-steps", type=int, default=6,
+                   help="steps of trainer.train() per TRL variant after the alternation (0: skip)")
+    p.add_argument("--no-trl", action="store_true",
+                   help="rosepo's step alone, without TRL (a check of this benchmark where TRL is not installed)")
+    args = p.parse_args(argv)
+    if not args.no_trl:
+        try:
+            import trl  # noqa: F401
+        except ImportError:
+            print(TRL_MISSING, file=sys.stderr)
+            return 2
+    quiet_hf()
+    import torch
+
+    torch.set_num_threads(args.threads)
+    st = setup(args.users, args.batch * args.batches, args.batch, args.model)
+    mcfg, rows = st["model_cfg"], st["rows"]
+    model = policy(st["path"], mcfg)
+    steps = {"rosepo": rosepo_step(model, rows, args.batch, st["align_cfg"], st["tok"].pad_token_id)}
+    peers = None
+    if not args.no_trl:
+        peers = trl_peers(args, st)
+        if peers is None:
+            return 1
+        steps |= peers["steps"]
     print(f"machine: {machine()}", flush=True)
     times = alternate(steps, args.reps, warmup=2)
     peak = matmul_peak(args.threads)
-    trl_utils._use_triton = stock_use_triton
-    loop = {}
-    for name, precompute in (("trl", False), ("trl-precomputed", True)):
-        if args.train_steps and stock:
-            tr, _ = trainer(precompute, max_steps=args.train_steps + 1)
-            ends = StepEnds()
-            tr.add_callback(ends)
-            torch.set_num_threads(args.threads)
-            with contextlib.redirect_stdout(io.StringIO()):  # the trainer prints its summary
-                tr.train()
-            loop[name] = statistics.median(b - a for a, b in zip(ends.at, ends.at[1:]))
+    loop = peers["train_loops"]() if peers else {}
     la = machine()
 
     # tokens: of the pairs (prompt + chosen + rejected, once each); run: what each variant computes.
@@ -201,7 +235,7 @@ def run(argv: list[str]) -> int:
                                              shared=shared, reference_forward=online)
                 for shared, online in ((True, False), (False, True), (False, False))}
     print(describe(model, st, args.batch, args.batches) + f"; torch threads {torch.get_num_threads()}; "
-          f"trl {trl.__version__}; {args.reps} alternated rounds")
+          f"trl {peers['version'] if peers else 'not run'}; {args.reps} alternated rounds")
     print(f"fp32 matmul peak with {args.threads} thread(s): {peak / 1e9:.1f} GFLOP/s (512^3, best of 30)")
     table = []
     for name in steps:
@@ -222,9 +256,12 @@ def run(argv: list[str]) -> int:
         r, lo, hi = paired_ratio(times[base], times["rosepo"])
         ratios.append([f"rosepo vs {base}", f"{r:.2f}×", f"{lo:.2f}–{hi:.2f}", f"≥ {target}×",
                        "met" if r >= target else f"missed by {target - r:.2f}×"])
-    print(markdown(["speed-up (pairs/s)", "ratio of medians", "per-round ratio min–max", "target", ""], ratios))
+    if ratios:
+        print(markdown(["speed-up (pairs/s)", "ratio of medians", "per-round ratio min–max", "target", ""], ratios))
+    trl_ref = f"; TRL precompute_ref_log_probs {peers['precompute_s']:.2f} s" if peers else ""
     print(f"reference pass, not in the step: rosepo {st['ref_s']:.2f} s for {len(rows)} pairs (run by the pairs "
-          f"stage, which scores the candidates anyway); TRL precompute_ref_log_probs {trl_precompute_s:.2f} s")
+          f"stage, which scores the candidates anyway){trl_ref}")
     print(f"machine at the end: {la}")
-    tmp.cleanup()
+    if peers:
+        peers["cleanup"]()
     return 0

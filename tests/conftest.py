@@ -91,8 +91,8 @@ REPO = Path(__file__).resolve().parents[1]
 COMMAND_ENV = {**{k: v for k, v in os.environ.items() if not k.startswith("RAY_")},
                "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1", "PYTHONUNBUFFERED": "1"}
 #: The smoke run's arguments (configs/smoke.yaml, every stage, hybrid item tokens and the user token).
-SMOKE_ARGS = ("--config", "configs/smoke.yaml", f"data.data_dir={REPO / 'data'}", "model.item_embeddings=sasrec",
-              "model.user_token=sasrec")
+SMOKE_OVERRIDES = (f"data.data_dir={REPO / 'data'}", "model.item_embeddings=sasrec", "model.user_token=sasrec")
+SMOKE_ARGS = ("--config", "configs/smoke.yaml", *SMOKE_OVERRIDES)
 
 
 @pytest.fixture(scope="session")
@@ -109,55 +109,20 @@ def ml100k_samples(ray_session, tmp_path_factory) -> Path:
     return out
 
 
-@pytest.fixture
-def kill_a_worker_midrun(ray_session):
-    """``run(fit_fn, run_dir, after_step) -> (result, registered_at_kill, seconds_kill_to_end)``:
-    run ``fit_fn()`` (a 2-worker Ray Train run) in a thread, and once Ray Train has registered a
-    checkpoint of step ``after_step`` or later, SIGKILL one live Ray Train worker process.
-
-    Registered, not merely on disk: a checkpoint folder exists before every rank has reported it,
-    and a worker group restarted then resumes from the previous one. Ray Train lists the
-    registered checkpoints, with their reported metrics, in the run's checkpoint manager snapshot.
-    """
-    import json
-    import signal
-    import threading
-    import time
-
-    from ray.util.state import list_actors
-
-    def registered(run_dir: Path) -> int:
-        try:
-            snapshot = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
-        except (ValueError, OSError):  # not written yet, or being written
-            return 0
-        return max((r["metrics"].get("step", 0) for r in snapshot.get("checkpoint_results", [])), default=0)
-
-    def run(fit_fn, run_dir: Path, after_step: int):
-        out: dict = {}
-        runner = threading.Thread(target=lambda: out.update(result=fit_fn()))
-        runner.start()
-        deadline = time.time() + 200
-        while registered(run_dir) < after_step:
-            assert runner.is_alive() and time.time() < deadline, f"no registered checkpoint at step {after_step}"
-            time.sleep(0.05)
-        pids = [a.pid for a in list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])]
-        assert len(pids) == 2, f"expected the run's 2 live workers, found {pids}"
-        os.kill(pids[-1], signal.SIGKILL)
-        at, t_kill = registered(run_dir), time.time()
-        runner.join(timeout=240)
-        assert not runner.is_alive() and "result" in out, "the run did not finish after the worker was killed"
-        return out["result"], at, time.time() - t_kill
-
-    return run
+@pytest.fixture(scope="session")
+def smoke_overrides() -> list[str]:
+    """The overrides of `smoke_run` besides its storage: a config of configs/smoke.yaml with them and
+    ``storage=<the run's parent>`` finds that run's stages (cached) instead of building its own."""
+    return list(SMOKE_OVERRIDES)
 
 
 @pytest.fixture(scope="session")
 def smoke_run(tmp_path_factory) -> tuple[str, str, Path]:
     """``rosepo run`` of the smoke config (every stage, with hybrid item tokens and the user token)
     in a subprocess, as `make run` starts it: its own Ray, its console captured whole (stdout and
-    stderr, in order). Returns (summary.md, the console as one stream, the run folder); shared by
-    the tests that need a finished run (each smoke pipeline costs minutes)."""
+    stderr, in order). Returns (summary.md, the console as one stream, the run folder); once per
+    session, shared by the tests that need a finished run (the CLI's, the benchmarks' smoke tests,
+    exports, rebuilds, GPU requests: each smoke pipeline costs minutes)."""
     from rosepo.experiments.summary import SUMMARY_FILE
 
     storage = tmp_path_factory.mktemp("cli")

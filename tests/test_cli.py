@@ -1,9 +1,10 @@
 """`rosepo run` as a user sees it, and `rosepo recommend` on the run it made; the parser's help,
 version and ``config show``.
 
-One smoke run (configs/smoke.yaml, every stage, with hybrid item tokens and the user token) in a subprocess, as `make
-run` starts it: its own Ray, its console captured whole (stdout and stderr, in order). The same run
-is the item-token pipeline test (the projectors train in SFT and alignment; one run serves both:
+One smoke run (configs/smoke.yaml, every stage, with hybrid item tokens and the user token) in a
+subprocess, as `make run` starts it: its own Ray, its console captured whole (stdout and stderr, in
+order); the ``smoke_run`` fixture of tests/conftest.py, shared with other tests. The same run is the
+item-token pipeline test (the projectors train in SFT and alignment; one run serves both:
 each smoke pipeline costs minutes). The recommend tests ask that run's models through
 `rosepo.cli.main`, in this process (no Ray needed). The parser's tests need no run.
 """
@@ -191,50 +192,6 @@ def test_recommend_refuses_bad_input_naming_it(smoke_run, capsys, tmp_path):
     assert (rc, out) == (2, "") and f"file {bad}, line 2: the history is empty" in err
     rc, out, err = _recommend(capsys, run.parent, "--history", *HISTORY)
     assert rc == 2 and "holds no config.yaml" in err
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(1600)
-def test_gpu_sft_bundle_checks_the_far_side_and_trains_there(smoke_run, ray_session, tmp_path):
-    """`python -m bench gpu-sft` on the smoke run (its stages are reused): ``pack`` writes the bundle
-    of two variants (item tokens, and with the oracle distilled); ``train`` (here on CPU) passes
-    the bundle's own check, refuses a model whose logits or tokens differ, trains the steps asked
-    and evaluates the test samples."""
-    import json
-
-    import torch
-
-    sys.path.insert(0, str(REPO))
-    from bench import gpu_sft
-    from rosepo.layout import base_model_path
-
-    _, _, run = smoke_run
-    overrides = [f"storage={run.parent}", f"data.data_dir={REPO / 'data'}", "model.item_embeddings=sasrec",
-                 "model.user_token=sasrec"]
-    variants = {"items": [], "distill": ["sft.oracle_weight=1.0"]}  # one base model, as a pretrained LLM's
-    bundle = gpu_sft.pack(str(REPO / "configs/smoke.yaml"), overrides, variants, tmp_path / "b")
-    assert bundle["items"] == {"items": "items/items.safetensors", "distill": "items/distill.safetensors"}
-    tokenizer = tmp_path / "b/tokenizer"
-    assert (tokenizer / "tokenizer.json.xz").is_file() and not (tokenizer / "tokenizer.json").exists()
-    assert sorted(p.name for p in (tmp_path / "b/samples/train").iterdir()) == [f"part-{k}.parquet" for k in range(4)]
-    assert all(len(c) == gpu_sft.CHECK_SAMPLES for c in bundle["check"].values())
-    model = base_model_path(next(run.glob("model-*")))
-    lines = gpu_sft.train(tmp_path / "b", model, "items", seconds=0, steps=2, batch=4, seed=0, eval_samples=3)
-    assert lines[0]["check_max_logit_diff"] < 1e-5
-    assert [x["step"] for x in lines if "loss" in x] == [2] and all(torch.isfinite(torch.tensor(x["loss"]))
-                                                                  for x in lines if "loss" in x)
-    (ev,) = [x for x in lines if "eval_samples" in x]
-    assert ev["eval_samples"] == 3 and ev["steps"] == 2 and ev["samples"] == 8
-    assert {ev["valid_ratio"] * 3, ev["hr@1"] * 3, ev["rank/hr@1"] * 3} <= {0.0, 1.0, 2.0, 3.0}
-    meta = json.loads((tmp_path / "b/bundle.json").read_text())
-    meta["check"]["distill"][0]["top_logits"][0] += 0.5
-    (tmp_path / "b/bundle.json").write_text(json.dumps(meta))
-    with pytest.raises(ValueError, match="logits differ by 0.5"):
-        gpu_sft.train(tmp_path / "b", model, "distill", seconds=0, steps=1, batch=4, seed=0, eval_samples=1)
-    meta["check"]["distill"][0]["prompt_ids"][-1] += 1
-    (tmp_path / "b/bundle.json").write_text(json.dumps(meta))
-    with pytest.raises(ValueError, match="tokenises differently"):
-        gpu_sft.train(tmp_path / "b", model, "distill", seconds=0, steps=1, batch=4, seed=0, eval_samples=1)
 
 
 def _commands(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()):
