@@ -15,8 +15,9 @@ seeds on all 475 test samples; text-only prompts first, then the hybrid item tok
 written as they come (``--out``), so a run cut short keeps what finished; ``--methods`` and
 ``--seeds`` cut it down (methods before seeds).
 
-``--cpu`` runs a plan's variants on the CPU at the smoke config's size (what `make test` runs):
-the same code path but the device.
+``--cpu`` runs a plan's variants on the CPU at the smoke config's size: the same code path but
+the device. ``smoke`` (with ``--cpu``) runs `configs/smoke.yaml` as it is, plus the overrides given
+after the options (what `make test` runs over its finished smoke run, whose stages it then finds).
 
     python -m bench gpu-pipeline --out /tmp/gpu-check
     python -m bench gpu-pipeline --plan claims --out /tmp/gpu-claims
@@ -55,6 +56,7 @@ PLANS = {
         ("gemma-hybrid", GEMMA, ["model.item_embeddings=sasrec", "pairs.max_samples=4000",
                                  "compare.align_steps=250"]),
     ],
+    "smoke": [("smoke", "configs/smoke.yaml", [])],
 }
 #: ``--cpu``: each variant at the smoke config's size.
 CPU_SIZE = ("sft.max_samples=64", "sft.max_steps=4", "oracle.max_steps=4", "pairs.max_samples=16",
@@ -208,6 +210,7 @@ def run(argv: list[str] | None = None) -> int:
     p.add_argument("--cpu", action="store_true", help="on the CPU at the smoke config's size (the code path)")
     p.add_argument("--no-dashboard", dest="dashboard", action="store_false",
                    help="start Ray without its dashboard (a Ray installed without the dashboard's packages)")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides for every variant")
     a = p.parse_args(argv if argv is not None else [])
     if argv is None or (not argv and not a.cpu):  # `python -m bench all`: this one needs a GPU
         import torch
@@ -224,7 +227,11 @@ def run(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     try:
         for name, config, overrides in variants:
-            overrides = [*ON_GPU, *overrides] if not a.cpu else [*overrides, *CPU_SIZE]
+            if not a.cpu:
+                overrides = [*ON_GPU, *overrides]
+            elif a.plan != "smoke":
+                overrides = [*overrides, *CPU_SIZE]
+            overrides = [*overrides, *a.overrides]
             try:
                 if a.plan == "claims":
                     methods = tuple(m for m in a.methods.split(",") if m)

@@ -790,7 +790,11 @@ def read_yaml(path: str | Path, what: str, if_empty: str) -> dict:
     if not p.is_file():
         raise ConfigError(f"{what} {p} does not exist")
     try:
-        data = yaml.load(p.read_text(encoding="utf-8"), Loader=_unique_key_loader())
+        loader = _unique_key_loader()(p.read_text(encoding="utf-8"))  # a SafeLoader: plain data only
+        try:
+            data = loader.get_single_data()
+        finally:
+            loader.dispose()
     except ConfigError as e:
         raise ConfigError(f"{what} {p}: {e}") from None
     except (yaml.YAMLError, UnicodeDecodeError) as e:

@@ -22,7 +22,7 @@ from rosepo.errors import ConfigError
 from tests.conftest import COMMAND_ENV, REPO, rosepo_command
 
 #: Run in a process of its own (one Ray per process): each stage of a finished smoke run again with
-#: its own ``use_gpu``, on a Ray that declares two GPUs; prints stage -> what it raised.
+#: its own ``use_gpu``, on a Ray that declares eight GPUs; prints stage -> what it raised.
 FAKE_GPUS = r"""
 import json, sys
 import ray
@@ -30,9 +30,10 @@ from rosepo.config import load_config
 from rosepo import pipeline
 
 run = sys.argv[1]
-ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=False)
+# CPUs to spare: a trainer whose workers fail to start (NCCL) leaks its placement group.
+ray.init(num_cpus=8, num_gpus=8, include_dashboard=False, log_to_driver=False)
 out = {}
-for stage in ("oracle", "sft", "pairs", "eval"):
+for stage in ("pairs", "eval", "oracle", "sft"):
     cfg = load_config(f"{run}/config.yaml", [f"{stage}.use_gpu=true"])
     try:
         pipeline.run_stage(cfg, stage)
@@ -95,7 +96,7 @@ def test_tune_warns_instead_of_refusing_on_a_cluster_that_may_grow(caplog):
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_every_trainer_and_actor_pool_asks_for_its_gpus(smoke_run):
-    """On a Ray that declares 2 GPUs, each stage re-run with its ``use_gpu``: the oracle's and the
+    """On a Ray that declares 8 GPUs, each stage re-run with its ``use_gpu``: the oracle's and the
     SFT stage's Ray Train workers start NCCL (Ray Train's backend for workers that hold a GPU), and
     the pair-scoring and evaluation actors are given a GPU (their device check names it)."""
     run = smoke_run[2]

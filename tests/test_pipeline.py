@@ -66,7 +66,7 @@ def test_run_record_holds_the_config_and_stage_times(tmp_path, fake_runners):
     config no longer addresses that folder."""
     from rosepo.config import load_config
 
-    cfg = RunConfig(storage=str(tmp_path), name="r")
+    cfg = RunConfig(storage=str(tmp_path), name="r").validate()
     outs = pipeline.run_pipeline(cfg, until="sft")
     folder = pipeline.run_folder(cfg)
     assert load_config(folder / pipeline.RUN_CONFIG) == cfg

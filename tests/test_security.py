@@ -170,6 +170,8 @@ def test_init_ray_binds_dashboard_to_loopback(monkeypatch):
     monkeypatch.setenv(raysetup.API_SERVER_ENV, "unset")
     monkeypatch.setenv(raysetup.HEALTH_CHECK_ENV, raysetup.HEALTH_CHECK_INTERVAL_S)
     monkeypatch.setattr(raysetup, "_dashboard_url", raysetup._dashboard_url)  # restored afterwards
+    monkeypatch.setattr(raysetup, "_started_here", raysetup._started_here)
+    monkeypatch.setattr(raysetup, "_quiet_ray_data", lambda: None)  # it imports ray.data, which the stand-in lacks
     url = raysetup.init_ray(num_cpus=1)
     assert len(calls) == 1
     assert url == f"127.0.0.1:{calls[0]['dashboard_port']}"

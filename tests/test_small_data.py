@@ -24,23 +24,28 @@ USERS = 160
 
 
 def small_movielens(folder) -> list[str]:
-    """Write the slice as RecBole files (all items, the users' interactions) into ``folder``;
-    returns the config overrides that read it."""
+    """Write the slice as CSV files (the whole catalogue, the users' interactions) into ``folder``,
+    as rosepo reads MovieLens-100K (films listed twice merged, namesakes dated); returns the config
+    overrides that read it."""
+    from rosepo.config import DataConfig
+    from rosepo.data.samples import load_source
+
     folder.mkdir(parents=True, exist_ok=True)
-    source = REPO / "data" / "movielens-100k"
-    with open(source / "ml-100k.inter", encoding="utf-8") as f:
-        header, *rows = list(csv.reader(f, delimiter="\t"))
+    events, catalog, _ = load_source(DataConfig(data_dir=str(REPO / "data")))
     counts: dict[str, int] = {}
-    for r in rows:
-        counts[r[0]] = counts.get(r[0], 0) + 1
-    keep = set(sorted(counts, key=lambda u: (counts[u], int(u)))[:USERS])
-    with open(folder / "small.inter", "w", encoding="utf-8", newline="") as f:
-        w = csv.writer(f, delimiter="\t")
-        w.writerow(header)
-        w.writerows(r for r in rows if r[0] in keep)
-    (folder / "small.item").write_bytes((source / "ml-100k.item").read_bytes())
-    return ["data.format=recbole", f"data.interactions={folder / 'small.inter'}",
-            f"data.catalog={folder / 'small.item'}"]
+    for user in events.column("user_id").to_pylist():
+        counts[user] = counts.get(user, 0) + 1
+    keep = set(sorted(counts, key=lambda u: (counts[u], u))[:USERS])
+    with open(folder / "events.csv", "w", encoding="utf-8", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["user_id", "item_id", "timestamp"])
+        w.writerows(r for r in zip(*(events.column(c).to_pylist() for c in ("user_id", "item_id", "timestamp")))
+                    if r[0] in keep)
+    with open(folder / "items.csv", "w", encoding="utf-8", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["item_id", "title"])
+        w.writerows(zip(catalog.column("item_id").to_pylist(), catalog.column("title").to_pylist()))
+    return ["data.format=csv", f"data.interactions={folder / 'events.csv'}", f"data.catalog={folder / 'items.csv'}"]
 
 
 @pytest.mark.slow

@@ -24,7 +24,7 @@ from rosepo.data.prompts import stable_int
 from rosepo.data.samples import length_batches, read_split, select_samples
 from rosepo.errors import DataError
 from rosepo.eval.metrics import parse_answer
-from rosepo.layout import pairs_file
+from rosepo.layout import CATALOG_FILE, pairs_file
 from rosepo.model.factory import inference_device, load_for_inference, load_tokenizer, resolve_dtype
 from rosepo.model.generate import greedy_answers
 from rosepo.model.logprobs import answer_logps
@@ -146,7 +146,10 @@ def build_pairs(run_cfg: Any, samples_dir: str | Path, base_model: str, adapter:
                               t.column("candidate_titles").to_pylist() + t.column("history_titles").to_pylist()):
             titles.update(zip(ids, names))
     item_ids = sorted(titles)
-    vecs = embed_titles(pc.embedder, [titles[i] for i in item_ids])
+    # TF-IDF's IDF over the whole catalogue: a split's pairs then do not depend on another's slice.
+    catalog = Path(samples_dir) / CATALOG_FILE
+    corpus = pq.read_table(catalog, columns=["title"]).column("title").to_pylist() if catalog.is_file() else None
+    vecs = embed_titles(pc.embedder, [titles[i] for i in item_ids], corpus)
     item_vectors = dict(zip(item_ids, vecs))
     popularity = train_popularity(samples_dir)
     manifest = {"stage": "pairs", "config": dataclasses.asdict(pc), "splits": {},

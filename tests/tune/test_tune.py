@@ -90,7 +90,7 @@ def test_space_becomes_tune_distributions():
 def test_apply_values_sets_dotted_keys_and_validates():
     cfg = apply_values(RunConfig(), {"align.beta": 0.25, "align.eps_max": 0.1, "pairs.num_negatives": 2})
     assert (cfg.align.beta, cfg.align.eps_max, cfg.pairs.num_negatives) == (0.25, 0.1, 2)
-    assert cfg.sft == RunConfig().sft  # other sections untouched
+    assert cfg.sft == RunConfig().validate().sft  # other sections untouched
     with pytest.raises(ConfigError, match="align.eps_max"):
         apply_values(RunConfig(), {"align.eps_max": 0.5})
     with pytest.raises(ConfigError, match="align.nope"):
