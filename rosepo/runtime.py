@@ -38,6 +38,11 @@ QUIET_ENV = {"HF_HUB_DISABLE_PROGRESS_BARS": "1"}
 SKIP_ENV = "RAY_DEDUP_LOGS_SKIP_REGEX"
 SKIP_WORKER_LINES = r"core_worker\.cc:\d+: Actor with class name: .* has constructor arguments in the object store"
 _verbose = False
+#: Restarts of a dead scoring actor (the pairs and eval stages' Ray Data actor pools). Ray Data
+#: keeps an actor pool's constructor arguments in the object store, and for a restartable actor Ray
+#: logs at ERROR level, once per run, that a restart could lose them; with none, a stage whose actor
+#: dies fails instead, and running it again starts it afresh.
+SCORER_RESTARTS = 0
 
 
 def worker_env_vars() -> dict[str, str]:

@@ -116,6 +116,49 @@ def smoke_overrides() -> list[str]:
     return list(SMOKE_OVERRIDES)
 
 
+@pytest.fixture
+def kill_a_worker_midrun(ray_session):
+    """``run(fit_fn, run_dir, after_step) -> (result, registered_at_kill, seconds_kill_to_end)``:
+    run ``fit_fn()`` (a 2-worker Ray Train run) in a thread, and once Ray Train has registered a
+    checkpoint of step ``after_step`` or later, SIGKILL one live Ray Train worker process.
+
+    Registered, not merely on disk: a checkpoint folder exists before every rank has reported it,
+    and a worker group restarted then resumes from the previous one. Ray Train lists the
+    registered checkpoints, with their reported metrics, in the run's checkpoint manager snapshot.
+    """
+    import json
+    import signal
+    import threading
+    import time
+
+    from ray.util.state import list_actors
+
+    def registered(run_dir: Path) -> int:
+        try:
+            snapshot = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
+        except (ValueError, OSError):  # not written yet, or being written
+            return 0
+        return max((r["metrics"].get("step", 0) for r in snapshot.get("checkpoint_results", [])), default=0)
+
+    def run(fit_fn, run_dir: Path, after_step: int):
+        out: dict = {}
+        runner = threading.Thread(target=lambda: out.update(result=fit_fn()))
+        runner.start()
+        deadline = time.time() + 200
+        while registered(run_dir) < after_step:
+            assert runner.is_alive() and time.time() < deadline, f"no registered checkpoint at step {after_step}"
+            time.sleep(0.05)
+        pids = [a.pid for a in list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])]
+        assert len(pids) == 2, f"expected the run's 2 live workers, found {pids}"
+        os.kill(pids[-1], signal.SIGKILL)
+        at, t_kill = registered(run_dir), time.time()
+        runner.join(timeout=240)
+        assert not runner.is_alive() and "result" in out, "the run did not finish after the worker was killed"
+        return out["result"], at, time.time() - t_kill
+
+    return run
+
+
 @pytest.fixture(scope="session")
 def smoke_run(tmp_path_factory) -> tuple[str, str, Path]:
     """``rosepo run`` of the smoke config (every stage, with hybrid item tokens and the user token)

@@ -39,6 +39,7 @@ from rosepo.model.generate import constrained_answers, greedy_answers
 from rosepo.model.logprobs import answer_logps
 from rosepo.model.tokenize import encode_answer, encode_sample_prompt
 from rosepo.pairs.sasrec import load_oracle
+from rosepo.runtime import SCORER_RESTARTS
 from rosepo.storage import atomic_dir, write_manifest
 
 #: Per-sample output of an evaluation (``answers.parquet``).
@@ -209,6 +210,7 @@ def evaluate_model(run_cfg: Any, samples_dir: str | Path, base_model: str | Path
     ds = ray.data.from_arrow(length_batches(table, ec.batch_size)).map_batches(
         EvalScorer, batch_format="pyarrow", batch_size=ec.batch_size,
         compute=ray.data.ActorPoolStrategy(size=ec.num_actors), num_gpus=1 if ec.use_gpu else None,
+        max_restarts=SCORER_RESTARTS,
         fn_constructor_kwargs={"run_cfg": run_cfg, "base_model": str(base_model),
                                "adapter": str(adapter) if adapter else None})
     scored = {r["sample_id"]: r for r in ds.take_all()}

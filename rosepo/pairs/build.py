@@ -33,6 +33,7 @@ from rosepo.pairs.embed import embed_titles, history_similarity
 from rosepo.pairs.noise import false_negatives, flip_labels, later_positions
 from rosepo.pairs.sasrec import load_oracle
 from rosepo.pairs.strategies import STRATEGIES, SampleContext, assign_strategy
+from rosepo.runtime import SCORER_RESTARTS
 from rosepo.schema import PAIRS
 from rosepo.storage import atomic_dir, rows_hash, write_manifest
 
@@ -159,6 +160,7 @@ def build_pairs(run_cfg: Any, samples_dir: str | Path, base_model: str, adapter:
             ds = ray.data.from_arrow(length_batches(table, pc.batch_size)).map_batches(
                 PairScorer, batch_format="pyarrow", batch_size=pc.batch_size,
                 compute=ray.data.ActorPoolStrategy(size=pc.num_actors), num_gpus=1 if pc.use_gpu else None,
+                max_restarts=SCORER_RESTARTS,
                 fn_constructor_kwargs={"run_cfg": run_cfg, "base_model": str(base_model),
                                        "adapter": str(adapter) if adapter else None, "oracle_dir": str(oracle_dir),
                                        "item_vectors": item_vectors, "popularity": popularity})

@@ -87,7 +87,7 @@ TABLES = {
     "gpu": (["--device", "cpu", "--model", "tiny", "--batch", "2", "--prompt", "24", "--answer", "4", "--reps", "1"],
             [["lora", "lora", "full", "full"]]),
     "data": (["--users", "20", "--reps", "1", "--solo"],
-             [["2,032", "2,032"], ["2,032"], ["2,032", "2,032", "2,032"]]),
+             [["2,026", "2,026"], ["2,026"], ["2,026", "2,026", "2,026"]]),
 }
 #: The benchmarks that read the smoke run's stages, each tested below.
 ON_THE_SMOKE_RUN = ("report", "sft-probe", "fusion", "gpu-sft")
@@ -145,7 +145,8 @@ def test_sft_probe_benchmark(smoke_run, smoke_overrides, ray_session, capsys, tm
     yardstick on the same samples; ``--out`` holds the printed curve."""
     run = smoke_run[2]
     out = run_bench(capsys, "sft-probe", "--config", SMOKE, "--steps", "2", "--eval-every", "1", "--eval-samples",
-                    "4", "--out", str(tmp_path / "curve.json"), f"storage={run.parent}", *smoke_overrides)
+                    "4", "--train-samples", "64", "--out", str(tmp_path / "curve.json"), f"storage={run.parent}",
+                    *smoke_overrides)
     yardstick, *curve = json_lines(out)
     assert yardstick["eval_samples"] == 4 and 0 <= yardstick["sasrec_rank_hr@1"] <= 1
     assert [(p["step"], p["samples"]) for p in curve] == [(1, 8), (2, 16)]  # 2 workers x 4 per step
