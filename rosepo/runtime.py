@@ -85,11 +85,23 @@ def quiet_warnings() -> None:
     0.19 gathers ZeRO partitions through ``torch.distributed.all_gather_into_tensor``, which torch
     2.13 deprecates with a FutureWarning once per process (every Train worker); peft 0.21 reads
     ``is_gradient_checkpointing``, which transformers 5 deprecates (every LoRA load); Ray Train
-    2.60's own dataset manager passes Ray Data an option Ray Data deprecates (every training run)."""
+    2.60's own dataset manager passes Ray Data an option Ray Data deprecates (every training run);
+    Ray Data 2.60 calls the actor options of ``map_batches`` (``max_restarts``) deprecated for 2.64
+    (every scoring stage); and DeepSpeed's warning, in a process without a GPU, that it takes the
+    CPU (a filter on its ``DeepSpeed`` logger: DeepSpeed sets that logger's level when imported)."""
     for name in ("torch\\.distributed\\.all_gather_into_tensor", "is_gradient_checkpointing"):
         warnings.filterwarnings("ignore", message=rf"`{name}` is deprecated", category=FutureWarning)
     warnings.filterwarnings("ignore", message=r"`ExecutionOptions\.exclude_resources` is deprecated",
                             category=DeprecationWarning)
+    warnings.filterwarnings("ignore", message=r"`ray_remote_args` is deprecated")
+    deepspeed = logging.getLogger("DeepSpeed")
+    if _not_cpu_accelerator_note not in deepspeed.filters:
+        deepspeed.addFilter(_not_cpu_accelerator_note)
+
+
+def _not_cpu_accelerator_note(record: logging.LogRecord) -> bool:
+    """False for DeepSpeed's "Setting accelerator to CPU" warning (`quiet_warnings`)."""
+    return not record.getMessage().startswith("Setting accelerator to CPU")
 
 
 def quiet_worker() -> None:
