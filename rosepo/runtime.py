@@ -168,6 +168,7 @@ def init_ray(address: str = "", num_cpus: int | None = None, *, dashboard: bool 
         _started_here = True
     _dashboard_url = ctx.dashboard_url or ""
     if not _verbose:
+        quiet_warnings()  # again: Ray, once imported, puts its own warning filters in front
         _quiet_ray_data()
     return _dashboard_url
 
