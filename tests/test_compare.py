@@ -17,7 +17,7 @@ from rosepo import pipeline
 from rosepo.config import RunConfig, load_config
 from rosepo.errors import ConfigError
 from rosepo.eval.evaluate import BASELINES
-from rosepo.experiments import compare, methods, report
+from rosepo.experiments import compare, methods, noise, report
 from rosepo.storage import atomic_dir, is_complete, read_manifest, write_manifest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -225,13 +225,16 @@ def untrained_sft(monkeypatch):
 def test_compare_end_to_end_then_resume(ray_session, ml100k_samples, untrained_sft, tmp_path, monkeypatch, caplog):
     """The smoke config's slice (32 train samples, 4-step alignment, 16 valid samples evaluated),
     RosePO with one seed, through the real pipeline (SFT aside), Ray Train + DeepSpeed and the
-    eval stage's actor pool; the outputs hold what they should; a second compare runs no cell
-    and writes the same table. One seed keeps it near 80 s on 2 idle cores (the oracle, the
-    pairs, the baselines and each cell start their own Ray Train run or actor pool; a second
-    seed costs 30 s more): several seeds are `run_cells`' loop, tested above."""
+    eval stage's actor pool; the outputs hold what they should; the same at label noise 0 and 0.4
+    (``compare.noise_rates``: noise 0 is this comparison, reused; 0.4 builds its own pairs) and its
+    noise report; a second compare runs no cell and writes the same tables. One seed keeps it
+    near 110 s on 2 idle cores (the oracle, the pairs, the baselines and each cell start their
+    own Ray Train run or actor pool; a second seed costs 30 s more): several seeds are
+    `run_cells`' loop, tested above."""
+    # ε constant 0 and no label noise: the comparison a noise rate of 0 runs (`noise.rate_config`)
     cfg = load_config(REPO / "configs/smoke.yaml", [
         f"storage={tmp_path}", f"data.data_dir={REPO / 'data'}", "compare.methods=[rosepo]", "compare.seeds=1",
-        "pairs.eval_samples=8"])
+        "pairs.eval_samples=8", "align.eps_constant=0"])
     shutil.copytree(ml100k_samples, pipeline.stage_dir(cfg, "samples"))  # the session's samples, same config
     caplog.set_level(logging.INFO, logger="rosepo")
     paths = compare.run_compare(cfg)
@@ -266,6 +269,26 @@ def test_compare_end_to_end_then_resume(ray_session, ml100k_samples, untrained_s
     def no_cell(*args, **kwargs):
         raise AssertionError("a finished cell ran again")
 
+    noisy_cfg = dataclasses.replace(cfg, compare=dataclasses.replace(cfg.compare, noise_rates=(0.0, 0.4)))
+    assert compare.compare_dir(noise.rate_config(noisy_cfg, 0.0)) == out
+    noisy = compare.run_noise_compare(noisy_cfg)
+    assert Path(noisy["dir"]) == noise.noise_dir(noisy_cfg)
+    result = json.loads(Path(noisy["results"]).read_text())
+    assert result["rates"] == [0.0, 0.4]
+    assert result["metrics"]["rosepo"]["0.0"]["eval/hr@1"]["mean"] == cell["metrics"]["eval/hr@1"]
+    noisy_pairs = read_manifest(result["comparisons"]["0.4"]["mix"])
+    assert noisy_pairs["config"]["label_noise"] == 0.4 and noisy_pairs["splits"]["train"]["flipped"] == round(0.4 * 128)
+    clean, flipped = result["detection"]["0.0"], result["detection"]["0.4"]
+    assert (clean["pairs"], clean["flipped"], clean["eps_auc"]) == (128, 0, None)  # no flipped pair: no AUC
+    assert flipped["flipped"] == round(0.4 * 128) and 0 <= flipped["eps_auc"] <= 1
+    assert set(clean["natural"]) == {"popularity", "random", "self_hard", "semantic"}
+    assert all(0 <= d["false_negative_share"] <= 1 for d in clean["natural"].values())
+    noise_table = Path(noisy["table"]).read_text()
+    assert "| rosepo | " in noise_table and "| 0 | 128 | 0 | — | — |" in noise_table
+    assert f"| 0.4 | 128 | {round(0.4 * 128)} | {flipped['eps_auc']:.3f} | " in noise_table
+    assert Path(noisy["plot"]).stat().st_size > 10_000
+
     monkeypatch.setattr(compare, "run_cell", no_cell)
     again = compare.run_compare(cfg)
     assert Path(again["table"]).read_text() == table
+    assert Path(compare.run_noise_compare(noisy_cfg)["table"]).read_text() == noise_table

@@ -81,6 +81,11 @@ def pair_noise(cfg: RunConfig, pairs_dir: str | Path) -> dict:
             "margin_auc": roc_auc(-margin, flipped), "natural": natural}
 
 
+def _auc(value: float) -> str:
+    """An AUC for the table: "—" where it is undefined (no flipped, or no clean, pair)."""
+    return "—" if np.isnan(value) else f"{value:.3f}"
+
+
 def write_noise_report(cfg: RunConfig, runs: dict[float, dict], out: Path) -> dict:
     """``noise.md``, ``noise.json`` and ``noise.png`` into ``out`` from each rate's ``results.json``."""
     rates = sorted(runs)
@@ -102,13 +107,13 @@ def write_noise_report(cfg: RunConfig, runs: dict[float, dict], out: Path) -> di
         lines += ["| sft (no alignment) | " + " | ".join(f"{v:.3f}" for v in sft) + " |", ""]
     lines += ["**How well ε finds the flipped pairs** (ROC AUC; 0.5 = chance)", "",
               "| noise | train pairs | flipped | AUC of ε | AUC of the oracle's margin |", "|---|---|---|---|---|"]
-    lines += [f"| {r:g} | {d['pairs']} | {d['flipped']} | {d['eps_auc']:.3f} | {d['margin_auc']:.3f} |"
+    lines += [f"| {r:g} | {d['pairs']} | {d['flipped']} | {_auc(d['eps_auc'])} | {_auc(d['margin_auc'])} |"
               for r, d in detection.items()]
     clean = detection[rates[0]]["natural"]
     lines += ["", f"**The data's own noise** (clean pairs at noise {rates[0]:g}): a rejected item the user "
                   "consumes later in their own sequence", "",
               "| strategy | pairs | false negatives | AUC of ε for them |", "|---|---|---|---|"]
-    lines += [f"| {s} | {d['pairs']} | {d['false_negative_share']:.3f} | {d['eps_auc']:.3f} |"
+    lines += [f"| {s} | {d['pairs']} | {d['false_negative_share']:.3f} | {_auc(d['eps_auc'])} |"
               for s, d in clean.items()]
     text = "\n".join(lines) + "\n"
     atomic_write_text(out / NOISE_MD, text)
