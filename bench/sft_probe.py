@@ -1,8 +1,8 @@
 """SFT learning curves of the tiny model: training budget -> valid ValidRatio and ranking HR@1.
 
 What the SFT levers were measured with (`sft.candidate_weight`, `sft.oracle_weight`,
-`sft.history_weight`, `model.title_init`, `model.user_token`, `data.prompt_style`; BENCHMARKS.md,
-"SFT levers"). The pipeline builds the samples, the oracle and the model of the config (cached
+`sft.history_weight`, `model.title_init`, `model.user_token`, `data.prompt_style`; the
+experiment record, docs/record.md). The pipeline builds the samples, the oracle and the model of the config (cached
 like any run); then one process trains the model with the SFT task's own tokenisation, `collate`
 and `compute_loss` (plain AdamW, the loop's warmup + cosine schedule, global batch =
 ``sft.num_workers × sft.micro_batch_size``, gradient clipping), without Ray Train or DeepSpeed,

@@ -141,11 +141,11 @@ def cmd_data_build(args) -> None:
 
 def cmd_stage(args) -> None:
     """Run one pipeline stage (and any unfinished stage before it); print its manifest summary."""
-    from rosepo.pipeline import run_stage
+    from rosepo.pipeline import run_stage, stages_until
 
     cfg = _load(args)
     runtime.init_ray(cfg.ray_address)
-    runtime.check_gpus(cfg.gpu_demand())
+    runtime.check_gpus(cfg.gpu_demand(stages_until(args.stage)))
     out = run_stage(cfg, args.stage, force=args.force)
     m = read_manifest(out)
     _print({k: v for k, v in m.items() if k not in ("history", "config", "eval_history")})
@@ -156,11 +156,11 @@ def cmd_run(args) -> None:
     """Run the whole pipeline (up to ``--until``); print its summary (stage times, the run folder,
     the TensorBoard command, the eval table), also written to ``summary.md`` and ``results.png``."""
     from rosepo.experiments.summary import write_summary
-    from rosepo.pipeline import run_pipeline
+    from rosepo.pipeline import run_pipeline, stages_until
 
     cfg = _load(args)
     runtime.init_ray(cfg.ray_address)
-    runtime.check_gpus(cfg.gpu_demand())
+    runtime.check_gpus(cfg.gpu_demand(stages_until(args.until)))
     outs = run_pipeline(cfg, until=args.until, force=tuple(args.force))
     runtime.shutdown_ray()  # the workers' last lines now, so that the summary ends the output
     print(write_summary(cfg, outs), end="")
@@ -298,12 +298,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", required=True, metavar="FOLDER",
                    help="a run folder (runs/ml100k-tiny) or an exported model folder (rosepo export)")
     p.add_argument("--history", nargs="*", metavar="TITLE",
-                   help='catalogue titles, oldest first, e.g. "Fargo" (MovieLens titles carry no year)')
+                   help='catalogue titles, oldest first, e.g. "Fargo" (MovieLens titles carry a year only where two '
+                        'films share a title)')
     p.add_argument("--candidates", nargs="*", metavar="TITLE",
                    help="titles to rank (default: data.num_candidates drawn from the catalogue, as the samples are)")
     p.add_argument("--k", type=int, default=5, help="candidates shown (default 5)")
-    p.add_argument("--stage", choices=("align", "sft"), default="align",
-                   help="the aligned model (default) or the SFT model")
+    p.add_argument("--stage", choices=("align", "sft"), default=None,
+                   help="the aligned model (default) or the SFT model of a run folder; an exported folder holds one")
     p.add_argument("--input", help='JSONL of queries, one {"history": [...], "candidates": [...]} per line; '
                                    "prints one JSON result per line")
     p.add_argument("--device", default="auto", help="auto (the GPU when there is one), cpu or cuda")

@@ -27,7 +27,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Iterable, Literal
 
 from rosepo.errors import ConfigError
 
@@ -121,8 +121,9 @@ class DataConfig:
     delimiter: str = ","
     #: Unit of integer timestamps: ``s``, ``ms``, ``us`` or ``ns`` (converted to whole seconds), or
     #: ``auto``: kept as given, each file's in the one unit their magnitudes imply (|t| < 1e11: s,
-    #: < 1e14: ms, < 1e17: us, else ns; dates after 1973), a file that mixes units refused. Arrow
-    #: timestamp and date columns and ISO-8601 text carry their own unit (`rosepo.data.readers.TimestampUnit`).
+    #: < 1e14: ms, < 1e17: us, else ns; dates after 1973); a file that mixes units, or files of
+    #: one input in two units, refused. Arrow timestamp and date columns and ISO-8601 text carry
+    #: their own unit (`rosepo.data.readers.TimestampUnit`).
     timestamp_unit: TimestampUnit = "auto"
     #: Longest history kept (oldest dropped first).
     max_history: Positive = 10
@@ -601,12 +602,14 @@ class RunConfig:
                "names a method twice")
         return self
 
-    def gpu_demand(self) -> dict[str, int]:
+    def gpu_demand(self, stages: Iterable[str] | None = None) -> dict[str, int]:
         """GPUs each stage that uses them holds at once: a training stage one per worker, a
-        scoring stage one per actor (the stages run one after another)."""
+        scoring stage one per actor (the stages run one after another); of ``stages`` only when
+        given (those a command will run)."""
         counts = {"oracle": self.oracle.num_workers, "sft": self.sft.num_workers, "pairs": self.pairs.num_actors,
                   "align": self.align.num_workers, "eval": self.eval.num_actors}
-        return {stage: n for stage, n in counts.items() if getattr(self, stage).use_gpu}
+        return {stage: n for stage, n in counts.items()
+                if getattr(self, stage).use_gpu and (stages is None or stage in stages)}
 
     def to_dict(self) -> dict:
         """Plain-data form (tuples as lists), for YAML/JSON and hashing."""
@@ -818,9 +821,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return _build(RunConfig, data).validate()
 
 
-#: Fields that change what a run prints, not what it makes: `config_hash` leaves them out, so
-#: changing them neither moves a stage's address nor redoes it.
-UNHASHED = frozenset({"logging_steps"})
+#: Fields that change what a run prints or how long it waits and retries, not what it makes:
+#: `config_hash` leaves them out, so changing them neither moves a stage's address nor redoes it.
+UNHASHED = frozenset({"logging_steps", "start_timeout_s", "max_failures"})
 
 
 def _hashed(obj: Any) -> dict:

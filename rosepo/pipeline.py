@@ -160,6 +160,12 @@ def run_stage(cfg: RunConfig, stage: str, *, force: bool = False, _ready: dict[s
     return out
 
 
+def stages_until(stage: str | None) -> tuple[str, ...]:
+    """The stages a run up to ``stage`` (every stage when None) may run, in order."""
+    names = tuple(GRAPH)
+    return names if stage is None else names[: names.index(stage) + 1]
+
+
 def run_pipeline(cfg: RunConfig, *, until: str | None = None, force: tuple[str, ...] = ()) -> dict[str, Path]:
     """Run every stage in order (up to ``until``); ``force`` names stages to redo."""
     unknown = set(force) - set(GRAPH)

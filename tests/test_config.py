@@ -243,8 +243,8 @@ def test_config_path_not_a_file(tmp_path, name, match):
      "ratio > 0: self_hard)"),
     (["model.lora_target_modules=[q_proj, qkv]"], "model.lora_target_modules", "lm_head"),  # once at the model stage
 ])
-def test_issue_39_checks_moved_to_load(overrides, key, expected):
-    """Checks that once fired in a later stage (#39) but need only the config."""
+def test_checks_that_need_only_the_config_refuse_at_load(overrides, key, expected):
+    """Checks that once fired in a later stage but need only the config."""
     with pytest.raises(ConfigError) as e:
         load_config(None, overrides)
     assert f"config key '{key}'" in str(e.value) and expected in str(e.value), str(e.value)

@@ -41,9 +41,18 @@ def test_an_exported_model_recommends_as_its_run_did_from_anywhere(smoke_run, tm
         [{"history": h} for h in HISTORIES], 5) == before
     card = json.loads((tmp_path / "copy" / "rosepo.json").read_text())
     assert card["stage"] == "align" and card["text_only"] is False and card["items"] > 1000
+    assert card["lora_merged"] is True and card["format_version"] == 1
     assert "aligned (rosepo)" in card["metrics"]["results"]
     readme = (tmp_path / "copy" / "README.md").read_text()
     assert "Recommender.from_pretrained" in readme and "| aligned (rosepo) |" in readme
+    assert "a LoRA adapter is merged into these weights" in readme
+    # The folder holds the aligned model: asking it for the SFT model is refused, as is a layout
+    # this rosepo does not know.
+    with pytest.raises(ConfigError, match="holds the align model .* not the sft model"):
+        Recommender.from_pretrained(tmp_path / "copy", stage="sft", device="cpu")
+    (tmp_path / "copy" / "rosepo.json").write_text(json.dumps({**card, "format_version": 2}))
+    with pytest.raises(ConfigError, match="format_version 2, but this rosepo reads exported folders of version 1"):
+        Recommender.from_pretrained(tmp_path / "copy", device="cpu")
     assert {p.name for p in (tmp_path / "copy").iterdir()} >= {
         "README.md", "catalog.parquet", "config.json", "generation_config.json", "item_embeddings.safetensors",
         "model.safetensors", "rosepo.json", "run-config.yaml", "tokenizer.json"}

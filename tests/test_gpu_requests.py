@@ -16,7 +16,7 @@ import sys
 
 import pytest
 
-from rosepo import runtime
+from rosepo import pipeline, runtime
 from rosepo.config import RunConfig, load_config
 from rosepo.errors import ConfigError
 from tests.conftest import COMMAND_ENV, REPO, rosepo_command
@@ -49,6 +49,10 @@ def test_the_run_level_switch_fills_every_stage_unless_it_says_otherwise():
     assert [getattr(cfg, s).use_gpu for s in ("oracle", "sft", "pairs", "align", "eval")] == [True] * 4 + [False]
     assert cfg.gpu_demand() == {"oracle": 1, "sft": 2, "pairs": 1, "align": 2}
     assert load_config("configs/smoke.yaml").gpu_demand() == {}
+    # Only the stages a command runs count: `rosepo run --until sft` asks for no alignment GPU.
+    assert cfg.gpu_demand(pipeline.stages_until("sft")) == {"oracle": 1, "sft": 2}
+    assert pipeline.stages_until("model") == ("samples", "oracle", "model")
+    assert pipeline.stages_until(None) == tuple(pipeline.GRAPH)
 
 
 @pytest.mark.slow

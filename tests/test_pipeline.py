@@ -54,9 +54,10 @@ def test_stage_addresses_follow_their_config(tmp_path):
     assert moved == {"align", "eval"}
     other_data = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, seed=1))
     assert all(pipeline.stage_key(other_data, s) != keys[s] for s in pipeline.GRAPH)
-    # How often metrics are printed changes no output: no stage moves (config.UNHASHED).
-    chatty = dataclasses.replace(cfg, sft=dataclasses.replace(cfg.sft, logging_steps=1),
-                                 align=dataclasses.replace(cfg.align, logging_steps=0))
+    # How often metrics are printed, how long a stage waits for its workers and how often a
+    # failed worker is retried change no output: no stage moves (config.UNHASHED).
+    chatty = dataclasses.replace(cfg, sft=dataclasses.replace(cfg.sft, logging_steps=1, start_timeout_s=1800.0),
+                                 align=dataclasses.replace(cfg.align, logging_steps=0, max_failures=2))
     assert {s: pipeline.stage_key(chatty, s) for s in pipeline.GRAPH} == keys
 
 

@@ -228,6 +228,8 @@ def load_source(cfg: DataConfig) -> tuple[pa.Table, pa.Table, dict]:
     known = None if cfg.drop_unknown_items else catalog.column("item_id")
     events = pa.concat_tables([INTERACTIONS.empty_table().append_column("_pos", pa.array([], pa.int64())),
                                *(b for i in range(len(source.files)) for b in source.events(i, known))])
+    if cfg.timestamp_unit == "auto":
+        check_file_units([json.dumps(file_units(events))], source)
     events, stats, repeat = clean_events(events, catalog.column("item_id"), source.listings.merged, cfg)
     stats |= listing_counts(source.listings)
     if repeat is not None and not cfg.drop_duplicates:
@@ -443,6 +445,7 @@ def partition_stats(part: pa.Table, *, known: pa.Array, merged: dict, cfg: DataC
     """Ray Data task: of one shuffle partition (whole users), once cleaned (`clean_events`): one row
     with its users, their event counts, the counts dropped, the earliest repeat (JSON, "" for none)
     and the catalog items it holds (bits over the catalog's ids, sorted)."""
+    units = file_units(part) if cfg.timestamp_unit == "auto" else {}
     part, dropped, repeat = clean_events(part, known, merged, cfg)
     per_user = pc.value_counts(part.column("user_id"))
     seen = np.zeros(len(known), bool)
@@ -450,12 +453,52 @@ def partition_stats(part: pa.Table, *, known: pa.Array, merged: dict, cfg: DataC
     return pa.table({"users": [per_user.field("values")], "events": [per_user.field("counts")],
                      "duplicates": [dropped["duplicates_dropped"]], "unknown": [dropped["unknown_items_dropped"]],
                      "merged": [dropped["merged_events_dropped"]],
-                     "repeat": [json.dumps(repeat) if repeat else ""], "items": [np.packbits(seen).tobytes()]},
+                     "repeat": [json.dumps(repeat) if repeat else ""], "items": [np.packbits(seen).tobytes()],
+                     "units": [json.dumps(units)]},
                     schema=_STATS)
 
 
 _STATS = pa.schema([("users", pa.list_(pa.string())), ("events", pa.list_(pa.int64())), ("duplicates", pa.int64()),
-                    ("unknown", pa.int64()), ("merged", pa.int64()), ("repeat", pa.string()), ("items", pa.binary())])
+                    ("unknown", pa.int64()), ("merged", pa.int64()), ("repeat", pa.string()), ("items", pa.binary()),
+                    ("units", pa.string())])
+
+
+def file_units(events: pa.Table) -> dict[str, list]:
+    """Of events with ``_pos``: per input file (its index, as a string), ``[unit, _pos, timestamp]``
+    of its first event here, the unit its timestamp's magnitude implies (`readers.UNIT_BANDS`).
+    Under ``data.timestamp_unit: auto`` each file is read in its own unit, one per file
+    (`readers.TimestampUnit`); `check_file_units` refuses an input whose files disagree."""
+    if not len(events):
+        return {}
+    order = np.argsort(events.column("_pos").to_numpy(), kind="stable")
+    pos = events.column("_pos").to_numpy()[order]
+    ts = events.column("timestamp").to_numpy()[order]
+    files, first = np.unique(pos >> FILE_SHIFT, return_index=True)  # pos sorted: each file's first row
+    bands = np.searchsorted([b for b, _ in readers.UNIT_BANDS], np.abs(ts[first].astype(np.float64)), side="right")
+    return {str(f): [readers.UNIT_BANDS[b][1], int(pos[i]), int(ts[i])]
+            for f, i, b in zip(files.tolist(), first.tolist(), bands.tolist())}
+
+
+def check_file_units(parts: list[str], source: Source) -> None:
+    """Refuse (`DataError`) files of one input whose integer timestamps are in different units
+    under ``data.timestamp_unit: auto`` (``parts``: `file_units` of each partition, as JSON):
+    each file is read in its own unit, and events of two units would be ordered wrongly."""
+    first: dict[int, list] = {}
+    for text in parts:
+        for f, (unit, pos, value) in json.loads(text or "{}").items():
+            if int(f) not in first or pos < first[int(f)][1]:
+                first[int(f)] = [unit, pos, value]
+    units = {}
+    for f in sorted(first):
+        units.setdefault(first[f][0], f)
+    if len(units) < 2:
+        return
+    (ua, fa), (ub, fb) = sorted(units.items(), key=lambda kv: kv[1])[:2]
+    a, b = source.where(first[fa][1]), source.where(first[fb][1])
+    raise DataError(f"timestamp {first[fb][2]} reads as {ub} by its magnitude, but {a['file']} row {a['row']}'s "
+                    f"{first[fa][2]} as {ua}: the files of one input are read in one unit; set "
+                    "data.timestamp_unit (s, ms, us or ns) to the files' unit, or convert them to one unit",
+                    file=b["file"], row=b["row"], column="timestamp")
 
 
 def build_partition(part: pa.Table, *, out_dir: str, titles: dict[str, str], item_ids: list[str], bounds: tuple,
@@ -542,6 +585,7 @@ def _build(cfg: DataConfig, source: Source, catalog: pa.Table, catalog_name: str
     stats = _arrow(parts.map_batches(partition_stats, batch_size=None, batch_format="pyarrow", zero_copy_batch=True,
                                      fn_kwargs={"known": known, "merged": merged, "cfg": cfg}))
     stats = pa.concat_tables([_STATS.empty_table(), *stats])
+    check_file_units(stats.column("units").to_pylist(), source)
     repeats = [json.loads(r) for r in stats.column("repeat").to_pylist() if r]
     if repeats and not cfg.drop_duplicates:
         first = min(repeats, key=lambda r: r["_pos"])

@@ -3,8 +3,9 @@
 The folder is a Hugging Face model folder (``AutoModelForCausalLM.from_pretrained(folder)``
 loads it) with what rosepo's recommender needs beside it:
 
-- ``model.safetensors``, ``config.json``: the model with the LoRA adapter merged into the weights
-  (float32), and its tokenizer files;
+- ``model.safetensors``, ``config.json``: the model, a LoRA adapter merged into its weights, in the
+  dtype it computes in on a CPU (float32 under ``model.dtype: auto``; bfloat16 where the config
+  says so), and its tokenizer files;
 - ``generation_config.json``: greedy decoding, the evaluation's answer length, EOS and padding;
 - ``item_embeddings.safetensors``, for a model with hybrid item tokens: the item table, the
   trained projector(s) and the oracle's user encoder (`rosepo.model.items`); such a model reads
@@ -28,15 +29,14 @@ import pyarrow as pa
 from rosepo.config import RunConfig
 from rosepo.errors import ConfigError
 from rosepo.eval.evaluate import markdown_table
-from rosepo.experiments.recommend import EXPORT_CARD, EXPORT_CONFIG, Recommender, load_run, run_catalog, run_model
+from rosepo.experiments.recommend import (EXPORT_CARD, EXPORT_CONFIG, FORMAT_VERSION, Recommender, load_run,
+                                         run_catalog, run_model)
 from rosepo.experiments.summary import SUMMARY_METRICS
 from rosepo.layout import CATALOG_FILE, ITEM_EMBEDDINGS
 from rosepo.model.items import HybridItemLM
 from rosepo.pipeline import stage_key
 from rosepo.storage import atomic_dir, atomic_write_text, is_complete, read_manifest
 
-#: Version of the folder's layout (``rosepo.json``'s ``format_version``).
-FORMAT_VERSION = 1
 
 
 def export_run(run_dir: str | Path, out: str | Path, *, stage: str = "align") -> Path:
@@ -68,6 +68,7 @@ def export_run(run_dir: str | Path, out: str | Path, *, stage: str = "align") ->
         atomic_write_text(tmp / EXPORT_CONFIG, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         card = {"format_version": FORMAT_VERSION, "stage": stage, "run": cfg.name,
                 "base_model": cfg.model.name_or_path, "text_only": not isinstance(model, HybridItemLM),
+                "lora_merged": adapter is not None,
                 "items": len(catalog), "prompt_style": cfg.data.prompt_style, "domain": cfg.data.domain,
                 "num_candidates": cfg.data.num_candidates, "max_history": cfg.data.max_history, "metrics": metrics}
         atomic_write_text(tmp / EXPORT_CARD, json.dumps(card, indent=2, sort_keys=True))
@@ -99,8 +100,9 @@ def model_card(cfg: RunConfig, card: dict, recommender: Recommender) -> str:
     lines = [
         f"# {cfg.name}: an LLM sequential recommender ({card['stage']})", "",
         f"A causal LM that reads a user's history of {cfg.data.domain} titles and {cfg.data.num_candidates} "
-        f"candidate titles and answers with one title. Base model: {what}; trained by rosepo with {stage}; "
-        "a LoRA adapter is merged into these weights.", "",
+        f"candidate titles and answers with one title. Base model: {what}; trained by rosepo with {stage}"
+        + ("; a LoRA adapter is merged into these weights." if card["lora_merged"] else "; every weight trained."),
+        "",
         "## Data", "",
         f"`{cfg.data.format}` ({card['items']} items in `{CATALOG_FILE}`), histories of up to {cfg.data.max_history} "
         f"titles, prompts in the `{cfg.data.prompt_style}` style.", "",

@@ -92,7 +92,9 @@ def write_noise_report(cfg: RunConfig, runs: dict[float, dict], out: Path) -> di
     methods = list(next(iter(runs.values()))["methods"])
     table = {m: {r: aggregate(list(runs[r]["methods"][m]["per_seed"].values()), NOISE_METRICS) for r in rates}
              for m in methods}
-    detection = {r: pair_noise(cfg, runs[r]["pairs"]["mix"]) for r in rates}
+    # The ε-AUC on the mix's pairs (every strategy), else on the one build the methods trained on.
+    detection = {r: pair_noise(cfg, runs[r]["pairs"].get("mix") or runs[r]["pairs"][sorted(runs[r]["pairs"])[0]])
+                 for r in rates}
     lines = [f"Label noise: a share of the train pairs with chosen and rejected swapped; cDPO's ε = the rate. "
              f"Split `{cfg.eval.split}`, mean ± std over seeds {runs[rates[0]]['seeds']}, "
              f"{runs[rates[0]]['align_steps']} alignment steps.", ""]
@@ -104,7 +106,7 @@ def write_noise_report(cfg: RunConfig, runs: dict[float, dict], out: Path) -> di
             seeds = len(runs[rates[0]]["seeds"])
             lines.append(f"| {m} | " + " | ".join(format_cell(table[m][r][metric], seeds) for r in rates) + " |")
         sft = [runs[r]["baselines"]["sft"].get(metric) for r in rates]
-        lines += ["| sft (no alignment) | " + " | ".join(f"{v:.3f}" for v in sft) + " |", ""]
+        lines += ["| sft (no alignment) | " + " | ".join("—" if v is None else f"{v:.3f}" for v in sft) + " |", ""]
     lines += ["**How well ε finds the flipped pairs** (ROC AUC; 0.5 = chance)", "",
               "| noise | train pairs | flipped | AUC of ε | AUC of the oracle's margin |", "|---|---|---|---|---|"]
     lines += [f"| {r:g} | {d['pairs']} | {d['flipped']} | {_auc(d['eps_auc'])} | {_auc(d['margin_auc'])} |"

@@ -44,6 +44,8 @@ STAGES = ("align", "sft")
 #: In an exported folder (`rosepo.experiments.export`): the recommender's own settings, the run's
 #: config and the catalogue.
 EXPORT_CARD, EXPORT_CONFIG = "rosepo.json", "run-config.yaml"
+#: Version of an exported folder's layout (`EXPORT_CARD`'s ``format_version``), the one this rosepo reads.
+FORMAT_VERSION = 1
 
 
 def load_run(run_dir: str | Path) -> RunConfig:
@@ -92,18 +94,29 @@ class Recommender:
         self.by_title: dict[str, str] = {title_key(title): item for item, title in self.titles.items()}
 
     @classmethod
-    def from_pretrained(cls, folder: str | Path, *, stage: str = "align", device: str = "auto") -> "Recommender":
-        """The recommender in ``folder``: an exported one (it holds `EXPORT_CARD`), or the model of
-        ``stage`` (the aligned one, or ``sft``) of the finished run whose folder it is. ``device``:
-        ``auto`` (the GPU when this process sees one), ``cpu`` or ``cuda``."""
+    def from_pretrained(cls, folder: str | Path, *, stage: str | None = None, device: str = "auto") -> "Recommender":
+        """The recommender in ``folder``: an exported one (it holds `EXPORT_CARD`; ``stage``, when
+        given, must be the one it was exported from), or the model of ``stage`` (the aligned one,
+        the default, or ``sft``) of the finished run whose folder it is. ``device``: ``auto`` (the
+        GPU when this process sees one), ``cpu`` or ``cuda``."""
+        import json
+
         import pyarrow.parquet as pq
 
         folder = Path(folder).resolve()
         if (folder / EXPORT_CARD).is_file():
+            card = json.loads((folder / EXPORT_CARD).read_text())
+            if card.get("format_version") != FORMAT_VERSION:
+                raise ConfigError(f"{folder / EXPORT_CARD}: format_version {card.get('format_version')!r}, but this "
+                                  f"rosepo reads exported folders of version {FORMAT_VERSION}: export the run again "
+                                  "with this rosepo, or load the folder with the rosepo that wrote it")
+            if stage is not None and stage != card.get("stage"):
+                raise ConfigError(f"{folder} holds the {card.get('stage')} model (exported with --stage "
+                                  f"{card.get('stage')}), not the {stage} model: export that stage into another folder")
             return cls(load_config(folder / EXPORT_CONFIG), str(folder), None, pq.read_table(folder / CATALOG_FILE),
                        device)
         cfg = load_run(folder)
-        base, adapter, samples = run_model(folder, cfg, stage)
+        base, adapter, samples = run_model(folder, cfg, stage or "align")
         return cls(cfg, base, adapter, run_catalog(samples, cfg), device)
 
     def recommend(self, history: list[str], candidates: list[str] | None = None, k: int = 5) -> dict:

@@ -82,6 +82,8 @@ def health_warnings(results: dict[str, dict], cfg: RunConfig, sft_steps: int) ->
                    f"{floor:.3f}). Likely cause: too few training steps for this data ({trained}); raise "
                    "sft.max_steps, and check the oracle's valid HR@1 in its manifest (sft.oracle_weight distils it)")
     return out
+
+
 def tensorboard_line(logdir: Path) -> str:
     """The command that shows ``logdir`` in TensorBoard when this Python has it, else how to get it."""
     if importlib.util.find_spec("tensorboard") is not None:

@@ -81,10 +81,11 @@ def model_dir(name: str, data_dir: str | Path = "data") -> Path:
 
 def resolve_model(name_or_path: str, data_dir: str | Path = "data") -> str:
     """``model.name_or_path`` as a loadable path: a named model is fetched (once) into the data
-    directory and its folder returned; anything else (a folder, a hub name) is returned as is."""
+    directory and its folder returned; a local folder as an absolute path (every process reads it,
+    from any working directory); a hub name as is."""
     if name_or_path in MODELS:
-        return str(fetch_model(name_or_path, data_dir).resolve())  # every process reads it, from any folder
-    return name_or_path
+        return str(fetch_model(name_or_path, data_dir).resolve())
+    return str(Path(name_or_path).resolve()) if Path(name_or_path).exists() else name_or_path
 
 
 #: Files of a hub model the model stage copies: weights, configs, tokenizer, licence texts.

@@ -217,6 +217,8 @@ def worker_error(error: Exception) -> Exception:
 def _fit_result(result, resume_from: Path | None) -> dict:
     """`fit`'s return value from Ray's result (rank 0's return value, the last checkpoint)."""
     out = result.return_value or {}
+    if out.get("error"):
+        raise TrainingError(out["error"])
     checkpoint = Path(result.checkpoint.path) if result.checkpoint else resume_from
     return {
         "metrics": out.get("metrics") or dict(result.metrics or {}),
@@ -263,48 +265,53 @@ def train_loop_per_worker(config: dict) -> dict:
         eval_history.append({"step": 0, **evaluate()})
         _log_scalars(writer, eval_history[-1], 0)
     engine.train()
-    for step in range(start_step, stop):
-        # Per-step seed: dropout noise depends only on (seed, step, rank), so resume is exact.
-        torch.manual_seed(tcfg.seed * 1_000_003 + step * 1009 + rank)
-        micro = worker_micro_batches(step_rows(step, len(rows), global_batch, tcfg.seed), rank,
-                                     tcfg.micro_batch_size, tcfg.grad_accum)
-        metrics = _train_step(engine, task, [[rows[i] for i in idx] for idx in micro], tokenizer.pad_token_id, step)
-        metrics.update(step=step + 1, epoch=(step + 1) * global_batch / len(rows))
-        if peak:
-            metrics["perf/mfu"] = metrics["perf/tokens_per_second"] * flops_per_token / (peak * world)
-        history.append({"step": step + 1, "loss": metrics["loss"]})
-        losses.append(metrics["loss"])
-        evaluated = bool(eval_rows) and (step + 1 == total or (task.eval_every and (step + 1) % task.eval_every == 0))
-        if evaluated:
-            scores = evaluate()
-            metrics.update(scores)
-            eval_history.append({"step": step + 1, **scores})
-        _log_scalars(writer, metrics, step + 1)
-        if bar is not None:
-            bar.set_description(f"{task.name} loss={metrics['loss']:.4f}")
-            bar.update(1)
-        if rank == 0 and every and ((step + 1) % every == 0 or step + 1 == stop):
-            log.info("%s", metrics_line(metrics, losses))
-            losses = []
-        if step + 1 == stop or (tcfg.checkpoint_every and (step + 1) % tcfg.checkpoint_every == 0):
-            state = {"global_step": step + 1, "epoch": metrics["epoch"],
-                     "data_position": (step + 1) * global_batch, "num_rows": len(rows),
-                     "global_batch": global_batch, "history": history, "eval_history": eval_history}
-            _save_checkpoint(engine, tokenizer, state, metrics, rank, finetune)
-        elif evaluated or config["report_every_step"]:
-            ray.train.report(metrics)
+    error = None
+    try:
+        for step in range(start_step, stop):
+            # Per-step seed: dropout noise depends only on (seed, step, rank), so resume is exact.
+            torch.manual_seed(tcfg.seed * 1_000_003 + step * 1009 + rank)
+            micro = worker_micro_batches(step_rows(step, len(rows), global_batch, tcfg.seed), rank,
+                                         tcfg.micro_batch_size, tcfg.grad_accum)
+            metrics = _train_step(engine, task, [[rows[i] for i in idx] for idx in micro], tokenizer.pad_token_id, step)
+            metrics.update(step=step + 1, epoch=(step + 1) * global_batch / len(rows))
+            if peak:
+                metrics["perf/mfu"] = metrics["perf/tokens_per_second"] * flops_per_token / (peak * world)
+            history.append({"step": step + 1, "loss": metrics["loss"]})
+            losses.append(metrics["loss"])
+            evaluated = bool(eval_rows) and (step + 1 == total
+                                             or (task.eval_every and (step + 1) % task.eval_every == 0))
+            if evaluated:
+                scores = evaluate()
+                metrics.update(scores)
+                eval_history.append({"step": step + 1, **scores})
+            _log_scalars(writer, metrics, step + 1)
+            if bar is not None:
+                bar.set_description(f"{task.name} loss={metrics['loss']:.4f}")
+                bar.update(1)
+            if rank == 0 and every and ((step + 1) % every == 0 or step + 1 == stop):
+                log.info("%s", metrics_line(metrics, losses))
+                losses = []
+            if step + 1 == stop or (tcfg.checkpoint_every and (step + 1) % tcfg.checkpoint_every == 0):
+                state = {"global_step": step + 1, "epoch": metrics["epoch"],
+                         "data_position": (step + 1) * global_batch, "num_rows": len(rows),
+                         "global_batch": global_batch, "history": history, "eval_history": eval_history}
+                _save_checkpoint(engine, tokenizer, state, metrics, rank, finetune)
+            elif evaluated or config["report_every_step"]:
+                ray.train.report(metrics)
+    except TrainingError as e:  # on every rank at once: returned, not raised, so Ray Train does not retry
+        error = str(e)
     if bar is not None:
         bar.close()
     if writer is not None:
         writer.close()
     return {"history": history, "eval_history": eval_history, "metrics": metrics,
-            "resumed_from_step": start_step}
+            "resumed_from_step": start_step, "error": error}
 
 
 #: Dense bfloat16 tensor-core peak of each GPU, in FLOP/s, by a substring of its name (the first
 #: that matches); ``perf/mfu`` divides the step's model FLOP/s by it.
 GPU_PEAK_BF16 = (("H200", 989e12), ("H100", 989e12), ("GH200", 989e12), ("A100", 312e12), ("L40S", 362e12),
-                 ("L4", 121e12), ("A10", 125e12), ("RTX 4090", 165e12), ("RTX 3090", 71e12))
+                 ("L4", 121e12), ("A10G", 70e12), ("A10", 125e12), ("RTX 4090", 165e12), ("RTX 3090", 71e12))
 
 
 def gpu_peak_flops() -> float | None:
@@ -320,7 +327,8 @@ def training_flops_per_token(model, finetune: str) -> float:
     weights outside the embeddings, plus 2N for the weights' own gradients where they train (all
     of them with ``finetune: full``, the adapters' with LoRA). Attention scores and the LM head,
     which runs on the answer positions only, are left out: MFU is slightly understated."""
-    embeddings = {id(model.get_input_embeddings().weight)}
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    embeddings = {id(model.get_input_embeddings().weight)} | ({id(output.weight)} if output is not None else set())
     counted = [(getattr(p, "ds_numel", p.numel()), p.requires_grad) for p in model.parameters()
                if id(p) not in embeddings]
     weights = sum(n for n, _ in counted)
@@ -506,22 +514,27 @@ def _setup_engine(config: dict, total: int):
 
 def _stop_if_not_finite(task: TrainingTask, step: int, what: str, value, rows: list[dict], device) -> None:
     """Raise `TrainingError` on every rank when ``value`` is not finite on any rank (``device``:
-    where to agree on it, one all-reduce; None when ``value`` is the same on every rank). Raised
-    before the checkpoint of the step is written, so the last checkpoint holds good weights."""
+    where to agree on it, one all-reduce, and to gather the bad batches' ids from every rank; None
+    when ``value`` is the same on every rank). Raised before the checkpoint of the step is
+    written, so the last checkpoint holds good weights; the worker returns it
+    (`train_loop_per_worker`), so Ray Train does not retry what would fail again."""
     import torch
 
-    bad = torch.tensor([0.0 if bool(torch.isfinite(value.detach()).all()) else 1.0],
-                       device=device or "cpu", dtype=torch.float32)
+    finite = bool(torch.isfinite(value.detach()).all())
+    bad = torch.tensor([0.0 if finite else 1.0], device=device or "cpu", dtype=torch.float32)
     if device is not None:
         torch.distributed.all_reduce(bad)
     if not bad.item():
         return
-    ids = [str(r.get(task.key)) for r in rows] if not bool(torch.isfinite(value.detach()).all()) else []
-    here = (f"; this rank's batch: {task.key} {', '.join(ids[:8])}{' ...' if len(ids) > 8 else ''}" if ids
-            else "; on another rank's batch")
-    raise TrainingError(f"{task.name}: non-finite {what} ({float(value.detach().float().flatten()[0])}) at step "
-                        f"{step + 1}{here}. Nothing after the last checkpoint was saved. Likely causes: a learning "
-                        "rate too high for the model, bfloat16 overflow (try model.dtype: float32), or bad rows")
+    ids = [] if finite else [str(r.get(task.key)) for r in rows]
+    if device is not None:
+        parts: list = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(parts, ids)
+        ids = [i for part in parts for i in part]
+    raise TrainingError(f"{task.name}: non-finite {what} at step {step + 1}; the batch: {task.key} "
+                        f"{', '.join(ids[:8])}{' ...' if len(ids) > 8 else ''}. Nothing after the last checkpoint "
+                        "was saved. Likely causes: a learning rate too high for the model, bfloat16 overflow "
+                        "(try model.dtype: float32), or bad rows")
 
 
 def _train_step(engine, task: TrainingTask, micro_batches: list[list[dict]], pad_id: int, step: int = 0) -> dict:

@@ -1,4 +1,4 @@
-"""The samples stage on Ray Data (#17): sharded input (folders, globs, `pyarrow.fs` URIs), errors
+"""The samples stage on Ray Data: sharded input (folders, globs, `pyarrow.fs` URIs), errors
 raised from the read tasks exactly as the single-file readers raise them, and a content hash
 independent of file layout and of the number of shuffle partitions."""
 

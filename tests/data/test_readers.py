@@ -328,7 +328,7 @@ def test_parquet_timestamps_refused_by_row(tmp_path, column, match):
         readers.read_parquet_files(tmp_path / "i.parquet", tmp_path / "c.parquet")
 
 
-# --- #39: timestamps in one unit per file (data.timestamp_unit), one integer syntax -------------
+# --- timestamps in one unit per file (data.timestamp_unit), one integer syntax ------------------
 
 
 @pytest.mark.parametrize("fmt", ["csv", "parquet"])

@@ -21,7 +21,7 @@ from rosepo.storage import read_manifest
 
 
 #: The content hash of the default ML-100K samples. Once (b34bbb2) the single-process build's, the
-#: same rows the Ray Data build made (#17); since #39 with ML-100K's 18 films listed twice merged and
+#: same rows the Ray Data build made; since title identity, with ML-100K's 18 films listed twice merged and
 #: 5 pairs of namesakes dated ("Cape Fear (1962)"): 221 train samples fewer, valid and test as many.
 ML100K_HASH = "5e555f0e84e003501b4cd86da0c59110e8e1429a87538b2ee20557b1de6ec1db"
 
@@ -155,6 +155,31 @@ def test_timestamp_unit_reaches_every_file_read(tmp_path):
     assert events.column("timestamp").to_pylist() == [t // 1000 for t in ms]
 
 
+def test_files_of_one_input_in_two_units_are_refused_under_auto(tmp_path, ray_session):
+    """Shards of one input, one in seconds and one in milliseconds, each consistent on its own:
+    under auto they would be merged in two units and ordered wrongly. Refused naming both files'
+    first rows, on Ray (`build_samples`) and in one process (`load_source`), nothing written;
+    the milliseconds file alone is read, as given."""
+    (tmp_path / "events").mkdir()
+    (tmp_path / "events" / "a.csv").write_text("user_id,item_id,timestamp\n" + "".join(
+        f"u{u},{k},{1_600_000_000 + 60 * k}\n" for u in range(4) for k in range(12)))
+    (tmp_path / "events" / "b.csv").write_text("user_id,item_id,timestamp\n" + "".join(
+        f"v{u},{k},{1_600_000_000_000 + 60_000 * k}\n" for u in range(4) for k in range(12)))
+    (tmp_path / "c.csv").write_text("item_id,title\n" + "".join(f"{k},T{k}\n" for k in range(40)))
+    cfg = DataConfig(format="csv", interactions=str(tmp_path / "events"), catalog=str(tmp_path / "c.csv"),
+                     min_history=3, split=(0.5, 0.25, 0.25))
+    message = (r"b\.csv, row 1, column 'timestamp': timestamp 1600000000000 reads as ms by its magnitude, but "
+               r".*a\.csv row 1's 1600000000 as s")
+    with pytest.raises(DataError, match=message):
+        load_source(cfg)
+    with pytest.raises(DataError, match=message):
+        build_samples(cfg, tmp_path / "out")
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".tmp-*"))
+    (tmp_path / "events" / "a.csv").unlink()
+    events, _, _ = load_source(cfg)  # one unit: read
+    assert events.column("timestamp").to_pylist()[:2] == [1_600_000_000_000, 1_600_000_060_000]
+
+
 def test_too_few_items_leaves_nothing(tmp_path, ray_session):
     (tmp_path / "i.csv").write_text("user_id,item_id,timestamp\n" + "".join(f"u,{k},{k}\n" for k in range(8)))
     (tmp_path / "c.csv").write_text("item_id,title\n" + "".join(f"{k},T{k}\n" for k in range(8)))
@@ -172,7 +197,7 @@ def test_cli_bad_input_exit_code_and_no_output(tmp_path):
                            f"data.interactions={tmp_path / 'i.csv'}", f"data.catalog={tmp_path / 'c.csv'}",
                            f"storage={tmp_path / 'runs'}"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr
-    # The rows are checked on Ray Data (#17), so Ray starts and logs; the refusal is the last line.
+    # The rows are checked on Ray Data, so Ray starts and logs; the refusal is the last line.
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("rosepo: error: file ") and "i.csv, row 2, column 'timestamp'" in last, proc.stderr
     assert "Traceback" not in proc.stderr, proc.stderr

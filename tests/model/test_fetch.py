@@ -129,3 +129,13 @@ def test_a_hub_model_is_copied_out_of_the_cache(tmp_path, monkeypatch):
     assert copied.is_file() and not copied.is_symlink() and copied.read_text() == '{"model_type": "llama"}'
     with pytest.raises(FetchError, match="'org/absent' is neither a folder nor in the Hugging Face cache"):
         mf.copy_hub_model("org/absent", tmp_path / "stage2" / "hf")
+
+
+def test_a_relative_local_folder_resolves_to_an_absolute_path(tmp_path, monkeypatch):
+    """A model folder named relative to the working directory is recorded absolute: the model
+    stage's manifest then points at it from any folder (`layout.base_model_path`)."""
+    (tmp_path / "models" / "my-model").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    assert mf.resolve_model("models/my-model") == str(tmp_path.resolve() / "models" / "my-model")
+    monkeypatch.chdir(tmp_path / "models")
+    assert mf.resolve_model("models/my-model") == "models/my-model"  # not here: a hub name, passed through

@@ -176,7 +176,7 @@ def test_impossible_config_or_data_refused_before_ray_starts(tmp_path):
     with pytest.raises(DataError, match="1 train samples"):
         train_oracle(tmp_path / "s", OracleConfig(num_workers=2), tmp_path / "out")
     assert not (tmp_path / "out").exists()
-    # No valid samples (too small a share of few users): once refused only after training (#39).
+    # No valid samples (too small a share of few users): once refused only after training.
     write_samples(tmp_path / "s2", {"train": [("u1:000003", ["1"], "2", ["2", "3"])],
                                     "test": [("u2:000003", ["1"], "2", ["2", "3"])]})
     with pytest.raises(DataError, match="no valid samples to evaluate the oracle on"):

@@ -372,11 +372,12 @@ def test_sigkilled_worker_is_replaced_and_rosepo_resumes_exactly(rosepo_run, ml1
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_a_non_finite_loss_stops_the_run_naming_the_batch(ml100k_pairs, tmp_path):
+def test_a_non_finite_loss_stops_the_run_naming_the_batch(ml100k_pairs, tmp_path, monkeypatch):
     """One pair whose reference log-prob is NaN (a bad row) makes its batch's loss NaN: the run stops
     at that step with one `TrainingError` naming the stage, the step and the pair, raised in the
-    driver as rosepo's own error (not Ray's); the checkpoints before it stay, none is written after."""
-    import pyarrow as pa
+    driver as rosepo's own error (not Ray's), without the retries `max_failures` allows for a
+    worker that dies (they would fail again on the same batch); the checkpoints before it stay,
+    none is written after."""
     import pyarrow.compute as pc
     import ray
 
@@ -384,11 +385,11 @@ def test_a_non_finite_loss_stops_the_run_naming_the_batch(ml100k_pairs, tmp_path
     from rosepo.layout import read_pairs
     from rosepo.model.factory import load_tokenizer
     from rosepo.train.align import AlignTask
-    from rosepo.train.loop import fit
+    from rosepo.train import loop
     from rosepo.train.schedule import find_latest_checkpoint, step_rows, worker_micro_batches
 
     model, pairs = ml100k_pairs
-    cfg = _cfg(checkpoint_every=2)
+    cfg = _cfg(checkpoint_every=2, max_failures=2)
     table = read_pairs(pairs, "train").sort_by("pair_id")
     geometry = cfg.align.num_workers * cfg.align.micro_batch_size
     bad_step = 4  # the first pair of rank 0's micro-batch at step 4 (1-based) goes bad
@@ -398,13 +399,18 @@ def test_a_non_finite_loss_stops_the_run_naming_the_batch(ml100k_pairs, tmp_path
     ref = pc.if_else(pc.equal(table.column("pair_id"), bad_id), float("nan"), table.column("ref_chosen_logp"))
     table = table.set_column(table.schema.get_field_index("ref_chosen_logp"), "ref_chosen_logp", ref)
     task = AlignTask(cfg.align, cfg.model, load_tokenizer(str(model)).pad_token_id)
+
+    def failed_through_ray(error):
+        raise AssertionError(f"the run failed through Ray Train's failure handling: {error}")
+
+    monkeypatch.setattr(loop, "worker_error", failed_through_ray)
     with pytest.raises(TrainingError) as e:
-        fit(task, cfg.model, model_path=str(model), adapter=None, datasets={"train": ray.data.from_arrow(table)},
-            output_dir=str(tmp_path), run_name="nan")
-    assert f"align: non-finite loss (nan) at step {bad_step}" in str(e.value) and bad_id in str(e.value)
+        loop.fit(task, cfg.model, model_path=str(model), adapter=None,
+                 datasets={"train": ray.data.from_arrow(table)}, output_dir=str(tmp_path), run_name="nan")
+    assert f"align: non-finite loss at step {bad_step}; the batch: pair_id " in str(e.value)
+    assert bad_id in str(e.value)
     latest = find_latest_checkpoint(tmp_path / "nan")
     assert latest is not None and "global_step\": 2" in (latest / "trainer_state.json").read_text()
-    assert isinstance(table, pa.Table)
 
 
 def _step0_margins(pairs_dir, model, cfg, dtype):

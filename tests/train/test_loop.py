@@ -23,7 +23,7 @@ def test_metrics_line_reads_like_hf_trainer():
 
 def test_training_flops_per_token_counts_the_weights_that_run():
     """A Llama of hidden 8, 2 layers, vocabulary 50, tied embeddings: the 400 embedding weights are a
-    lookup, not a matmul, and stay out. Full fine-tuning: 6 FLOPs per other weight and token
+    lookup (and the LM head, answer positions only), and stay out. Full fine-tuning: 6 FLOPs per other weight and token
     (forward, activations' and weights' gradients); LoRA: 4 per frozen weight plus 6 per adapter
     weight."""
     import torch
@@ -42,6 +42,11 @@ def test_training_flops_per_token_counts_the_weights_that_run():
     adapters = sum(p.numel() for n, p in lora.named_parameters() if "lora_" in n)
     assert adapters == 2 * (8 * 2 + 2 * 8)  # 2 layers x (A: 8->2, B: 2->8)
     assert training_flops_per_token(lora, "lora") == 4 * (weights + adapters) + 2 * adapters
+    # Untied: the LM head's 400 weights stay out too (it runs on the answer positions only).
+    untied = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=8, intermediate_size=16, num_hidden_layers=2,
+                                          num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=False))
+    assert sum(p.numel() for p in untied.parameters()) - 2 * 50 * 8 == weights
+    assert training_flops_per_token(untied, "full") == 6 * weights
 
 
 def test_logging_steps_below_one_is_a_fraction_of_the_run_as_in_hf():
