@@ -8,9 +8,11 @@ DPO rewards ``beta * (policy - ref)``, detached, for logging (``rewards/chosen``
 Shapes: chosen log-probs are ``(B,)``; rejected are ``(B,)``, or ``(B, K)`` for the
 multi-negative S-DPO; ``eps`` is a per-example tensor shaped like the chosen log-probs.
 
-Non-finite inputs are not checked here (a check per call would synchronise the GPU): a NaN or
-infinite log-prob gives a NaN or infinite loss, and the training loop stops the run at the first
-such loss or gradient norm, naming the step and the batch (`rosepo.train.loop`).
+Non-finite inputs are not checked here (these are pure functions, also run by the benchmarks): a
+NaN or infinite log-prob gives a NaN or infinite loss, and the training loop, which checks each
+micro-batch's loss once before its backward (one host sync per micro-batch) and each step's
+gradient norm, stops the run at the first such value, naming the step and the batch
+(`rosepo.train.loop`).
 """
 
 from __future__ import annotations
