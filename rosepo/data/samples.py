@@ -496,8 +496,8 @@ def check_file_units(parts: list[str], source: Source) -> None:
     (ua, fa), (ub, fb) = sorted(units.items(), key=lambda kv: kv[1])[:2]
     a, b = source.where(first[fa][1]), source.where(first[fb][1])
     raise DataError(f"timestamp {first[fb][2]} reads as {ub} by its magnitude, but {a['file']} row {a['row']}'s "
-                    f"{first[fa][2]} as {ua}: the files of one input are read in one unit; set "
-                    "data.timestamp_unit (s, ms, us or ns) to the files' unit, or convert them to one unit",
+                    f"{first[fa][2]} as {ua}: the files of one input must share one unit (each is read as given "
+                    "under data.timestamp_unit auto); convert them to one unit, then set data.timestamp_unit to it",
                     file=b["file"], row=b["row"], column="timestamp")
 
 

@@ -3,8 +3,8 @@
 The folder is a Hugging Face model folder (``AutoModelForCausalLM.from_pretrained(folder)``
 loads it) with what rosepo's recommender needs beside it:
 
-- ``model.safetensors``, ``config.json``: the model, a LoRA adapter merged into its weights, in the
-  dtype it computes in on a CPU (float32 under ``model.dtype: auto``; bfloat16 where the config
+- ``model.safetensors``, ``config.json``: the model (a LoRA adapter, where one was trained, merged
+  into its weights) in the dtype it computes in on a CPU (float32 under ``model.dtype: auto``; bfloat16 where the config
   says so), and its tokenizer files;
 - ``generation_config.json``: greedy decoding, the evaluation's answer length, EOS and padding;
 - ``item_embeddings.safetensors``, for a model with hybrid item tokens: the item table, the
@@ -36,7 +36,6 @@ from rosepo.layout import CATALOG_FILE, ITEM_EMBEDDINGS
 from rosepo.model.items import HybridItemLM
 from rosepo.pipeline import stage_key
 from rosepo.storage import atomic_dir, atomic_write_text, is_complete, read_manifest
-
 
 
 def export_run(run_dir: str | Path, out: str | Path, *, stage: str = "align") -> Path:
