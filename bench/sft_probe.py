@@ -2,8 +2,8 @@
 
 What the SFT levers were measured with (`sft.candidate_weight`, `sft.oracle_weight`,
 `sft.history_weight`, `model.title_init`, `model.user_token`, `data.prompt_style`; the
-experiment record, docs/record.md). The pipeline builds the samples, the oracle and the model of the config (cached
-like any run); then one process trains the model with the SFT task's own tokenisation, `collate`
+experiment record, docs/record.md). The pipeline builds the samples, the oracle and the model of
+the config (cached like any run); then one process trains the model with the SFT task's own tokenisation, `collate`
 and `compute_loss` (plain AdamW, the loop's warmup + cosine schedule, global batch =
 ``sft.num_workers × sft.micro_batch_size``, gradient clipping), without Ray Train or DeepSpeed,
 so that several variants fit side by side on a 2-core box. It first prints SASRec's ranking HR@1

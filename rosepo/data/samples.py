@@ -470,9 +470,9 @@ def file_units(events: pa.Table) -> dict[str, list]:
     (`readers.TimestampUnit`); `check_file_units` refuses an input whose files disagree."""
     if not len(events):
         return {}
-    order = np.argsort(events.column("_pos").to_numpy(), kind="stable")
-    pos = events.column("_pos").to_numpy()[order]
-    ts = events.column("timestamp").to_numpy()[order]
+    pos = events.column("_pos").to_numpy()
+    order = np.argsort(pos, kind="stable")
+    pos, ts = pos[order], events.column("timestamp").to_numpy()[order]
     files, first = np.unique(pos >> FILE_SHIFT, return_index=True)  # pos sorted: each file's first row
     bands = np.searchsorted([b for b, _ in readers.UNIT_BANDS], np.abs(ts[first].astype(np.float64)), side="right")
     return {str(f): [readers.UNIT_BANDS[b][1], int(pos[i]), int(ts[i])]

@@ -4,8 +4,8 @@ The folder is a Hugging Face model folder (``AutoModelForCausalLM.from_pretraine
 loads it) with what rosepo's recommender needs beside it:
 
 - ``model.safetensors``, ``config.json``: the model (a LoRA adapter, where one was trained, merged
-  into its weights) in the dtype it computes in on a CPU (float32 under ``model.dtype: auto``; bfloat16 where the config
-  says so), and its tokenizer files;
+  into its weights) in the dtype it computes in on a CPU (float32 under ``model.dtype: auto``,
+  bfloat16 where the config says so), and its tokenizer files;
 - ``generation_config.json``: greedy decoding, the evaluation's answer length, EOS and padding;
 - ``item_embeddings.safetensors``, for a model with hybrid item tokens: the item table, the
   trained projector(s) and the oracle's user encoder (`rosepo.model.items`); such a model reads

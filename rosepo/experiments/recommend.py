@@ -25,6 +25,7 @@ in-process, ``eval.batch_size`` at a time), sampling or beam search.
 from __future__ import annotations
 
 import difflib
+import json
 from pathlib import Path
 
 import pyarrow as pa
@@ -99,8 +100,6 @@ class Recommender:
         given, must be the one it was exported from), or the model of ``stage`` (the aligned one,
         the default, or ``sft``) of the finished run whose folder it is. ``device``: ``auto`` (the
         GPU when this process sees one), ``cpu`` or ``cuda``."""
-        import json
-
         import pyarrow.parquet as pq
 
         folder = Path(folder).resolve()

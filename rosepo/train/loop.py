@@ -266,40 +266,41 @@ def train_loop_per_worker(config: dict) -> dict:
         _log_scalars(writer, eval_history[-1], 0)
     engine.train()
     error = None
-    try:
-        for step in range(start_step, stop):
-            # Per-step seed: dropout noise depends only on (seed, step, rank), so resume is exact.
-            torch.manual_seed(tcfg.seed * 1_000_003 + step * 1009 + rank)
-            micro = worker_micro_batches(step_rows(step, len(rows), global_batch, tcfg.seed), rank,
-                                         tcfg.micro_batch_size, tcfg.grad_accum)
-            metrics = _train_step(engine, task, [[rows[i] for i in idx] for idx in micro], tokenizer.pad_token_id, step)
-            metrics.update(step=step + 1, epoch=(step + 1) * global_batch / len(rows))
-            if peak:
-                metrics["perf/mfu"] = metrics["perf/tokens_per_second"] * flops_per_token / (peak * world)
-            history.append({"step": step + 1, "loss": metrics["loss"]})
-            losses.append(metrics["loss"])
-            evaluated = bool(eval_rows) and (step + 1 == total
-                                             or (task.eval_every and (step + 1) % task.eval_every == 0))
-            if evaluated:
-                scores = evaluate()
-                metrics.update(scores)
-                eval_history.append({"step": step + 1, **scores})
-            _log_scalars(writer, metrics, step + 1)
-            if bar is not None:
-                bar.set_description(f"{task.name} loss={metrics['loss']:.4f}")
-                bar.update(1)
-            if rank == 0 and every and ((step + 1) % every == 0 or step + 1 == stop):
-                log.info("%s", metrics_line(metrics, losses))
-                losses = []
-            if step + 1 == stop or (tcfg.checkpoint_every and (step + 1) % tcfg.checkpoint_every == 0):
-                state = {"global_step": step + 1, "epoch": metrics["epoch"],
-                         "data_position": (step + 1) * global_batch, "num_rows": len(rows),
-                         "global_batch": global_batch, "history": history, "eval_history": eval_history}
-                _save_checkpoint(engine, tokenizer, state, metrics, rank, finetune)
-            elif evaluated or config["report_every_step"]:
-                ray.train.report(metrics)
-    except TrainingError as e:  # on every rank at once: returned, not raised, so Ray Train does not retry
-        error = str(e)
+    for step in range(start_step, stop):
+        # Per-step seed: dropout noise depends only on (seed, step, rank), so resume is exact.
+        torch.manual_seed(tcfg.seed * 1_000_003 + step * 1009 + rank)
+        micro = worker_micro_batches(step_rows(step, len(rows), global_batch, tcfg.seed), rank,
+                                     tcfg.micro_batch_size, tcfg.grad_accum)
+        try:
+            metrics = _train_step(engine, task, [[rows[i] for i in idx] for idx in micro], tokenizer.pad_token_id,
+                                  step)
+        except TrainingError as e:  # on every rank at once: returned, not raised, so Ray Train does not retry
+            error = str(e)
+            break
+        metrics.update(step=step + 1, epoch=(step + 1) * global_batch / len(rows))
+        if peak:
+            metrics["perf/mfu"] = metrics["perf/tokens_per_second"] * flops_per_token / (peak * world)
+        history.append({"step": step + 1, "loss": metrics["loss"]})
+        losses.append(metrics["loss"])
+        evaluated = bool(eval_rows) and (step + 1 == total or (task.eval_every and (step + 1) % task.eval_every == 0))
+        if evaluated:
+            scores = evaluate()
+            metrics.update(scores)
+            eval_history.append({"step": step + 1, **scores})
+        _log_scalars(writer, metrics, step + 1)
+        if bar is not None:
+            bar.set_description(f"{task.name} loss={metrics['loss']:.4f}")
+            bar.update(1)
+        if rank == 0 and every and ((step + 1) % every == 0 or step + 1 == stop):
+            log.info("%s", metrics_line(metrics, losses))
+            losses = []
+        if step + 1 == stop or (tcfg.checkpoint_every and (step + 1) % tcfg.checkpoint_every == 0):
+            state = {"global_step": step + 1, "epoch": metrics["epoch"],
+                     "data_position": (step + 1) * global_batch, "num_rows": len(rows),
+                     "global_batch": global_batch, "history": history, "eval_history": eval_history}
+            _save_checkpoint(engine, tokenizer, state, metrics, rank, finetune)
+        elif evaluated or config["report_every_step"]:
+            ray.train.report(metrics)
     if bar is not None:
         bar.close()
     if writer is not None:
