@@ -8,6 +8,7 @@ worker-group start timeout (a broken worker fails the test instead of hanging it
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -176,15 +177,27 @@ def smoke_run(tmp_path_factory) -> tuple[str, str, Path]:
     return (run / SUMMARY_FILE).read_text(), proc.stdout, run
 
 
+def copy_stages(run: Path, into: Path, *stages: str) -> None:
+    """Copy the finished ``stages`` of the run folder ``run`` into the run folder ``into``: a run of
+    a config whose sections those stages hash are equal finds them done (stage folders are
+    addressed by that hash, and a run folder can move), instead of building them again."""
+    for stage in stages:
+        folder = next(run.glob(f"{stage}-*/manifest.json")).parent
+        shutil.copytree(folder, into / folder.name)
+
+
 @pytest.fixture(scope="session")
-def text_run(tmp_path_factory) -> Path:
+def text_run(tmp_path_factory, smoke_run) -> Path:
     """The smoke config as it ships (text-only prompts) through SFT, in a subprocess: the folder
-    of a run whose model plain transformers can run."""
+    of a run whose model plain transformers can run. Its samples and oracle are the smoke run's
+    (the same data and oracle sections): only the model and SFT stages are its own."""
     storage = tmp_path_factory.mktemp("text")
+    copy_stages(smoke_run[2], storage / "smoke", "samples", "oracle")
     proc = subprocess.run(rosepo_command("run", "--config", "configs/smoke.yaml", f"storage={storage}",
                                          f"data.data_dir={REPO / 'data'}", "--until", "sft"),
                           cwd=REPO, env=COMMAND_ENV, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-5000:]
+    assert "samples: done earlier" in proc.stderr and "oracle: done earlier" in proc.stderr, proc.stderr[-3000:]
     return storage / "smoke"
 
 

@@ -19,6 +19,7 @@ from rosepo.errors import ConfigError
 from rosepo.eval.evaluate import BASELINES
 from rosepo.experiments import compare, methods, noise, report
 from rosepo.storage import atomic_dir, is_complete, read_manifest, write_manifest
+from tests.conftest import copy_stages
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -222,22 +223,24 @@ def untrained_sft(monkeypatch):
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_compare_end_to_end_then_resume(ray_session, ml100k_samples, untrained_sft, tmp_path, monkeypatch, caplog):
+def test_compare_end_to_end_then_resume(ray_session, text_run, untrained_sft, tmp_path, monkeypatch, caplog):
     """The smoke config's slice (32 train samples, 4-step alignment, 16 valid samples evaluated),
     RosePO with one seed, through the real pipeline (SFT aside), Ray Train + DeepSpeed and the
     eval stage's actor pool; the outputs hold what they should; the same at label noise 0 and 0.4
     (``compare.noise_rates``: noise 0 is this comparison, reused; 0.4 builds its own pairs) and its
-    noise report; a second compare runs no cell and writes the same tables. One seed keeps it
-    near 110 s on 2 idle cores (the oracle, the pairs, the baselines and each cell start their
-    own Ray Train run or actor pool; a second seed costs 30 s more): several seeds are
-    `run_cells`' loop, tested above."""
+    noise report; a second compare runs no cell and writes the same tables. The samples, oracle
+    and model are the session's text run's. One seed keeps it near 90 s on 2 cores (the pairs,
+    the baselines and each cell start their own Ray Train run or actor pool; a second seed costs
+    30 s more): several seeds are `run_cells`' loop, tested above."""
     # ε constant 0 and no label noise: the comparison a noise rate of 0 runs (`noise.rate_config`)
     cfg = load_config(REPO / "configs/smoke.yaml", [
         f"storage={tmp_path}", f"data.data_dir={REPO / 'data'}", "compare.methods=[rosepo]", "compare.seeds=1",
         "pairs.eval_samples=8", "align.eps_constant=0"])
-    shutil.copytree(ml100k_samples, pipeline.stage_dir(cfg, "samples"))  # the session's samples, same config
+    # The session's text run has the same data, oracle and model sections: its stages are reused.
+    copy_stages(text_run, pipeline.run_folder(cfg), "samples", "oracle", "model")
     caplog.set_level(logging.INFO, logger="rosepo")
     paths = compare.run_compare(cfg)
+    assert {m.split(":")[0] for m in caplog.messages if ": done earlier" in m} >= {"samples", "oracle", "model"}
     out = Path(paths["dir"])
     assert out == compare.compare_dir(cfg)
 

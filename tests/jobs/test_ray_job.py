@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from rosepo.runtime import free_port
+from tests.conftest import copy_stages
 
 REPO = Path(__file__).resolve().parents[2]
 RAY = str(Path(sys.executable).parent / "ray")
@@ -119,25 +120,29 @@ def _sft_losses(run: Path) -> list[float]:
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_killed_job_resumes_without_redoing_finished_stages_and_succeeds(cluster, tmp_path):
+def test_killed_job_resumes_without_redoing_finished_stages_and_succeeds(text_run, cluster, tmp_path):
     """`ray job submit` of jobs/train.py through SFT, stopped while SFT runs: no partial stage
-    folder is ever visible; the resubmitted job skips samples and model, finishes SFT and
-    succeeds, and the run folder holds every stage's output. (One job pair, not an extra
-    unbroken job: each costs ~3 min here, and SFT's exact resume is tests/train's.)"""
+    folder is ever visible; the resubmitted job skips the finished stages, finishes SFT and
+    succeeds, and the run folder holds every stage's output. The samples, oracle and model are the
+    session's text run's (the same config: its run folder copied), so the first job goes straight
+    to SFT. (One job pair, not an extra unbroken job: each costs ~1 min here, and SFT's exact
+    resume is tests/train's.)"""
     args = _smoke_args(tmp_path) + ["--until", "sft"]
-    job = _submit(args, wait=False)
     run = tmp_path / "smoke"
+    copy_stages(text_run, run, "samples", "oracle", "model")
+    job = _submit(args, wait=False)
     deadline = time.time() + 600
-    while not list(run.glob("model-*/manifest.json")):
-        assert time.time() < deadline, "the model stage did not finish in time"
-        time.sleep(1)
-    time.sleep(8)  # into the SFT stage
+    while not list(run.glob(".work/sft-*")):  # the SFT stage's Ray Train run has started
+        assert time.time() < deadline, "the SFT stage did not start in time"
+        time.sleep(0.5)
+    time.sleep(4)  # into its training
     subprocess.run([RAY, "job", "stop", "--address", _dashboard(), job], env=_env(), capture_output=True, timeout=120)
     assert not list(run.glob("sft-*")), "a partial SFT output is visible"
     proc = _submit(args)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "succeeded" in proc.stdout
-    assert "samples: done earlier, skipped" in proc.stdout and "model: done earlier, skipped" in proc.stdout
+    for stage in ("samples", "oracle", "model"):
+        assert f"{stage}: done earlier, skipped" in proc.stdout
     assert "sft: running" in proc.stdout
     assert list(run.glob("sft-*/manifest.json")) and not list(run.glob(".tmp-*"))
     manifest = json.loads((next(run.glob("samples-*")) / "manifest.json").read_text())
