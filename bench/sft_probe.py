@@ -15,6 +15,8 @@ log-likelihood (rank HR@1). One JSON line per evaluation; ``--out`` keeps the wh
     python -m bench sft-probe --config configs/ml100k-tiny.yaml --steps 3000 sft.candidate_weight=1.0
     python -m bench sft-probe --config configs/smoke.yaml --steps 2 --eval-every 1 --eval-samples 4 \
         --train-samples 64   # a check of the code, in seconds
+    python -m bench sft-probe --steps 600 --candidate-draws 8      # fresh negatives each epoch
+    python -m bench sft-probe --steps 600 --then-steps 200 --then sft.candidate_weight=5.0   # two phases
 
 The prototypes that carried the oracle's scores to the answer logits (``--skip-gain``,
 ``--oracle-prior``, ``--zero-residual``, ...; docs/record.md) were removed after their
@@ -43,22 +45,36 @@ def run(argv: list[str] | None = None) -> int:
                         "(0: every train sample, as the curves of BENCHMARKS.md were measured)")
     p.add_argument("--eval-start", action="store_true", help="evaluate the model before the first step too")
     p.add_argument("--out", default="", help="write the curve as JSON here")
+    p.add_argument("--candidate-draws", type=int, default=1,
+                   help="train on this many candidate sets per train sample: its own and fresh draws of the "
+                        "negatives, the prompt rendered again (an augmentation against memorising)")
+    p.add_argument("--then-steps", type=int, default=0,
+                   help="a second phase of this many steps after --steps, from the trained weights, with its own "
+                        "optimizer and cosine schedule and the --then overrides")
+    p.add_argument("--then", action="append", default=[], metavar="KEY=VALUE",
+                   help="an override of the second phase (sft.* keys: its terms, learning rate), repeatable")
     p.add_argument("overrides", nargs="*", help="key=value config overrides")
     a = p.parse_args(argv)
     cfg = load_config(a.config, a.overrides)
-    curve = probe(cfg, a.steps, a.eval_every, a.eval_samples, a.threads, a.eval_start, a.train_samples)
+    then = load_config(a.config, [*a.overrides, *a.then]) if a.then_steps else None
+    curve = probe(cfg, a.steps, a.eval_every, a.eval_samples, a.threads, a.eval_start, a.train_samples,
+                  candidate_draws=a.candidate_draws, then=then, then_steps=a.then_steps)
     if a.out:
         from rosepo.storage import atomic_write_text
 
-        atomic_write_text(a.out, json.dumps({"overrides": a.overrides, "steps": a.steps, "curve": curve}, indent=1))
+        atomic_write_text(a.out, json.dumps({"overrides": a.overrides, "steps": a.steps, "candidate_draws":
+                                             a.candidate_draws, "then_steps": a.then_steps, "then": a.then,
+                                             "curve": curve}, indent=1))
     return 0
 
 
 def probe(cfg, steps: int, eval_every: int, eval_samples: int, threads: int, eval_start: bool = False,
-          train_samples: int = 0) -> list[dict]:
+          train_samples: int = 0, *, candidate_draws: int = 1, then=None, then_steps: int = 0) -> list[dict]:
     """Train the config's model for ``steps`` global batches on every train sample (or a seeded
-    slice of ``train_samples``); the evaluations (with ``eval_start`` also one before the first
-    step), as dicts."""
+    slice of ``train_samples``; with ``candidate_draws`` > 1 each sample also with fresh negatives,
+    `redraw_candidates`), then ``then_steps`` more with the SFT terms and learning rate of the
+    config ``then``; the evaluations (with ``eval_start`` also one before the first step), as
+    dicts, steps counted on across the phases."""
     import numpy as np
     import torch
 
@@ -77,9 +93,11 @@ def probe(cfg, steps: int, eval_every: int, eval_samples: int, threads: int, eva
     samples = run_stage(cfg, "samples")
     path = base_model_path(model_stage)
     torch.set_num_threads(threads)
-    train = select_samples(read_split(samples, "train"), train_samples, cfg.sft.seed).to_pandas()
+    train = select_samples(read_split(samples, "train"), train_samples, cfg.sft.seed)
+    if candidate_draws > 1:
+        train = redraw_candidates(train, samples, cfg.data, candidate_draws)
     items = find_items(model_stage)
-    rows = tokenize_rows(train, path, cfg, run_stage(cfg, "oracle"), items)
+    rows = tokenize_rows(train.to_pandas(), path, _terms_of(cfg, then), run_stage(cfg, "oracle"), items)
     valid = read_split(samples, "valid").to_pylist()[:eval_samples]
     print(json.dumps({"eval_samples": len(valid),
                       "sasrec_rank_hr@1": oracle_hit_rate(load_oracle(run_stage(cfg, "oracle")), valid)}),
@@ -88,37 +106,83 @@ def probe(cfg, steps: int, eval_every: int, eval_samples: int, threads: int, eva
     torch.manual_seed(cfg.sft.seed)
     model = load_model(path, dtype=torch.float32)
     model = (attach_items(model, items, trainable=True) if items else model).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.sft.learning_rate, weight_decay=cfg.sft.weight_decay)
     batch_size = cfg.sft.num_workers * cfg.sft.micro_batch_size
-    warmup = int(cfg.sft.warmup_ratio * steps)
     order = np.random.default_rng(cfg.sft.seed)
     queue: list[int] = []
-    task = sft.SFTTask(cfg.sft)
     curve = []
     if eval_start:
         curve.append({"step": 0, "samples": 0, **evaluate(model.eval(), tok, valid, cfg)})
         model.train()
         print(json.dumps(curve[-1]), flush=True)
     t0 = time.perf_counter()
-    for step in range(steps):
-        while len(queue) < batch_size:
-            queue += order.permutation(len(rows)).tolist()
-        idx, queue = queue[:batch_size], queue[batch_size:]
-        for group in optimizer.param_groups:
-            group["lr"] = cfg.sft.learning_rate * lr_factor(step, steps, warmup)
-        loss, _ = task.compute_loss(model, task.collate([rows[i] for i in idx], tok.pad_token_id))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.sft.max_grad_norm)
-        optimizer.step()
-        if (step + 1) % eval_every == 0 or step + 1 == steps:
-            point = {"step": step + 1, "samples": (step + 1) * batch_size,
-                     "train_seconds": round(time.perf_counter() - t0, 1), "loss": round(loss.item(), 4),
-                     **evaluate(model.eval(), tok, valid, cfg)}
-            model.train()
-            curve.append(point)
-            print(json.dumps(point), flush=True)
+    done = 0
+    for phase, n in ((cfg.sft, steps), (then.sft if then else None, then_steps)):
+        if not n:
+            continue
+        task = sft.SFTTask(phase)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=phase.learning_rate, weight_decay=phase.weight_decay)
+        warmup = int(phase.warmup_ratio * n)
+        for step in range(n):
+            while len(queue) < batch_size:
+                queue += order.permutation(len(rows)).tolist()
+            idx, queue = queue[:batch_size], queue[batch_size:]
+            for group in optimizer.param_groups:
+                group["lr"] = phase.learning_rate * lr_factor(step, n, warmup)
+            loss, _ = task.compute_loss(model, task.collate([rows[i] for i in idx], tok.pad_token_id))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), phase.max_grad_norm)
+            optimizer.step()
+            if (step + 1) % eval_every == 0 or step + 1 == n:
+                point = {"step": done + step + 1, "samples": (done + step + 1) * batch_size,
+                         "train_seconds": round(time.perf_counter() - t0, 1), "loss": round(loss.item(), 4),
+                         **evaluate(model.eval(), tok, valid, cfg)}
+                model.train()
+                curve.append(point)
+                print(json.dumps(point), flush=True)
+        done += n
     return curve
+
+
+def _terms_of(cfg, then):
+    """``cfg`` with the SFT terms of both phases switched on (each at its larger weight), for
+    tokenising: rows then carry every column either phase's loss reads."""
+    import dataclasses
+
+    if then is None:
+        return cfg
+    terms = {k: max(getattr(cfg.sft, k), getattr(then.sft, k))
+             for k in ("candidate_weight", "history_weight", "oracle_weight")}
+    return dataclasses.replace(cfg, sft=dataclasses.replace(cfg.sft, **terms))
+
+
+def redraw_candidates(train, samples_dir, data_cfg, draws: int):
+    """``train`` (an Arrow table of samples) followed by ``draws - 1`` copies of it whose 19
+    negatives are drawn again (`rosepo.data.samples.draw_candidates` with the seed
+    ``data.seed + 1000 × k`` for copy k, from the samples' catalogue) and whose prompts are
+    rendered again with the sample's template; ``sample_id`` gets ``#k``."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from rosepo.data.prompts import render_prompt
+    from rosepo.data.samples import draw_candidates
+    from rosepo.layout import CATALOG_FILE
+
+    catalog = pq.read_table(f"{samples_dir}/{CATALOG_FILE}")
+    titles = dict(zip(catalog.column("item_id").to_pylist(), catalog.column("title").to_pylist()))
+    item_ids = list(titles)
+    rows = train.to_pylist()
+    out = list(rows)
+    for k in range(1, draws):
+        for r in rows:
+            cands = draw_candidates(r["sample_id"], r["target_item_id"], r["history_item_ids"], item_ids, titles,
+                                    len(r["candidate_item_ids"]), data_cfg.seed + 1000 * k)
+            c_titles = [titles[i] for i in cands]
+            out.append({**r, "sample_id": f"{r['sample_id']}#{k}", "candidate_item_ids": cands,
+                        "candidate_titles": c_titles,
+                        "prompt": render_prompt(r["template_id"], r["history_titles"], c_titles,
+                                                data_cfg.prompt_style, data_cfg.domain)})
+    return pa.Table.from_pylist(out, schema=train.schema)
 
 
 def oracle_hit_rate(oracle, rows: list[dict]) -> float:

@@ -141,19 +141,44 @@ def test_report_benchmark(smoke_run, smoke_overrides, ray_session, capsys):
 @pytest.mark.slow
 @pytest.mark.timeout(1600)
 def test_sft_probe_benchmark(smoke_run, smoke_overrides, ray_session, capsys, tmp_path):
-    """Two steps of the smoke config's SFT, evaluated after each on 4 valid samples, after SASRec's
-    yardstick on the same samples; ``--out`` holds the printed curve."""
+    """Two steps of the smoke config's SFT on two candidate draws per sample, then one step of a
+    second phase with another candidate weight, evaluated after each on 4 valid samples, after
+    SASRec's yardstick on the same samples; ``--out`` holds the printed curve."""
     run = smoke_run[2]
     out = run_bench(capsys, "sft-probe", "--config", SMOKE, "--steps", "2", "--eval-every", "1", "--eval-samples",
-                    "4", "--train-samples", "64", "--out", str(tmp_path / "curve.json"), f"storage={run.parent}",
+                    "4", "--train-samples", "64", "--candidate-draws", "2", "--then-steps", "1", "--then",
+                    "sft.candidate_weight=2.0", "--out", str(tmp_path / "curve.json"), f"storage={run.parent}",
                     *smoke_overrides)
     yardstick, *curve = json_lines(out)
     assert yardstick["eval_samples"] == 4 and 0 <= yardstick["sasrec_rank_hr@1"] <= 1
-    assert [(p["step"], p["samples"]) for p in curve] == [(1, 8), (2, 16)]  # 2 workers x 4 per step
+    assert [(p["step"], p["samples"]) for p in curve] == [(1, 8), (2, 16), (3, 24)]  # 2 workers x 4 per step
     for point in curve:
         assert set(point) == {"step", "samples", "train_seconds", "loss", "valid_ratio", "hr@1", "rank/hr@1"}
         assert {point["valid_ratio"] * 4, point["hr@1"] * 4, point["rank/hr@1"] * 4} <= {0, 1, 2, 3, 4}
-    assert json.loads((tmp_path / "curve.json").read_text())["curve"] == curve
+    saved = json.loads((tmp_path / "curve.json").read_text())
+    assert saved["curve"] == curve and saved["candidate_draws"] == 2 and saved["then"] == ["sft.candidate_weight=2.0"]
+
+
+def test_sft_probe_redraws_the_negatives_and_renders_the_prompt_again(smoke_run):
+    """`redraw_candidates` on the smoke run's train samples: the originals first, then copies with
+    the same history and target among 20 fresh distinct candidates whose titles the prompt lists."""
+    from bench.sft_probe import redraw_candidates
+    from rosepo.config import load_config
+    from rosepo.data.samples import read_split
+
+    samples = next(smoke_run[2].glob("samples-*"))
+    train = read_split(samples, "train").slice(0, 30)
+    both = redraw_candidates(train, samples, load_config(SMOKE).data, 2)
+    assert both.num_rows == 60 and both.slice(0, 30).equals(train)
+    moved = 0
+    for old, new in zip(train.to_pylist(), both.slice(30).to_pylist()):
+        assert new["sample_id"] == old["sample_id"] + "#1" and new["history_titles"] == old["history_titles"]
+        cands = new["candidate_titles"]
+        assert len(set(cands)) == len(cands) == 20 and new["target_title"] in cands
+        assert not set(cands) & set(new["history_titles"])
+        assert all(title in new["prompt"] for title in cands + new["history_titles"])
+        moved += len(set(cands) - set(old["candidate_titles"]))
+    assert moved > 30 * 15  # fresh negatives: nearly all 19 of each sample differ
 
 
 @pytest.mark.slow
