@@ -55,6 +55,10 @@ def run(argv: list[str] | None = None) -> int:
                    help="an override of the second phase (sft.* keys: its terms, learning rate), repeatable")
     p.add_argument("overrides", nargs="*", help="key=value config overrides")
     a = p.parse_args(argv)
+    if a.candidate_draws < 1:
+        p.error(f"--candidate-draws must be at least 1, got {a.candidate_draws}")
+    if any(not o.startswith("sft.") for o in a.then):
+        p.error(f"--then sets sft.* keys only (the second phase's terms and optimizer), got {a.then}")
     cfg = load_config(a.config, a.overrides)
     then = load_config(a.config, [*a.overrides, *a.then]) if a.then_steps else None
     curve = probe(cfg, a.steps, a.eval_every, a.eval_samples, a.threads, a.eval_start, a.train_samples,

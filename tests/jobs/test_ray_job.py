@@ -135,7 +135,7 @@ def test_killed_job_resumes_without_redoing_finished_stages_and_succeeds(text_ru
     while not list(run.glob(".work/sft-*")):  # the SFT stage's Ray Train run has started
         assert time.time() < deadline, "the SFT stage did not start in time"
         time.sleep(0.5)
-    time.sleep(4)  # into its training
+    time.sleep(4)  # its workers starting or training: stopped before the stage can finish
     subprocess.run([RAY, "job", "stop", "--address", _dashboard(), job], env=_env(), capture_output=True, timeout=120)
     assert not list(run.glob("sft-*")), "a partial SFT output is visible"
     proc = _submit(args)
