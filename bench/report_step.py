@@ -61,10 +61,11 @@ def measure(cfg, rounds: int) -> list[dict]:
     init_ray(cfg.ray_address)
     model_stage = run_stage(cfg, "model")
     base, items = base_model_path(model_stage), find_items(model_stage)
-    train = sft_samples(cfg.sft, run_stage(cfg, "samples"))
+    samples = run_stage(cfg, "samples")
+    train = sft_samples(cfg.sft, samples)
     # As the sft stage tokenises them: item tokens with the model's item file, the oracle's scores
-    # where the config distils them.
-    dataset = sft_dataset(cfg, ray.data.from_arrow(train), base, items, run_stage(cfg, "oracle"))
+    # where the config distils them, the decoys where it has them.
+    dataset = sft_dataset(cfg, ray.data.from_arrow(train), base, items, run_stage(cfg, "oracle"), str(samples))
     runs = []
     with tempfile.TemporaryDirectory() as out:
         for r in range(rounds):

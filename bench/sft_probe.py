@@ -16,6 +16,7 @@ log-likelihood (rank HR@1). One JSON line per evaluation; ``--out`` keeps the wh
     python -m bench sft-probe --config configs/smoke.yaml --steps 2 --eval-every 1 --eval-samples 4 \
         --train-samples 64   # a check of the code, in seconds
     python -m bench sft-probe --steps 600 --candidate-draws 8      # fresh negatives each epoch
+    python -m bench sft-probe --steps 630 sft.decoys=1              # decoys, as the sft stage adds them
     python -m bench sft-probe --steps 600 --then-steps 200 --then sft.candidate_weight=5.0   # two phases
 
 The prototypes that carried the oracle's scores to the answer logits (``--skip-gain``,
@@ -101,7 +102,13 @@ def probe(cfg, steps: int, eval_every: int, eval_samples: int, threads: int, eva
     if candidate_draws > 1:
         train = redraw_candidates(train, samples, cfg.data, candidate_draws)
     items = find_items(model_stage)
-    rows = tokenize_rows(train.to_pandas(), path, _terms_of(cfg, then), run_stage(cfg, "oracle"), items)
+    train = train.to_pandas()
+    # Decoys as the sft stage adds them, for this probe's budget of steps (`rosepo.train.sft.decoys_for`).
+    decoys = sft.decoys_for(cfg.sft.decoys, (steps + then_steps) * cfg.sft.num_workers * cfg.sft.micro_batch_size,
+                            len(train))
+    if decoys:
+        train = sft.add_decoys(train, str(samples), decoys)
+    rows = tokenize_rows(train, path, _terms_of(cfg, then), run_stage(cfg, "oracle"), items)
     valid = read_split(samples, "valid").to_pylist()[:eval_samples]
     print(json.dumps({"eval_samples": len(valid),
                       "sasrec_rank_hr@1": oracle_hit_rate(load_oracle(run_stage(cfg, "oracle")), valid)}),

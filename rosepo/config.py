@@ -265,6 +265,10 @@ class TrainConfig:
     epochs: PositiveFloat = 1.0
     #: Stop after this many optimiser steps (0 = epochs decide).
     max_steps: Annotated[int, Range(ge=0, note="0 = epochs decide")] = 0
+    #: With ``max_steps``: stop after this many passes over the training rows if that comes
+    #: first (0 = no cap). A step budget sized for a large data set would cycle a small one for
+    #: dozens of epochs and memorise it; the cap stops there and leaves large data to the steps.
+    max_epochs: Annotated[float, Range(ge=0, note="0 = no cap")] = 0.0
     #: Checkpoint every N optimiser steps (0 = only at the end).
     checkpoint_every: Annotated[int, Range(ge=0, note="0 = only at the end")] = 0
     #: Worker-group restarts after a failure (-1 = no limit, as Ray's FailureConfig).
@@ -302,6 +306,15 @@ class SFTConfig(TrainConfig):
     oracle_weight: Annotated[float, Range(ge=0, note="0 = off")] = 0.0
     #: Temperature of that softmax: > 1 flattens the oracle's ranking, < 1 sharpens it.
     oracle_temperature: PositiveFloat = 1.0
+    #: Decoys per train sample: copies of its prompt with the target candidate replaced by a
+    #: fresh negative, trained without an answer label by the candidate and oracle terms only, so
+    #: that answering from the list is learnt where memorising the target cannot satisfy it
+    #: (`rosepo.train.sft`). At most the passes beyond the first that the budget (``max_steps``
+    #: or ``epochs``) would make over the samples: a data set it covers once gets none. They
+    #: count in ``max_steps``' batches and ``max_epochs``' passes. 0 = off.
+    decoys: Annotated[int, Range(ge=0, note="0 = off")] = 0
+    #: Weight of a decoy's candidate and oracle terms, relative to a sample's.
+    decoy_weight: NonNegFloat = 1.0
 
 
 @dataclass
@@ -553,8 +566,14 @@ class RunConfig:
         for key in ("lora_target_modules", "modules_to_save"):
             names = getattr(m, key)
             _check(all(isinstance(x, str) and x for x in names), f"model.{key}", "must list module names", names)
+        _check(not self.sft.decoys or self.sft.candidate_weight > 0 or self.sft.oracle_weight > 0, "sft.decoys",
+               "needs sft.candidate_weight > 0 or sft.oracle_weight > 0: a decoy has no answer label, and only "
+               "those terms train it", self.sft.decoys)
         for name in ("sft", "align"):
             t = getattr(self, name)
+            _check(not t.max_epochs or t.max_steps > 0, f"{name}.max_epochs",
+                   f"caps {name}.max_steps: needs {name}.max_steps > 0 (without it, {name}.epochs decide)",
+                   t.max_epochs)
             _check(not t.offload or t.zero_stage >= 1, f"{name}.offload",
                    "needs zero_stage 1, 2 or 3 (ZeRO-Offload partitions the optimizer)", t.offload)
             _check(t.logging_steps < 1 or t.logging_steps == int(t.logging_steps), f"{name}.logging_steps",

@@ -242,6 +242,10 @@ def test_config_path_not_a_file(tmp_path, name, match):
     (["pairs.strategies={self_hard: 1, semantic: 0}", "align.strategies=[semantic]"], "align.strategies",
      "ratio > 0: self_hard)"),
     (["model.lora_target_modules=[q_proj, qkv]"], "model.lora_target_modules", "lm_head"),  # once at the model stage
+    # A decoy has no answer label: without the candidate or oracle term nothing would train it.
+    (["sft.decoys=1", "sft.candidate_weight=0", "sft.oracle_weight=0"], "sft.decoys", "sft.candidate_weight > 0"),
+    (["sft.max_steps=0", "sft.max_epochs=4"], "sft.max_epochs", "needs sft.max_steps > 0"),
+    (["align.max_epochs=2"], "align.max_epochs", "needs align.max_steps > 0"),
 ])
 def test_checks_that_need_only_the_config_refuse_at_load(overrides, key, expected):
     """Checks that once fired in a later stage but need only the config."""

@@ -37,3 +37,15 @@ def test_health_warnings_name_each_failure_and_stay_quiet_on_a_working_model():
     (warning,) = health_warnings(below, cfg, 100)
     assert "ranks the candidates below most-popular (rank HR@1 0.200 against 0.250)" in warning
     assert len(health_warnings(FAILED, cfg, 77)) == 1  # its rank HR@1 (0.263) is above most-popular's
+    assert "raise sft.max_steps (the default recipe trains 1,500)" in warning
+
+
+def test_health_warnings_name_the_epoch_cap_when_it_stopped_sft():
+    """When sft.max_epochs stopped SFT before sft.max_steps, the warning names that key."""
+    cfg = RunConfig().validate()
+    cfg.sft.max_steps, cfg.sft.max_epochs = 1500, 2.0
+    (warning,) = health_warnings(FAILED, cfg, 77)
+    assert warning.endswith("raise sft.max_epochs (the cap of 2 passes over the training rows stopped SFT before "
+                            "sft.max_steps)")
+    (warning,) = health_warnings(FAILED, cfg, 1500)
+    assert warning.endswith("raise sft.max_steps (the default recipe trains 1,500)")

@@ -288,6 +288,29 @@ def draw_candidates(sample_id: str, target: str, history: list[str], item_ids: l
     return [cands[i] for i in rng.permutation(len(cands))]
 
 
+def decoy_sample(row: dict, item_ids: list[str], titles: dict[str, str], seed: int, copy: int,
+                 prompt_style: str, domain: str) -> dict:
+    """A decoy of the sample ``row`` (SAMPLES fields): its candidate list with the target replaced,
+    at its place, by an item drawn uniformly (seeded per sample, ``seed`` and ``copy``) whose
+    title is neither a candidate's nor in the history; the prompt rendered again with the
+    sample's template, ``sample_id`` + ``~copy``. The target fields keep the true target, which
+    the decoy's list no longer holds: SFT trains a decoy without an answer label, by the terms
+    that read the candidates only (`rosepo.train.sft`)."""
+    rng = np.random.default_rng(stable_int("decoy", seed, copy, row["sample_id"]))
+    seen = {titles[i] for i in row["history_item_ids"]} | set(row["candidate_titles"])
+    if len(seen) >= len({titles[i] for i in item_ids}):
+        raise DataError(f"sample {row['sample_id']}: no item outside its candidates and history to draw a decoy "
+                        f"from (a catalog of {len(item_ids)} items)")
+    item = item_ids[int(rng.integers(len(item_ids)))]
+    while titles[item] in seen:
+        item = item_ids[int(rng.integers(len(item_ids)))]
+    cands = [item if i == row["target_item_id"] else i for i in row["candidate_item_ids"]]
+    c_titles = [titles[i] for i in cands]
+    return {**row, "sample_id": f"{row['sample_id']}~{copy}", "candidate_item_ids": cands,
+            "candidate_titles": c_titles,
+            "prompt": render_prompt(row["template_id"], list(row["history_titles"]), c_titles, prompt_style, domain)}
+
+
 def window_drop(history: list, target, cfg: DataConfig) -> str | None:
     """Why the window ``(history, target)`` gives no sample, or None when it gives one: the window
     rule of both the logs (`user_rows`) and LLaRA imports (`import_llara`). ``history`` is the at

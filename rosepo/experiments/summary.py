@@ -70,17 +70,20 @@ def health_warnings(results: dict[str, dict], cfg: RunConfig, sft_steps: int) ->
     s = cfg.sft
     trained = (f"SFT trained {sft_steps} steps of {s.num_workers * s.micro_batch_size * s.grad_accum} samples"
                if sft_steps else "SFT's steps are unknown")
+    # The key that bounded the steps: the epoch cap when it stopped SFT before its step budget.
+    capped = bool(s.max_epochs) and 0 < sft_steps < s.max_steps
+    more = (f"raise sft.max_epochs (the cap of {s.max_epochs:g} passes over the training rows stopped SFT before "
+            f"sft.max_steps)" if capped else "raise sft.max_steps (the default recipe trains 1,500)")
     out = []
     valid = sft.get("eval/valid_ratio")
     if valid is not None and valid < MIN_VALID_RATIO:
         out.append(f"the SFT model names exactly one candidate in {valid:.0%} of its answers: it is not a working "
-                   f"recommender. Likely cause: too few training steps for this data ({trained}); raise "
-                   "sft.max_steps (the default recipe trains 1,500)")
+                   f"recommender. Likely cause: too few training steps for this data ({trained}); {more}")
     rank, floor = sft.get("eval/rank/hr@1"), popular.get("eval/rank/hr@1")
     if rank is not None and floor is not None and rank < floor:
         out.append(f"the SFT model ranks the candidates below most-popular (rank HR@1 {rank:.3f} against "
-                   f"{floor:.3f}). Likely cause: too few training steps for this data ({trained}); raise "
-                   "sft.max_steps, and check the oracle's valid HR@1 in its manifest (sft.oracle_weight distils it)")
+                   f"{floor:.3f}). Likely cause: too few training steps for this data ({trained}); {more}, and "
+                   "check the oracle's valid HR@1 in its manifest (sft.oracle_weight distils it)")
     return out
 
 

@@ -113,7 +113,7 @@ def run_tune(run_cfg: RunConfig, search: dict, *, storage: str | Path, name: str
     a = run_cfg.align
     num_train = read_pairs(inputs["pairs"], "train").num_rows
     reports = eval_reports(total_steps(num_train, a.num_workers * a.micro_batch_size * a.grad_accum,
-                                       a.epochs, a.max_steps), a.eval_every)
+                                       a.epochs, a.max_steps, a.max_epochs), a.eval_every)
     trainable = ray.tune.with_resources(
         ray.tune.with_parameters(tune_trial, base=run_cfg, inputs=inputs, metric=search["metric"],
                                  experiment=str(experiment), fault=os.environ.get(FAULT_ENV)),

@@ -19,7 +19,8 @@ grad_accum``; worker ``r`` takes the ``r``-th contiguous block of ``micro_batch 
 rows. The position in the data is therefore a function of the global step alone, so resuming
 mid-epoch is exact, and 1 worker with ``grad_accum=2`` sees the same micro-batches per step as
 2 workers with ``grad_accum=1``. A step may straddle two epochs; ``epoch`` is reported as the
-fraction of rows consumed. Total steps: ``max_steps`` or ``ceil(epochs * N / G)``.
+fraction of rows consumed. Total steps: ``max_steps`` (at most ``ceil(max_epochs * N / G)``) or
+``ceil(epochs * N / G)``.
 
 Console and metrics. Rank 0 shows its progress (steps, ETA, loss): on a terminal one bar (Ray's
 ``tqdm_ray``, which the driver draws), in a log file a plain line every fifth of the run
@@ -97,7 +98,8 @@ class TrainingTask(abc.ABC):
 
     @abc.abstractmethod
     def compute_loss(self, model, batch: dict) -> tuple[Any, dict]:
-        """(loss, metrics) of a micro-batch."""
+        """(loss, metrics) of a micro-batch. The metrics have the same keys for every micro-batch:
+        every rank all-reduces one vector of them per step."""
 
     @abc.abstractmethod
     def num_tokens(self, batch: dict) -> int:
@@ -247,7 +249,7 @@ def train_loop_per_worker(config: dict) -> dict:
     rows = _sorted_rows("train", task.key)
     eval_rows = _sorted_rows("eval", task.key) if config["has_eval"] else []
     global_batch = world * tcfg.micro_batch_size * tcfg.grad_accum
-    total = total_steps(len(rows), global_batch, tcfg.epochs, tcfg.max_steps)
+    total = total_steps(len(rows), global_batch, tcfg.epochs, tcfg.max_steps, tcfg.max_epochs)
     stop = min(total, config["stop_at_step"]) if config["stop_at_step"] > 0 else total
 
     engine, tokenizer = _setup_engine(config, total)

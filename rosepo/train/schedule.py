@@ -14,11 +14,14 @@ from rosepo.errors import ConfigError, RosepoError
 TRAINER_STATE = "trainer_state.json"
 
 
-def total_steps(num_rows: int, global_batch: int, epochs: float, max_steps: int) -> int:
-    """Optimiser steps of a run: ``max_steps`` when set, else ``ceil(epochs * N / G)``."""
+def total_steps(num_rows: int, global_batch: int, epochs: float, max_steps: int, max_epochs: float = 0.0) -> int:
+    """Optimiser steps of a run: ``max_steps`` when set, but no more than ``ceil(max_epochs * N /
+    G)`` when ``max_epochs`` is set too; else ``ceil(epochs * N / G)``."""
     if num_rows == 0:
         raise RosepoError("the training set is empty")
-    return max_steps if max_steps > 0 else max(1, math.ceil(epochs * num_rows / global_batch))
+    if max_steps > 0:
+        return min(max_steps, max(1, math.ceil(max_epochs * num_rows / global_batch))) if max_epochs else max_steps
+    return max(1, math.ceil(epochs * num_rows / global_batch))
 
 
 def lr_factor(step: int, total: int, warmup: int) -> float:
@@ -67,12 +70,13 @@ def find_latest_checkpoint(ray_run_dir: str | Path) -> Path | None:
 
 def finished_state(ray_run_dir: str | Path, train_cfg: TrainConfig) -> dict | None:
     """The trainer state of the latest checkpoint of a Ray run folder when the run trained all
-    its steps (``train_cfg``'s ``epochs`` / ``max_steps``), else None."""
+    its steps (``train_cfg``'s ``epochs`` / ``max_steps`` / ``max_epochs``), else None."""
     checkpoint = find_latest_checkpoint(ray_run_dir)
     if checkpoint is None:
         return None
     state = json.loads((checkpoint / TRAINER_STATE).read_text(encoding="utf-8"))
-    total = total_steps(state["num_rows"], state["global_batch"], train_cfg.epochs, train_cfg.max_steps)
+    total = total_steps(state["num_rows"], state["global_batch"], train_cfg.epochs, train_cfg.max_steps,
+                        train_cfg.max_epochs)
     return state if state["global_step"] >= total else None
 
 

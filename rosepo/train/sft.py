@@ -28,6 +28,17 @@ oracle scores each sample once, in the tokenising pipeline; ``sft/oracle_kl`` is
 renormalised over the candidates), 0 when the model ranks as the oracle does. With multi-token
 titles both read the candidates' first tokens, the candidate term's relaxation.
 
+With ``sft.decoys`` k > 0 each train sample also gives up to k decoys (`decoys_for`: no more than
+the passes beyond the first that the step budget would make over the samples, so a data set the
+budget covers once gets none) (`rosepo.data.samples.decoy_sample`):
+its prompt with the target candidate replaced by a fresh negative. A decoy has no answer label:
+only the candidate and oracle terms read it, at the logit after its prompt (its terms weighted by
+``sft.decoy_weight`` against a sample's). On small data the
+model memorises history -> target, and the target then lifts the candidate mass of its own
+prompts: those terms stop teaching "answer from the list" and unseen users get memorised titles
+that are not among their candidates. On a decoy the memorised target is off the list, so
+memorising cannot satisfy the terms (BENCHMARKS.md, the default recipe on a small data set).
+
 Tokenisation runs in the Ray Data pipeline (`sft_dataset`), once, before training; the loop
 only pads. The stage (`build_sft`) trains on a seeded random slice of ``sft.max_samples`` train
 samples (`rosepo.data.samples.select_samples`: the first sample ids would be a few users only);
@@ -39,20 +50,24 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
+import math
 import shutil
 from pathlib import Path
 from typing import Any
 
 from rosepo.config import SFTConfig
-from rosepo.data.samples import read_split, select_samples
+from rosepo.data.samples import decoy_sample, read_split, select_samples
 from rosepo.errors import ConfigError
-from rosepo.layout import SFT_MODEL_DIR
+from rosepo.layout import CATALOG_FILE, SFT_MODEL_DIR
 from rosepo.model.factory import load_tokenizer
 from rosepo.model.items import ItemTokens
 from rosepo.model.tokenize import IGNORE, candidate_first_ids, encode_sft, history_title_positions
 from rosepo.pairs.sasrec import load_oracle
-from rosepo.storage import atomic_dir, write_manifest
+from rosepo.storage import atomic_dir, read_manifest, write_manifest
 from rosepo.train.loop import TrainingTask, fit
+
+log = logging.getLogger(__name__)
 
 
 def collate(rows: list[dict], pad_id: int) -> dict:
@@ -77,7 +92,8 @@ def collate(rows: list[dict], pad_id: int) -> dict:
         input_ids[i, width - n:] = torch.tensor(r["input_ids"], dtype=torch.long)
         labels[i, width - n:] = torch.tensor(r["labels"], dtype=torch.long)
         attention_mask[i, width - n:] = 1
-        first_label = next(j for j, label in enumerate(r["labels"]) if label != IGNORE)
+        # A row without labels (a prompt alone) reads only the logit after its last token.
+        first_label = next((j for j, label in enumerate(r["labels"]) if label != IGNORE), n)
         answer_lengths.append(n - first_label)
         keep = max(keep, n - first_label + 1)
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
@@ -93,6 +109,8 @@ def collate(rows: list[dict], pad_id: int) -> dict:
         # Index, among the kept logits, of the one that predicts each row's first answer token.
         batch["first_pos"] = keep - 1 - torch.tensor(answer_lengths, dtype=torch.long)
         batch["candidate_first_ids"] = torch.tensor([r["candidate_first_ids"] for r in rows], dtype=torch.long)
+    if "decoy" in rows[0]:
+        batch["decoy"] = torch.tensor([bool(r["decoy"]) for r in rows])
     if rows[0].get("oracle_logp") is not None:
         # One tensor per row, then stacked: rows read back from Ray Data hold NumPy arrays, which
         # torch.tensor of a list copies element by element (and warns).
@@ -131,6 +149,8 @@ def token_cross_entropy(logits, labels):
 
     logits, labels = logits[:, :-1].float(), labels[:, 1:]
     mask = labels != -100
+    if not mask.any():  # a batch of prompts alone (rows without labels): no answer term
+        return logits.sum() * 0.0, mask.sum().float()
     loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100)
     accuracy = ((logits.argmax(-1) == labels) & mask).sum() / mask.sum().clamp(min=1)
     return loss, accuracy
@@ -159,6 +179,8 @@ class SFTTask(TrainingTask):
         import torch.nn.functional as F
 
         keep = int(batch["keep"])
+        # A micro-batch of decoys alone has no history targets; its metrics keep the same keys
+        # (every rank all-reduces one vector of them per step).
         history = bool(self.cfg.history_weight) and len(batch["history_targets"]) > 0
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                     position_ids=batch["position_ids"], logits_to_keep=keep, output_hidden_states=history)
@@ -172,15 +194,20 @@ class SFTTask(TrainingTask):
             history_loss = F.cross_entropy(history_logits, batch["history_targets"])
             loss = loss + self.cfg.history_weight * history_loss
             metrics["sft/history_loss"] = history_loss.detach()
+        elif self.cfg.history_weight:
+            metrics["sft/history_loss"] = torch.zeros(())
         if self.cfg.candidate_weight or self.cfg.oracle_weight:
             first = logits[torch.arange(len(logits)), batch["first_pos"]].float()
+            # Per row: 1 for a sample, sft.decoy_weight for a decoy.
+            weight = (1 + (self.cfg.decoy_weight - 1) * batch["decoy"].float() if "decoy" in batch
+                      else torch.ones(len(logits)))
         if self.cfg.candidate_weight:
             log_mass = candidate_mass_logp(first, batch["candidate_first_ids"])
-            loss = loss - self.cfg.candidate_weight * log_mass.mean()
+            loss = loss - self.cfg.candidate_weight * (weight * log_mass).mean()
             metrics["sft/candidate_mass"] = log_mass.exp().mean().detach()
         if self.cfg.oracle_weight:
             cross_entropy, kl = oracle_distillation(first, batch["candidate_first_ids"], batch["oracle_logp"])
-            loss = loss + self.cfg.oracle_weight * cross_entropy.mean()
+            loss = loss + self.cfg.oracle_weight * (weight * cross_entropy).mean()
             metrics["sft/oracle_kl"] = kl.mean().detach()
         return loss, metrics
 
@@ -199,6 +226,57 @@ def _oracle(path: str):
     return load_oracle(path)
 
 
+@functools.lru_cache(maxsize=1)
+def _catalog(samples_dir: str) -> tuple[list[str], dict[str, str], dict]:
+    """The samples stage's item ids, their titles and its data config (prompt style, domain, seed)."""
+    import pyarrow.parquet as pq
+
+    catalog = pq.read_table(Path(samples_dir) / CATALOG_FILE, columns=["item_id", "title"])
+    titles = dict(zip(catalog.column("item_id").to_pylist(), catalog.column("title").to_pylist()))
+    return list(titles), titles, read_manifest(samples_dir)["config"]
+
+
+def add_decoys(batch, samples_dir: str, decoys: int):
+    """Ray Data UDF (pandas batches): every sample of the batch followed by its ``decoys`` decoys
+    (`rosepo.data.samples.decoy_sample`, drawn from the catalog of ``samples_dir`` and rendered
+    with its data config), with a ``decoy`` column: False for the samples, True for the decoys."""
+    import pandas as pd
+
+    item_ids, titles, data = _catalog(samples_dir)
+    rows = []
+    for r in batch.to_dict("records"):
+        r = {k: list(v) if hasattr(v, "__len__") and not isinstance(v, str) else v for k, v in r.items()}
+        rows.append({**r, "decoy": False})
+        rows += [{**decoy_sample(r, item_ids, titles, data["seed"], k, data["prompt_style"], data["domain"]),
+                  "decoy": True} for k in range(1, decoys + 1)]
+    return pd.DataFrame(rows, columns=[*batch.columns, "decoy"])
+
+
+def decoys_for(decoys: int, budget_rows: float, num_samples: int) -> int:
+    """The decoys per sample SFT trains with: ``decoys`` (``sft.decoys``), but no more than the
+    passes beyond the first that a budget of ``budget_rows`` rows would make over
+    ``num_samples`` samples. Decoys take the place of repeated passes, where memorising starts,
+    never of a first one: on a data set the budget covers once or less they would replace fresh
+    samples, which costs ranking (BENCHMARKS.md, the default recipe on a small data set)."""
+    if num_samples <= 0:
+        return 0
+    return min(decoys, max(0, math.floor(budget_rows / num_samples) - 1))
+
+
+def budget_rows(scfg: SFTConfig, num_samples: int) -> float:
+    """The rows SFT's budget covers before any ``max_epochs`` cap: ``max_steps`` global batches,
+    or ``epochs`` passes over the ``num_samples`` samples."""
+    batch = scfg.num_workers * scfg.micro_batch_size * scfg.grad_accum
+    return scfg.max_steps * batch if scfg.max_steps else scfg.epochs * num_samples
+
+
+def prompt_only(row: dict) -> dict:
+    """An `encode_sft` row cut to its prompt, every label -100: a decoy's row, whose loss reads
+    only the logit after the prompt (`collate` finds it without labels)."""
+    n = row["labels"].count(IGNORE)
+    return {"input_ids": row["input_ids"][:n], "labels": [IGNORE] * n}
+
+
 def tokenize_batch(batch, model_path: str, max_prompt_tokens: int, max_answer_tokens: int,
                    candidates: bool = False, history: bool = False, items_path: str | None = None,
                    oracle_path: str | None = None, oracle_temperature: float = 1.0):
@@ -208,7 +286,9 @@ def tokenize_batch(batch, model_path: str, max_prompt_tokens: int, max_answer_to
     ``history_titles`` 2..n); with ``items_path`` the prompts hold item tokens (from the
     ``history_item_ids`` / ``candidate_item_ids`` columns); with ``oracle_path`` (and
     ``candidates``) ``oracle_logp``, the oracle's log-softmax over the candidates at
-    ``oracle_temperature``. The tokenizer and the oracle are loaded once per Ray worker process."""
+    ``oracle_temperature``; rows whose ``decoy`` column is True are cut to their prompt
+    (`prompt_only`, no history targets). The tokenizer and the oracle are loaded once per Ray
+    worker process."""
     import pandas as pd
 
     tok = _tokenizer(model_path)
@@ -217,8 +297,12 @@ def tokenize_batch(batch, model_path: str, max_prompt_tokens: int, max_answer_to
              else [None] * len(batch["prompt"]))
     enc = [encode_sft(tok, p, a, max_prompt_tokens, max_answer_tokens, i)
            for p, a, i in zip(batch["prompt"], batch["answer"], items)]
+    decoy = list(batch["decoy"]) if "decoy" in batch else [False] * len(enc)
+    enc = [prompt_only(e) if d else e for e, d in zip(enc, decoy)]
     out = {"sample_id": list(batch["sample_id"]), "input_ids": [e["input_ids"] for e in enc],
            "labels": [e["labels"] for e in enc]}
+    if "decoy" in batch:
+        out["decoy"] = decoy
     if candidates:
         out["candidate_first_ids"] = candidate_first_ids(tok, batch["candidate_titles"], max_answer_tokens)
     if oracle_path:
@@ -229,26 +313,37 @@ def tokenize_batch(batch, model_path: str, max_prompt_tokens: int, max_answer_to
         logp = torch.from_numpy(scores / oracle_temperature).double().log_softmax(-1).float().numpy()
         out["oracle_logp"] = list(logp)
     if history:
-        out["history_positions"] = [history_title_positions(tok, p, list(h), e["labels"].count(IGNORE), i)
-                                    for p, h, e, i in zip(batch["prompt"], batch["history_titles"], enc, items)]
+        out["history_positions"] = [[] if d else history_title_positions(tok, p, list(h), e["labels"].count(IGNORE), i)
+                                    for p, h, e, i, d in zip(batch["prompt"], batch["history_titles"], enc, items,
+                                                             decoy)]
     return pd.DataFrame(out)
 
 
 def sft_dataset(run_cfg: Any, samples_ds, base_model: str, items_path: str | None = None,
-                oracle_path: str | None = None):
+                oracle_path: str | None = None, samples_dir: str | None = None):
     """The tokenised, materialised SFT training set: ``sample_id, input_ids, labels``.
 
     ``run_cfg`` holds the ``sft`` and ``model`` sections. ``samples_ds`` is a Ray Dataset with the
     SAMPLES columns (``sample_id``, ``prompt`` and ``answer`` are used); a non-zero
     ``sft.max_samples`` keeps the first N by ``sample_id`` (the stage passes a slice of that
     size already). ``items_path``: prompts with item tokens (`tokenize_batch`); ``oracle_path``:
-    the oracle folder, read when ``sft.oracle_weight`` > 0. Materialised once here so the
-    workers, which each read the whole set, do not tokenise it again.
+    the oracle folder, read when ``sft.oracle_weight`` > 0; ``samples_dir``: the samples stage's
+    folder, whose catalog ``sft.decoys`` > 0 draws from (`add_decoys`). Materialised once here so
+    the workers, which each read the whole set, do not tokenise it again.
     """
     mcfg, scfg = run_cfg.model, run_cfg.sft
     distill = scfg.oracle_weight > 0
     if distill and not oracle_path:
         raise ConfigError("sft.oracle_weight > 0 needs the oracle's folder (the sft stage passes it)")
+    decoys = 0
+    if scfg.decoys:
+        num_samples = min(samples_ds.count(), scfg.max_samples or math.inf)
+        decoys = decoys_for(scfg.decoys, budget_rows(scfg, num_samples), num_samples)
+        passes = budget_rows(scfg, num_samples) / max(1, num_samples)
+        log.info("sft: %d decoys per sample (the budget would pass over the %d samples %.2g times)", decoys,
+                 num_samples, passes)
+    if decoys and not samples_dir:
+        raise ConfigError("sft.decoys > 0 needs the samples stage's folder (the sft stage passes it)")
     candidates, history = scfg.candidate_weight > 0 or distill, scfg.history_weight > 0
     columns = {"sample_id", "prompt", "answer"}
     columns |= {"candidate_titles"} if candidates else set()
@@ -256,9 +351,15 @@ def sft_dataset(run_cfg: Any, samples_ds, base_model: str, items_path: str | Non
     columns |= {"history_item_ids", "candidate_item_ids"} if distill else set()
     if items_path:
         columns |= {"history_item_ids", "history_titles", "candidate_item_ids", "candidate_titles"}
+    if decoys:
+        columns |= {"history_item_ids", "history_titles", "candidate_item_ids", "candidate_titles",
+                    "target_item_id", "template_id"}
     ds = samples_ds.select_columns(sorted(columns))
     if run_cfg.sft.max_samples:
         ds = ds.sort("sample_id").limit(run_cfg.sft.max_samples)
+    if decoys:
+        ds = ds.map_batches(add_decoys, batch_format="pandas",
+                            fn_kwargs={"samples_dir": str(samples_dir), "decoys": decoys})
     return ds.map_batches(tokenize_batch, batch_format="pandas",
                           fn_kwargs={"model_path": str(base_model),
                                      "max_prompt_tokens": mcfg.max_prompt_tokens,
@@ -270,17 +371,19 @@ def sft_dataset(run_cfg: Any, samples_ds, base_model: str, items_path: str | Non
 
 
 def run_sft(run_cfg: Any, samples_ds, base_model: str, output_dir: str, run_name: str,
-            items_path: str | None = None, oracle_path: str | None = None) -> dict:
+            items_path: str | None = None, oracle_path: str | None = None, samples_dir: str | None = None) -> dict:
     """Fine-tune ``base_model`` on the samples (`sft_dataset`) with `rosepo.train.loop.fit`,
     then copy the final HF export (the LoRA adapter, or the full model; with ``items_path``, the
     item file with the trained projector beside it) atomically to ``<output_dir>/model``.
-    ``run_cfg`` holds the ``sft`` and ``model`` sections; ``oracle_path`` as in `sft_dataset`.
+    ``run_cfg`` holds the ``sft`` and ``model`` sections; ``oracle_path`` and ``samples_dir`` as
+    in `sft_dataset`.
 
     Returns fit's result plus ``model_path``. The Ray run (checkpoints, TensorBoard) lives in
     ``<output_dir>/<run_name>``; re-running with the same ``run_name`` resumes an interrupted run.
     """
     result = fit(SFTTask(run_cfg.sft), run_cfg.model, model_path=str(base_model), adapter=None,
-                 datasets={"train": sft_dataset(run_cfg, samples_ds, base_model, items_path, oracle_path)},
+                 datasets={"train": sft_dataset(run_cfg, samples_ds, base_model, items_path, oracle_path,
+                                                samples_dir)},
                  output_dir=output_dir, run_name=run_name, items_path=items_path)
     final = Path(output_dir) / SFT_MODEL_DIR
     with atomic_dir(final, overwrite=True) as tmp:
@@ -303,7 +406,7 @@ def build_sft(cfg: Any, samples_dir: Path, base_model: str, work: Path, out: Pat
     import ray
 
     result = run_sft(cfg, ray.data.from_arrow(sft_samples(cfg.sft, samples_dir)), base_model, str(work), "sft",
-                     items_path, str(oracle_path) if oracle_path else None)
+                     items_path, str(oracle_path) if oracle_path else None, str(samples_dir))
     with atomic_dir(out, overwrite=True) as tmp:
         shutil.copytree(result["model_path"], tmp / SFT_MODEL_DIR)
         manifest = {"stage": "sft", "metrics": result["metrics"], "history": result["history"],

@@ -296,3 +296,54 @@ def test_block_digests_equal_the_folder_hash_for_any_block_size(tmp_path):
                        shuffled / split / "part-0.parquet")
     assert samples_hash(shuffled) == digest and len(hashes) == 1
     assert sum(per_user.column("samples").to_pylist()) == sum(len(read_split(out, s)) for s in SPLITS) > 40
+
+
+def test_decoys_replace_the_target_in_place_with_a_title_off_the_list(ml100k_samples):
+    """A real sample's decoys: the same list with the target swapped, at its place, for an item
+    whose title is neither a candidate's nor in the history; the prompt is the sample's template
+    rendered over the new list; the target fields stay; decoys are seeded per sample and copy."""
+    import pyarrow.parquet as pq
+
+    from rosepo.data.prompts import render_prompt
+    from rosepo.data.samples import decoy_sample
+    from rosepo.layout import CATALOG_FILE
+
+    catalog = pq.read_table(ml100k_samples / CATALOG_FILE)
+    titles = dict(zip(catalog.column("item_id").to_pylist(), catalog.column("title").to_pylist()))
+    data = read_manifest(ml100k_samples)["config"]
+    rows = read_split(ml100k_samples, "train").slice(0, 50).to_pylist()
+    for row in rows:
+        decoys = [decoy_sample(row, list(titles), titles, data["seed"], k, data["prompt_style"], data["domain"])
+                  for k in (1, 2)]
+        assert decoys[0] == decoy_sample(row, list(titles), titles, data["seed"], 1, data["prompt_style"],
+                                         data["domain"])
+        at = row["candidate_item_ids"].index(row["target_item_id"])
+        for k, d in enumerate(decoys, 1):
+            assert d["sample_id"] == f"{row['sample_id']}~{k}"
+            new = d["candidate_item_ids"][at]
+            assert d["candidate_item_ids"][:at] + d["candidate_item_ids"][at + 1:] == \
+                row["candidate_item_ids"][:at] + row["candidate_item_ids"][at + 1:]
+            assert titles[new] not in set(row["candidate_titles"]) | set(row["history_titles"])
+            assert d["candidate_titles"] == [titles[i] for i in d["candidate_item_ids"]]
+            assert row["target_title"] not in d["candidate_titles"] and row["target_title"] not in d["prompt"]
+            assert d["prompt"] == render_prompt(row["template_id"], row["history_titles"], d["candidate_titles"],
+                                                data["prompt_style"], data["domain"])
+            assert (d["target_item_id"], d["answer"], d["history_item_ids"]) == \
+                (row["target_item_id"], row["answer"], row["history_item_ids"])
+    # Seeded per sample and copy: the draws differ across copies (50 samples, two copies each).
+    assert sum(decoy_sample(r, list(titles), titles, 0, 1, "list", "movies")["candidate_item_ids"]
+               != decoy_sample(r, list(titles), titles, 0, 2, "list", "movies")["candidate_item_ids"]
+               for r in rows) > 40
+
+
+def test_a_decoy_needs_an_item_off_the_list():
+    """A catalog with no title outside a sample's candidates and history is refused by name."""
+    from rosepo.data.samples import decoy_sample
+
+    titles = {"a": "A", "b": "B", "c": "C"}
+    row = {"sample_id": "u1:5", "history_item_ids": ["c"], "candidate_item_ids": ["a", "b"],
+           "candidate_titles": ["A", "B"], "history_titles": ["C"], "target_item_id": "a", "template_id": 0}
+    with pytest.raises(DataError, match=r"sample u1:5: no item outside its candidates and history"):
+        decoy_sample(row, list(titles), titles, 0, 1, "list", "movies")
+    titles["d"] = "D"
+    assert decoy_sample(row, list(titles), titles, 0, 1, "list", "movies")["candidate_item_ids"] == ["d", "b"]

@@ -60,6 +60,26 @@ def test_total_steps():
     assert loop.total_steps(96, 8, 1.5, 0) == 18
     assert loop.total_steps(96, 8, 1.0, 5) == 5
     assert loop.total_steps(5, 8, 1.0, 0) == 1
+    # max_epochs caps max_steps: 2 passes over 96 rows in batches of 8 are 24 steps.
+    assert loop.total_steps(96, 8, 1.0, 100, 2.0) == 24
+    assert loop.total_steps(96, 8, 1.0, 20, 2.0) == 20
+    assert loop.total_steps(96, 8, 1.0, 100, 0.01) == 1
+    assert loop.total_steps(96, 8, 1.5, 0, 2.0) == 18  # without max_steps, epochs decide
+
+
+def test_decoys_take_the_place_of_repeated_passes_only():
+    """sft.decoys 3 with a budget of 48,000 rows (1,500 steps of 32): MovieLens-100K's ~75k
+    samples are covered once at most, no decoys; 2,515 samples 19 times, 3; 20,000 samples
+    2.4 times, 1 (one repeat); exactly one pass, none."""
+    from rosepo.train.sft import budget_rows, decoys_for
+
+    assert decoys_for(3, 48_000, 74_731) == 0
+    assert decoys_for(3, 48_000, 2_515) == 3
+    assert decoys_for(3, 48_000, 20_000) == 1
+    assert decoys_for(3, 48_000, 48_000) == 0
+    assert decoys_for(0, 48_000, 2_515) == 0 and decoys_for(3, 48_000, 0) == 0
+    assert budget_rows(SFTConfig(max_steps=1500, num_workers=2, micro_batch_size=16), 2_515) == 48_000
+    assert budget_rows(SFTConfig(max_steps=0, epochs=3.0), 2_515) == 3 * 2_515
 
 
 def test_deepspeed_config_fills_training_fields_over_the_template():
@@ -391,6 +411,53 @@ def test_candidate_weight_adds_the_candidate_mass_term():
     assert float(metrics["sft/candidate_mass"]) == pytest.approx(float(log_m.exp().mean()), abs=1e-6)
 
 
+def test_a_decoy_row_adds_only_its_candidate_term():
+    """A decoy row (a prompt alone, every label -100: `prompt_only`) gives no answer
+    cross-entropy; its candidate term is read at the logit after its last prompt token. The loss
+    of [row, decoy] is the row's cross-entropy − w · the mean log m of both rows (the right-padded
+    forward as the reference); a batch of decoys alone has a zero answer term."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from rosepo.train import sft
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2)).eval()
+    row = {"input_ids": [5, 6, 7, 8, 9, 10, 11], "labels": [-100] * 4 + [9, 10, 11], "candidate_first_ids": [9, 20, 21]}
+    decoy = {**sft.prompt_only({"input_ids": [5, 6, 7, 12, 13], "labels": [-100] * 3 + [12, 13]}),
+             "candidate_first_ids": [30, 14, 31]}
+    assert decoy["input_ids"] == [5, 6, 7] and decoy["labels"] == [-100] * 3
+    batch = sft.collate([row, decoy], 0)
+    assert batch["first_pos"].tolist() == [0, 3]  # keep 4: the row's 3 answer tokens; the decoy's last logit
+    task = sft.SFTTask(SFTConfig(candidate_weight=0.5))
+    with torch.no_grad():
+        loss, _ = task.compute_loss(model, batch)
+        right = _right_pad([row, decoy], 0)
+        logits = model(input_ids=right["input_ids"], attention_mask=right["attention_mask"]).logits
+        ce, _ = sft.token_cross_entropy(logits[:1], right["labels"][:1])
+        first = torch.stack([logits[0, 3], logits[1, 2]])  # the row's first answer token; after the decoy's prompt
+        log_m = sft.candidate_mass_logp(first, torch.tensor([[9, 20, 21], [30, 14, 31]]))
+        assert float(loss) == pytest.approx(float(ce - 0.5 * log_m.mean()), abs=1e-5)
+        # sft.decoy_weight scales the decoy rows' terms: the mean of (1·log m₀, 3·log m₁).
+        weighted = sft.SFTTask(SFTConfig(candidate_weight=0.5, decoy_weight=3.0))
+        tagged = sft.collate([{**row, "decoy": False}, {**decoy, "decoy": True}], 0)
+        assert float(weighted.compute_loss(model, tagged)[0]) == pytest.approx(
+            float(ce - 0.5 * (log_m[0] + 3 * log_m[1]) / 2), abs=1e-5)
+        loss, metrics = task.compute_loss(model, sft.collate([decoy], 0))
+        assert float(loss) == pytest.approx(float(-0.5 * log_m[1]), abs=1e-5)
+        assert float(metrics["sft/token_accuracy"]) == 0.0
+    # With the history term a micro-batch of decoys (no history targets) reports the same metric
+    # keys as any other: the ranks all-reduce one vector of them, and a shorter one hung a run.
+    task = sft.SFTTask(SFTConfig(candidate_weight=0.5, history_weight=1.0))
+    keys = []
+    for rows in ([{**row, "history_positions": [1, 2]}, {**decoy, "history_positions": []}],
+                 [{**decoy, "history_positions": []}]):
+        with torch.no_grad():
+            keys.append(sorted(task.compute_loss(model, sft.collate(rows, 0))[1]))
+    assert keys[0] == keys[1] and "sft/history_loss" in keys[0]
+
+
 def test_oracle_distillation_hand_computed():
     """Logits [0, ln3, 0, ln2] give p = (1, 3, 1, 2) / 7. Candidates are tokens 1 and 3, the
     oracle's distribution over them q = (1/4, 3/4). Cross-entropy −(¼ ln 3/7 + ¾ ln 2/7); over the
@@ -472,6 +539,44 @@ def test_tokenize_batch_gives_the_oracles_candidate_distribution(sft_samples, ti
     np.testing.assert_allclose(np.stack(out["oracle_logp"]), expected, atol=1e-6)
     assert not np.allclose(expected, np.log(1 / 3))  # the oracle does rank: a uniform q would pass trivially
     assert "oracle_logp" not in tokenize_batch(batch, str(tiny_model_dir), 512, 48, candidates=True)
+
+
+def test_decoys_follow_their_sample_and_tokenise_to_their_prompt(ml100k_samples, tiny_model_dir):
+    """`add_decoys` puts each sample's k decoys after it (``decoy`` True), drawn and rendered by
+    `decoy_sample` with the samples' own data config; `tokenize_batch` cuts a decoy to its prompt
+    (labels all -100, no history targets) and leaves the samples as they were."""
+    import pyarrow.parquet as pq
+
+    from rosepo.data.samples import decoy_sample, read_split
+    from rosepo.layout import CATALOG_FILE
+    from rosepo.model.factory import load_tokenizer
+    from rosepo.model.tokenize import encode_prompt
+    from rosepo.storage import read_manifest
+    from rosepo.train.sft import add_decoys, tokenize_batch
+
+    train = read_split(ml100k_samples, "train").slice(0, 4).to_pandas()
+    out = add_decoys(train, str(ml100k_samples), 2)
+    assert list(out["decoy"]) == [False, True, True] * 4
+    assert list(out["sample_id"][:3]) == [train["sample_id"][0], f"{train['sample_id'][0]}~1",
+                                          f"{train['sample_id'][0]}~2"]
+    catalog = pq.read_table(ml100k_samples / CATALOG_FILE)
+    titles = dict(zip(catalog.column("item_id").to_pylist(), catalog.column("title").to_pylist()))
+    data = read_manifest(ml100k_samples)["config"]
+    first = {k: list(v) if hasattr(v, "__len__") and not isinstance(v, str) else v
+             for k, v in train.iloc[0].to_dict().items()}
+    assert out.iloc[2]["prompt"] == decoy_sample(first, list(titles), titles, data["seed"], 2, data["prompt_style"],
+                                                 data["domain"])["prompt"]
+    # The fixture tokenizer: ML-100K's titles in pieces, the prompts short enough in the list style.
+    small = out.iloc[:6].copy()
+    small["prompt"] = [p.replace("\n", " ")[:300] for p in small["prompt"]]
+    tokens = tokenize_batch(small, str(tiny_model_dir), 512, 48)
+    tok = load_tokenizer(str(tiny_model_dir))
+    for i, r in tokens.iterrows():
+        prompt = encode_prompt(tok, small["prompt"].iloc[i], 512)
+        if small["decoy"].iloc[i]:
+            assert list(r["input_ids"]) == prompt and list(r["labels"]) == [-100] * len(prompt) and r["decoy"]
+        else:
+            assert list(r["input_ids"][:len(prompt)]) == prompt and len(r["input_ids"]) > len(prompt)
 
 
 def _right_pad(rows: list[dict], pad_id: int) -> dict:
