@@ -28,16 +28,16 @@ oracle scores each sample once, in the tokenising pipeline; ``sft/oracle_kl`` is
 renormalised over the candidates), 0 when the model ranks as the oracle does. With multi-token
 titles both read the candidates' first tokens, the candidate term's relaxation.
 
-With ``sft.decoys`` k > 0 each train sample also gives up to k decoys (`decoys_for`: no more than
-the passes beyond the first that the step budget would make over the samples, so a data set the
-budget covers once gets none) (`rosepo.data.samples.decoy_sample`):
-its prompt with the target candidate replaced by a fresh negative. A decoy has no answer label:
-only the candidate and oracle terms read it, at the logit after its prompt (its terms weighted by
-``sft.decoy_weight`` against a sample's). On small data the
-model memorises history -> target, and the target then lifts the candidate mass of its own
-prompts: those terms stop teaching "answer from the list" and unseen users get memorised titles
-that are not among their candidates. On a decoy the memorised target is off the list, so
-memorising cannot satisfy the terms (BENCHMARKS.md, the default recipe on a small data set).
+With ``sft.decoys`` k > 0 each train sample also gives up to k decoys
+(`rosepo.data.samples.decoy_sample`): its prompt with the target candidate replaced by another
+item. A decoy has no answer label: only the candidate and oracle terms read it, at the logit
+after its prompt (weighted by ``sft.decoy_weight`` against a sample's). On small data the model
+memorises history -> target, and the target then lifts the candidate mass of its own prompts:
+those terms stop teaching "answer from the list", and unseen users get memorised titles that are
+not among their candidates. On a decoy the memorised target is off the list, so memorising cannot
+satisfy the terms. Decoys take the place of repeated passes only (`decoys_for`): no more per
+sample than the passes beyond the first that the budget would make over the samples, so a data
+set the budget covers once gets none (BENCHMARKS.md, the default recipe on a small data set).
 
 Tokenisation runs in the Ray Data pipeline (`sft_dataset`), once, before training; the loop
 only pads. The stage (`build_sft`) trains on a seeded random slice of ``sft.max_samples`` train
