@@ -298,11 +298,13 @@ def decoy_sample(row: dict, item_ids: list[str], titles: dict[str, str], seed: i
     that read the candidates only (`rosepo.train.sft`)."""
     rng = np.random.default_rng(stable_int("decoy", seed, copy, row["sample_id"]))
     seen = {titles[i] for i in row["history_item_ids"]} | set(row["candidate_titles"])
-    if len(seen) >= len({titles[i] for i in item_ids}):
-        raise DataError(f"sample {row['sample_id']}: no item outside its candidates and history to draw a decoy "
-                        f"from (a catalog of {len(item_ids)} items)")
-    item = item_ids[int(rng.integers(len(item_ids)))]
+    item, tries = item_ids[int(rng.integers(len(item_ids)))], 0
     while titles[item] in seen:
+        tries += 1
+        # Whether any title is left is a pass over the catalog: checked once, only when draws keep failing.
+        if tries == len(item_ids) and len(seen) >= len({titles[i] for i in item_ids}):
+            raise DataError(f"sample {row['sample_id']}: no item outside its candidates and history to draw a "
+                            f"decoy from (a catalog of {len(item_ids)} items)")
         item = item_ids[int(rng.integers(len(item_ids)))]
     cands = [item if i == row["target_item_id"] else i for i in row["candidate_item_ids"]]
     c_titles = [titles[i] for i in cands]
