@@ -15,6 +15,7 @@ out. One JSON line per run, then the medians.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import struct
@@ -56,7 +57,7 @@ def measure(cfg, rounds: int) -> list[dict]:
     from rosepo.pipeline import run_stage
     from rosepo.runtime import init_ray
     from rosepo.train.loop import fit
-    from rosepo.train.sft import SFTTask, sft_dataset, sft_samples
+    from rosepo.train.sft import SFTTask, for_data_size, sft_dataset, sft_samples
 
     init_ray(cfg.ray_address)
     model_stage = run_stage(cfg, "model")
@@ -65,7 +66,9 @@ def measure(cfg, rounds: int) -> list[dict]:
     train = sft_samples(cfg.sft, samples)
     # As the sft stage tokenises them: item tokens with the model's item file, the oracle's scores
     # where the config distils them, the decoys where it has them.
-    dataset = sft_dataset(cfg, ray.data.from_arrow(train), base, items, run_stage(cfg, "oracle"), str(samples))
+    oracle = run_stage(cfg, "oracle")
+    cfg = dataclasses.replace(cfg, sft=for_data_size(cfg.sft, len(train)))
+    dataset = sft_dataset(cfg, ray.data.from_arrow(train), base, items, oracle, str(samples))
     runs = []
     with tempfile.TemporaryDirectory() as out:
         for r in range(rounds):

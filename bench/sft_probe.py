@@ -27,6 +27,7 @@ measurement; they are in this file at commit adeab59.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 
@@ -103,9 +104,12 @@ def probe(cfg, steps: int, eval_every: int, eval_samples: int, threads: int, eva
         train = redraw_candidates(train, samples, cfg.data, candidate_draws)
     items = find_items(model_stage)
     train = train.to_pandas()
-    # Decoys as the sft stage adds them, for this probe's budget of steps (`rosepo.train.sft.decoys_for`).
-    decoys = sft.decoys_for(cfg.sft.decoys, (steps + then_steps) * cfg.sft.num_workers * cfg.sft.micro_batch_size,
-                            len(train))
+    # Decoys and the candidate weight as the sft stage resolves them for the data, with this
+    # probe's steps as the budget (`rosepo.train.sft.for_data_size`).
+    sized = sft.for_data_size(dataclasses.replace(cfg.sft, max_steps=steps + then_steps), len(train))
+    cfg = dataclasses.replace(cfg, sft=dataclasses.replace(cfg.sft, decoys=sized.decoys,
+                                                           candidate_weight=sized.candidate_weight))
+    decoys = cfg.sft.decoys
     if decoys:
         train = sft.add_decoys(train, str(samples), decoys)
     rows = tokenize_rows(train, path, _terms_of(cfg, then), run_stage(cfg, "oracle"), items)

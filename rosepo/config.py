@@ -297,6 +297,11 @@ class SFTConfig(TrainConfig):
     #: Weight of the candidate-set term: -log of the probability mass that the answer's first
     #: token puts on the candidates' first tokens (`rosepo.train.sft`). 0 = plain SFT.
     candidate_weight: Annotated[float, Range(ge=0, note="0 = plain SFT")] = 0.0
+    #: The candidate term's weight instead, where each sample gets all its ``decoys`` (the budget
+    #: would pass over the samples ``decoys`` + 1 times or more), as on small data: decoys or not,
+    #: the model answers some unseen users there with memorised titles off their lists
+    #: (BENCHMARKS.md, small data). 0 = ``candidate_weight`` on any data.
+    repeat_candidate_weight: NonNegFloat = 0.0
     #: Weight of next-item prediction over the history: the cross-entropy of history titles
     #: 2..n given the prompt before each (SASRec's objective, inside the prompt). 0 = off.
     history_weight: Annotated[float, Range(ge=0, note="0 = off")] = 0.0

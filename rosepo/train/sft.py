@@ -38,6 +38,10 @@ not among their candidates. On a decoy the memorised target is off the list, so 
 satisfy the terms. Decoys take the place of repeated passes only (`decoys_for`): no more per
 sample than the passes beyond the first that the budget would make over the samples, so a data
 set the budget covers once gets none (BENCHMARKS.md, the default recipe on a small data set).
+Where each sample gets all its decoys, ``sft.repeat_candidate_weight`` (when set) also replaces
+``sft.candidate_weight``: there decoys teach the list, but memorised titles still win some
+unseen users' answers, and a heavier candidate term holds them off; on more data it only costs
+ranking (`for_data_size` resolves both for the data).
 
 Tokenisation runs in the Ray Data pipeline (`sft_dataset`), once, before training; the loop
 only pads. The stage (`build_sft`) trains on a seeded random slice of ``sft.max_samples`` train
@@ -54,6 +58,7 @@ import logging
 import math
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from rosepo.config import SFTConfig
@@ -252,15 +257,32 @@ def add_decoys(batch, samples_dir: str, decoys: int):
     return pd.DataFrame(rows, columns=[*batch.columns, "decoy"])
 
 
+def repeats(budget_rows: float, num_samples: int) -> int:
+    """The whole passes beyond the first that a budget of ``budget_rows`` rows would make over
+    ``num_samples`` samples (0 for a data set it covers once or less)."""
+    return max(0, math.floor(budget_rows / num_samples) - 1) if num_samples > 0 else 0
+
+
 def decoys_for(decoys: int, budget_rows: float, num_samples: int) -> int:
     """The decoys per sample SFT trains with: ``decoys`` (``sft.decoys``), but no more than the
     passes beyond the first that a budget of ``budget_rows`` rows would make over
-    ``num_samples`` samples. Decoys take the place of repeated passes, where memorising starts,
-    never of a first one: on a data set the budget covers once or less they would replace fresh
-    samples, which costs ranking (BENCHMARKS.md, the default recipe on a small data set)."""
-    if num_samples <= 0:
-        return 0
-    return min(decoys, max(0, math.floor(budget_rows / num_samples) - 1))
+    ``num_samples`` samples (`repeats`). Decoys take the place of repeated passes, where
+    memorising starts, never of a first one: on a data set the budget covers once or less they
+    would replace fresh samples, which costs ranking (BENCHMARKS.md, the default recipe on a
+    small data set)."""
+    return min(decoys, repeats(budget_rows, num_samples))
+
+
+def for_data_size(scfg: SFTConfig, num_samples: int) -> SFTConfig:
+    """``scfg`` as SFT trains with it on ``num_samples`` samples: ``decoys`` by `decoys_for`, and
+    ``candidate_weight`` replaced by ``repeat_candidate_weight`` (when set) where each sample
+    gets all its ``decoys`` (the budget would pass over the samples ``decoys`` + 1 times or
+    more). The default config comes back unchanged on MovieLens-100K's 75k samples, with 1 decoy
+    on 20,000, with 3 decoys and the heavier candidate term on 12,000 or fewer."""
+    budget = budget_rows(scfg, num_samples)
+    full = scfg.decoys > 0 and repeats(budget, num_samples) >= scfg.decoys
+    weight = scfg.repeat_candidate_weight if full and scfg.repeat_candidate_weight else scfg.candidate_weight
+    return dataclasses.replace(scfg, decoys=decoys_for(scfg.decoys, budget, num_samples), candidate_weight=weight)
 
 
 def budget_rows(scfg: SFTConfig, num_samples: int) -> float:
@@ -328,20 +350,15 @@ def sft_dataset(run_cfg: Any, samples_ds, base_model: str, items_path: str | Non
     ``sft.max_samples`` keeps the first N by ``sample_id`` (the stage passes a slice of that
     size already). ``items_path``: prompts with item tokens (`tokenize_batch`); ``oracle_path``:
     the oracle folder, read when ``sft.oracle_weight`` > 0; ``samples_dir``: the samples stage's
-    folder, whose catalog ``sft.decoys`` > 0 draws from (`add_decoys`). Materialised once here so
-    the workers, which each read the whole set, do not tokenise it again.
+    folder, whose catalog ``sft.decoys`` > 0 draws from (`add_decoys`: that many per sample, as
+    `for_data_size` resolves them for the data). Materialised once here so the workers, which
+    each read the whole set, do not tokenise it again.
     """
     mcfg, scfg = run_cfg.model, run_cfg.sft
     distill = scfg.oracle_weight > 0
     if distill and not oracle_path:
         raise ConfigError("sft.oracle_weight > 0 needs the oracle's folder (the sft stage passes it)")
-    decoys = 0
-    if scfg.decoys:
-        num_samples = min(samples_ds.count(), scfg.max_samples or math.inf)
-        decoys = decoys_for(scfg.decoys, budget_rows(scfg, num_samples), num_samples)
-        passes = budget_rows(scfg, num_samples) / max(1, num_samples)
-        log.info("sft: %d decoys per sample (the budget would pass over the %d samples %.2g times)", decoys,
-                 num_samples, passes)
+    decoys = scfg.decoys
     if decoys and not samples_dir:
         raise ConfigError("sft.decoys > 0 needs the samples stage's folder (the sft stage passes it)")
     candidates, history = scfg.candidate_weight > 0 or distill, scfg.history_weight > 0
@@ -378,9 +395,16 @@ def run_sft(run_cfg: Any, samples_ds, base_model: str, output_dir: str, run_name
     ``run_cfg`` holds the ``sft`` and ``model`` sections; ``oracle_path`` and ``samples_dir`` as
     in `sft_dataset`.
 
+    The decoys and the candidate term's weight are those of `for_data_size` for the samples.
     Returns fit's result plus ``model_path``. The Ray run (checkpoints, TensorBoard) lives in
     ``<output_dir>/<run_name>``; re-running with the same ``run_name`` resumes an interrupted run.
     """
+    scfg = run_cfg.sft
+    num_samples = min(samples_ds.count(), scfg.max_samples or math.inf)
+    run_cfg = SimpleNamespace(sft=for_data_size(scfg, num_samples), model=run_cfg.model)
+    log.info("sft: %d decoys per sample, candidate weight %g (the budget would pass over the %d samples %.2g "
+             "times)", run_cfg.sft.decoys, run_cfg.sft.candidate_weight, num_samples,
+             budget_rows(scfg, num_samples) / max(1, num_samples))
     result = fit(SFTTask(run_cfg.sft), run_cfg.model, model_path=str(base_model), adapter=None,
                  datasets={"train": sft_dataset(run_cfg, samples_ds, base_model, items_path, oracle_path,
                                                 samples_dir)},
@@ -388,7 +412,9 @@ def run_sft(run_cfg: Any, samples_ds, base_model: str, output_dir: str, run_name
     final = Path(output_dir) / SFT_MODEL_DIR
     with atomic_dir(final, overwrite=True) as tmp:
         shutil.copytree(result["final_model"], tmp, dirs_exist_ok=True)
-    return {**result, "model_path": str(final.resolve())}
+    sized = {"train_samples": num_samples, "decoys": run_cfg.sft.decoys,
+             "candidate_weight": run_cfg.sft.candidate_weight}
+    return {**result, "model_path": str(final.resolve()), "for_data_size": sized}
 
 
 def sft_samples(scfg: SFTConfig, samples_dir: str | Path):
@@ -410,6 +436,6 @@ def build_sft(cfg: Any, samples_dir: Path, base_model: str, work: Path, out: Pat
     with atomic_dir(out, overwrite=True) as tmp:
         shutil.copytree(result["model_path"], tmp / SFT_MODEL_DIR)
         manifest = {"stage": "sft", "metrics": result["metrics"], "history": result["history"],
-                    "resumed_from_step": result["resumed_from_step"]}
+                    "resumed_from_step": result["resumed_from_step"], "for_data_size": result["for_data_size"]}
         write_manifest(tmp, manifest)
     return manifest

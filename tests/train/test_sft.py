@@ -16,10 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from rosepo.config import ModelConfig, RunConfig, SFTConfig
+from rosepo.config import ModelConfig, RunConfig, SFTConfig, load_config
 from rosepo.errors import ConfigError
 from rosepo.train import loop, zero_config
 from rosepo.train.sft import SFTTask
+from tests.conftest import REPO
 
 # ---------------------------------------------------------------- pure helpers
 
@@ -80,6 +81,24 @@ def test_decoys_take_the_place_of_repeated_passes_only():
     assert decoys_for(0, 48_000, 2_515) == 0 and decoys_for(3, 48_000, 0) == 0
     assert budget_rows(SFTConfig(max_steps=1500, num_workers=2, micro_batch_size=16), 2_515) == 48_000
     assert budget_rows(SFTConfig(max_steps=0, epochs=3.0), 2_515) == 3 * 2_515
+
+
+def test_for_data_size_raises_the_candidate_weight_where_every_sample_gets_its_decoys():
+    """The default's sft section (1,500 steps of 32 rows, 3 decoys, candidate weight 1, 3 where
+    each sample gets all 3 decoys): unchanged on MovieLens-100K's 74,731 samples; 1 decoy and
+    weight 1 on 20,000 (2.4 passes); 3 decoys and weight 3 on 12,000 (4 passes) and on 2,515.
+    Without repeat_candidate_weight the weight stays; without decoys too."""
+    from rosepo.train.sft import for_data_size
+
+    cfg = load_config(REPO / "configs" / "ml100k-tiny.yaml").sft
+    assert (cfg.decoys, cfg.candidate_weight, cfg.repeat_candidate_weight) == (3, 1.0, 3.0)
+    assert for_data_size(cfg, 74_731) == dataclasses.replace(cfg, decoys=0)
+    assert for_data_size(cfg, 20_000) == dataclasses.replace(cfg, decoys=1)
+    for n in (12_000, 2_515):
+        assert for_data_size(cfg, n) == dataclasses.replace(cfg, candidate_weight=3.0), n
+    assert for_data_size(cfg, 12_001) == dataclasses.replace(cfg, decoys=2)
+    assert for_data_size(dataclasses.replace(cfg, repeat_candidate_weight=0.0), 2_515).candidate_weight == 1.0
+    assert for_data_size(dataclasses.replace(cfg, decoys=0), 2_515).candidate_weight == 1.0
 
 
 def test_deepspeed_config_fills_training_fields_over_the_template():
