@@ -203,9 +203,9 @@ class SFTTask(TrainingTask):
             metrics["sft/history_loss"] = torch.zeros(())
         if self.cfg.candidate_weight or self.cfg.oracle_weight:
             first = logits[torch.arange(len(logits)), batch["first_pos"]].float()
-            # Per row: 1 for a sample, sft.decoy_weight for a decoy.
-            weight = (1 + (self.cfg.decoy_weight - 1) * batch["decoy"].float() if "decoy" in batch
-                      else torch.ones(len(logits)))
+            # Per row: 1 for a sample, sft.decoy_weight for a decoy (on the logits' device).
+            weight = (1 + (self.cfg.decoy_weight - 1) * batch["decoy"].to(first.dtype) if "decoy" in batch
+                      else first.new_ones(len(first)))
         if self.cfg.candidate_weight:
             log_mass = candidate_mass_logp(first, batch["candidate_first_ids"])
             loss = loss - self.cfg.candidate_weight * (weight * log_mass).mean()
